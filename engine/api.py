@@ -1,0 +1,196 @@
+"""Engine: a loaded model with its tokenizer, and the public entry points (generate, stream, edit, logits)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from . import prompts
+from .cache import KVCache
+from .config import ModelConfig
+from .decode import Stopper, plain_decode
+from .drafter import Drafter, token_bytes_table
+from .model import Transformer, attend_torch, attend_triton
+from .results import EditResult, GenerateResult, Stats
+from .speculate import ChunkPolicy, CostModel, speculative_decode
+from .weights import load_hf_tensors, parse_dtype, to_runtime_state
+
+BACKENDS = ("auto", "torch", "triton")
+K_MAX = 64  # largest draft verified in one forward
+
+
+def load(path: str | Path, dtype: str = "float32", device: str = "cpu", backend: str = "auto") -> Engine:
+    """Load a model: an HF directory (config.json + safetensors), a `.gguf` file, or `smollm2-135m-instruct`.
+
+    dtype: 'float32' | 'bfloat16' | 'float16'. backend: 'torch' (PyTorch attention and accept), 'triton'
+    (the Triton kernels; under TRITON_INTERPRET=1 on a CPU) or 'auto' (triton on CUDA, torch otherwise).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    torch_dtype = parse_dtype(dtype)
+    p = Path(path)
+    if not p.is_dir():
+        from .gguf import resolve  # GGUF files and named models convert once into a cache directory
+
+        p = resolve(path)
+    cfg = ModelConfig.from_hf_dir(p)
+    dev = torch.device(device)
+    if backend == "auto":
+        backend = "triton" if dev.type == "cuda" else "torch"
+    state = to_runtime_state(load_hf_tensors(p, cfg, torch_dtype), cfg)
+    with torch.device("meta"):
+        model = Transformer(cfg, attend_triton if backend == "triton" else attend_torch)
+    model.load_state_dict({k: v.to(dev) for k, v in state.items()}, strict=True, assign=True)
+    model.setup_rope(dev, torch_dtype)
+    model.eval().requires_grad_(False)
+    tokenizer = None
+    if (p / "tokenizer.json").is_file() or (p / "tokenizer.model").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(p))
+    return Engine(model, tokenizer, backend, p)
+
+
+class Engine:
+    """A model ready to decode. Build it with `specedit.load(...)`."""
+
+    def __init__(self, model: Transformer, tokenizer, backend: str, path: Path):
+        self.model, self.tokenizer, self.backend, self.path = model, tokenizer, backend, path
+        self.cfg = model.cfg
+        self._token_bytes: list[bytes] | None = None
+        self._cost: CostModel | None = None
+        eos = set(self.cfg.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_ids = sorted(eos)
+
+    # ---- inputs -------------------------------------------------------------------------------------------
+    def encode(self, ids_or_text: str | Sequence[int]) -> list[int]:
+        """Token ids of a prompt or prediction given as text (the model's tokenizer, no special tokens added)
+        or as ids (checked against the vocabulary)."""
+        if isinstance(ids_or_text, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{self.path}: no tokenizer in the model directory; pass token ids")
+            return self.tokenizer.encode(ids_or_text, add_special_tokens=False)
+        ids = [int(t) for t in ids_or_text]
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} outside the vocabulary 0..{self.cfg.vocab_size - 1}")
+        return ids
+
+    @property
+    def token_bytes(self) -> list[bytes]:
+        """Bytes of every token id (special tokens map to bytes that never occur in text)."""
+        if self._token_bytes is None:
+            if self.tokenizer is None:
+                self._token_bytes = [b"\xff" + i.to_bytes(4, "little") for i in range(self.cfg.vocab_size)]
+            else:
+                table = token_bytes_table(self.tokenizer)
+                table += [b"\xff" + i.to_bytes(4, "little") for i in range(len(table), self.cfg.vocab_size)]
+                self._token_bytes = table
+        return self._token_bytes
+
+    def _text_bytes(self) -> list[bytes]:
+        return [b"" if b.startswith(b"\xff") else b for b in self.token_bytes]
+
+    def _cache(self, length: int) -> KVCache:
+        dtype = self.model.embed.weight.dtype
+        return KVCache(self.cfg, 1, length, dtype, self.model.embed.weight.device)
+
+    def _prepare(self, ids_or_text, max_new_tokens: int) -> tuple[list[int], int, KVCache]:
+        prompt = self.encode(ids_or_text)
+        if not prompt:
+            raise ValueError("empty prompt: at least one token is needed")
+        limit = self.cfg.max_position
+        if self.backend == "triton" and self.cfg.sliding_window:
+            limit = min(limit, self.cfg.sliding_window)  # the kernel has no sliding-window mask
+        if len(prompt) >= limit:
+            raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context of {limit} tokens")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        max_new = min(max_new_tokens, limit - len(prompt))
+        return prompt, max_new, self._cache(min(limit, len(prompt) + max_new + K_MAX + 1))
+
+    # ---- decoding -----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, ids: str | Sequence[int]) -> torch.Tensor:
+        """Float32 logits [T, V] of a fresh prefill of `ids` (row t predicts token t + 1)."""
+        prompt, _, cache = self._prepare(ids, 1)
+        return self.model(torch.tensor([prompt], device=cache.buf.device), cache, all_logits=True)[0]
+
+    def _steps(self, ids_or_text, max_new_tokens, prediction, temperature, stop, seed, stats) -> Iterator[list[int]]:
+        prompt, max_new, cache = self._prepare(ids_or_text, max_new_tokens)
+        stopper = Stopper(self.eos_ids, max_new, stop, self.token_bytes)
+        gen = torch.Generator(device=cache.buf.device).manual_seed(seed) if temperature > 0 else None
+        if prediction is None:
+            yield from plain_decode(self.model, cache, prompt, stopper, temperature, gen, stats)
+            return
+        from .kernels.accept import accept, accept_ref
+
+        drafter = Drafter(self.encode(prediction), self.token_bytes)
+        policy = ChunkPolicy(self.cost_model(), k_max=K_MAX)
+        yield from speculative_decode(
+            self.model, cache, prompt, drafter, stopper, policy, accept if self.backend == "triton" else accept_ref,
+            temperature, gen, stats,
+        )
+
+    @torch.inference_mode()
+    def stream(self, ids_or_text: str | Sequence[int], max_new_tokens: int = 256, prediction=None,
+               temperature: float = 0.0, stop: Sequence[str] = (), seed: int = 0,
+               stats: Stats | None = None) -> Iterator[str]:
+        """Yield text deltas (whole UTF-8 characters) as tokens are decided; arguments as in `generate`."""
+        text = prompts.TextStream(self._text_bytes(), stop)
+        for new in self._steps(ids_or_text, max_new_tokens, prediction, temperature, stop, seed, stats):
+            delta = text.feed(new)
+            if delta:
+                yield delta
+        rest = text.finish()
+        if rest:
+            yield rest
+
+    @torch.inference_mode()
+    def generate(self, ids_or_text: str | Sequence[int], max_new_tokens: int = 256, prediction=None,
+                 temperature: float = 0.0, stop: Sequence[str] = (), seed: int = 0) -> GenerateResult:
+        """Decode up to `max_new_tokens` after the prompt (ids, or text tokenized without special tokens).
+
+        prediction: expected output (text or ids), e.g. the original file; verified in chunks, never changes
+        greedy output. Stops at EOS (kept in token_ids), at a `stop` string (tokens kept, text cut before it),
+        or at the context limit. temperature 0 is greedy; > 0 samples (seeded by `seed`).
+        """
+        stats = Stats()
+        tokens: list[int] = []
+        text = prompts.TextStream(self._text_bytes(), stop)
+        out = []
+        for new in self._steps(ids_or_text, max_new_tokens, prediction, temperature, stop, seed, stats):
+            tokens += new
+            out.append(text.feed(new))
+        out.append(text.finish())
+        return GenerateResult(tokens, "".join(out), stats)
+
+    def edit(self, original: str, instruction: str, language: str | None = None, max_new_tokens: int | None = None,
+             speculate: bool = True) -> EditResult:
+        """Rewrite `original` following `instruction`, with the original as the prediction.
+
+        Returns EditResult(text, diff, stats, token_ids). max_new_tokens defaults to twice the original's token
+        count plus 256. speculate=False decodes plainly (same output, for comparisons).
+        """
+        if self.tokenizer is None:
+            raise ValueError(f"{self.path}: edit() needs a tokenizer in the model directory")
+        prompt, prediction = prompts.build_edit_prompt(self.tokenizer, original, instruction, language)
+        pred_ids = self.encode(prediction)
+        if max_new_tokens is None:
+            max_new_tokens = 2 * len(pred_ids) + 256
+        r = self.generate(prompt, max_new_tokens, prediction=pred_ids if speculate else None, stop=[prompts.FENCE])
+        edited = prompts.extract_code(r.text, original)
+        return EditResult(edited, prompts.unified_diff(original, edited), r.stats, r.token_ids)
+
+    def cost_model(self) -> CostModel:
+        """Forward time vs rows on this machine (measured once per engine, ~0.1-1 s)."""
+        if self._cost is None:
+            prefix = min(128, self.cfg.max_position // 2)
+            rows = [r for r in (1, 2, 4, 8, 16, 32, K_MAX + 1) if prefix + r <= self.cfg.max_position]
+            with torch.inference_mode():
+                self._cost = CostModel.measure(self.model, self._cache, rows, prefix)
+        return self._cost

@@ -1,0 +1,77 @@
+"""Plain decoding, one token per forward: the oracle every lossless test compares against."""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator, Sequence
+
+import torch
+
+from .cache import KVCache
+from .results import Stats
+
+
+class Stopper:
+    """Decides when generation ends: EOS ids, stop strings (matched on bytes), or max_new_tokens.
+
+    `push(token)` returns True when `token` ends the output (that token is kept).
+    """
+
+    def __init__(self, eos_ids: Sequence[int], max_new_tokens: int, stop: Sequence[str] = (),
+                 token_bytes: Sequence[bytes] | None = None):
+        self.eos = set(eos_ids)
+        self.max_new = max_new_tokens
+        self.stop = [s.encode() for s in stop if s]
+        if self.stop and token_bytes is None:
+            raise ValueError("stop strings need the tokenizer's byte table")
+        self.token_bytes = token_bytes
+        self.keep = max((len(s) for s in self.stop), default=0)
+        self.tail = b""
+        self.count = 0
+
+    def push(self, token: int) -> bool:
+        self.count += 1
+        if token in self.eos or self.count >= self.max_new:
+            return True
+        if self.stop:
+            self.tail = (self.tail + self.token_bytes[token])[-(self.keep + 64):]
+            return any(s in self.tail for s in self.stop)
+        return False
+
+
+def pick(logits: torch.Tensor, temperature: float = 0.0, generator: torch.Generator | None = None) -> int:
+    """Next token from float32 logits [V]: argmax when temperature == 0 (lowest index on ties), else a sample."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def plain_decode(model, cache: KVCache, prompt: Sequence[int], stopper: Stopper, temperature: float = 0.0,
+                 generator: torch.Generator | None = None, stats: Stats | None = None) -> Iterator[list[int]]:
+    """Prefill `prompt` into an empty batch-1 cache, then decode one token per forward.
+
+    Yields each new token as a one-element list (the same shape of output as the speculative loop, which yields
+    every step's accepted tokens), until `stopper` says the output is complete. Fills `stats`.
+    """
+    stats = stats if stats is not None else Stats()
+    stats.prompt_tokens = len(prompt)
+    device = model.embed.weight.device
+    t0 = time.perf_counter()
+    logits = model(torch.tensor([list(prompt)], device=device), cache)  # [1, V]
+    token = pick(logits[0], temperature, generator)
+    stats.prefill_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    step = torch.empty(1, 1, dtype=torch.long, device=device)
+    while True:
+        stats.new_tokens += 1
+        done = stopper.push(token)
+        yield [token]
+        if done:
+            break
+        step.fill_(token)
+        logits = model(step, cache)
+        stats.forwards += 1
+        token = pick(logits[0], temperature, generator)
+        stats.decode_s = time.perf_counter() - t1
+    stats.decode_s = time.perf_counter() - t1

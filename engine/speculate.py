@@ -1,0 +1,170 @@
+"""The speculative-edit loop: propose -> verify -> accept -> rollback -> stream.
+
+Each step feeds `[last token] + draft` (K+1 rows) through one forward. Row i's logits decide the token after
+draft[:i]; the longest prefix of the draft that matches is accepted, plus the model's own token after it (the
+correction, or a bonus token when the whole draft matched). The cache rows of rejected draft tokens are dropped
+by lowering the cache length. With no draft (the drafter has diverged and not yet re-synced) the step is plain
+decoding.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .cache import KVCache
+from .decode import Stopper, pick
+from .drafter import Drafter
+from .results import Stats
+
+# accept(logits [B, Q, V], draft [B, K], draft_lens [B]) -> (num_accepted [B], next_token [B], argmax [B, Q])
+AcceptFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+class CostModel:
+    """Forward time as a function of rows T, measured on the running machine, interpolated linearly."""
+
+    def __init__(self, rows: Sequence[int], seconds: Sequence[float]):
+        self.rows, self.seconds = list(rows), list(seconds)
+
+    def __call__(self, t: int) -> float:
+        r, s = self.rows, self.seconds
+        if t <= r[0]:
+            return s[0]
+        for i in range(1, len(r)):
+            if t <= r[i]:
+                w = (t - r[i - 1]) / (r[i] - r[i - 1])
+                return s[i - 1] + w * (s[i] - s[i - 1])
+        return s[-1] + (t - r[-1]) * (s[-1] - s[-2]) / (r[-1] - r[-2])
+
+    @classmethod
+    def measure(cls, model, make_cache: Callable[[int], KVCache], rows=(1, 2, 4, 8, 16, 32, 64), prefix=128,
+                reps=3) -> CostModel:
+        """Time forwards of T rows after a `prefix`-token context (min over `reps`), one scratch cache."""
+        device = model.embed.weight.device
+        cache = make_cache(prefix + max(rows))
+        model(torch.zeros(1, prefix, dtype=torch.long, device=device), cache)
+        seconds = []
+        for t in rows:
+            x = torch.zeros(1, t, dtype=torch.long, device=device)
+            best = float("inf")
+            for _ in range(reps):
+                cache.lengths = [prefix]
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                model(x, cache, all_logits=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - t0)
+            seconds.append(best)
+        return cls(rows, seconds)
+
+
+class ChunkPolicy:
+    """Chooses the draft length K that maximizes expected tokens per second.
+
+    With per-token acceptance probability a, a K-token draft yields (1 - a^(K+1)) / (1 - a) tokens for the cost
+    of a (K+1)-row forward. `a` is a decayed count of accepted vs rejected draft tokens, so K shrinks after
+    rejections and grows after full acceptance; when no K > 0 beats a plain 1-row step, K = 0.
+    """
+
+    def __init__(self, cost: CostModel, k_max: int = 64, prior: float = 0.9, prior_weight: float = 4.0,
+                 decay: float = 0.8):
+        self.cost, self.k_max, self.decay = cost, k_max, decay
+        self.prior, self.prior_weight = prior, prior_weight
+        self.hits = 0.0
+        self.misses = 0.0
+
+    @property
+    def acceptance(self) -> float:
+        return (self.hits + self.prior * self.prior_weight) / (self.hits + self.misses + self.prior_weight)
+
+    def choose(self, limit: int) -> int:
+        """Best K in 0..min(k_max, limit)."""
+        a = min(self.acceptance, 0.999)
+        best_k, best_rate = 0, 1.0 / self.cost(1)
+        for k in range(1, min(self.k_max, limit) + 1):
+            rate = (1 - a ** (k + 1)) / (1 - a) / self.cost(k + 1)
+            if rate > best_rate:
+                best_k, best_rate = k, rate
+        return best_k
+
+    def update(self, proposed: int, accepted: int) -> None:
+        if proposed:
+            self.hits = self.hits * self.decay + accepted
+            self.misses = self.misses * self.decay + (accepted < proposed)
+
+
+def speculative_decode(model, cache: KVCache, prompt: Sequence[int], drafter: Drafter, stopper: Stopper,
+                       policy: ChunkPolicy, accept: AcceptFn, temperature: float = 0.0,
+                       generator: torch.Generator | None = None,
+                       stats: Stats | None = None) -> Iterator[list[int]]:
+    """Prefill `prompt`, then decode with drafts from `drafter`; yields the tokens decided at each step.
+
+    Greedy (temperature 0): the output is exactly plain greedy decoding's. Sampling: each draft token is
+    accepted with probability p(token); on rejection the token is sampled from p with the draft token removed
+    (the draft is a point mass), which keeps the output distribution of plain sampling.
+    """
+    stats = stats if stats is not None else Stats()
+    stats.prompt_tokens = len(prompt)
+    device = model.embed.weight.device
+    t0 = time.perf_counter()
+    logits = model(torch.tensor([list(prompt)], device=device), cache)  # [1, V]
+    new = [pick(logits[0], temperature, generator)]
+    stats.prefill_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    while True:
+        for i, tok in enumerate(new):
+            if stopper.push(tok):
+                new = new[: i + 1]
+                stats.new_tokens += len(new)
+                yield new
+                stats.decode_s = time.perf_counter() - t1
+                return
+        stats.new_tokens += len(new)
+        drafter.observe(new)
+        yield new
+        last = new[-1]
+        room = min(stopper.max_new - stopper.count - 1, cache.max_len - cache.lengths[0] - 1)
+        k = policy.choose(room) if drafter.aligned and room > 0 else 0
+        draft = drafter.propose(k) if k else []
+        x = torch.tensor([[last] + draft], device=device)  # [1, K+1]
+        logits = model(x, cache, all_logits=True)[0]  # [K+1, V]
+        stats.forwards += 1
+        if temperature <= 0:
+            n, nxt = greedy_accept(accept, logits, draft)
+        else:
+            n, nxt = sampled_accept(logits, draft, temperature, generator)
+        cache.rollback(0, cache.lengths[0] - (len(draft) - n))
+        policy.update(len(draft), n)
+        stats.draft_proposed += len(draft)
+        stats.draft_accepted += n
+        stats.draft_rejected += len(draft) - n
+        new = draft[:n] + [nxt]
+        stats.decode_s = time.perf_counter() - t1
+
+
+def greedy_accept(accept: AcceptFn, logits: torch.Tensor, draft: list[int]) -> tuple[int, int]:
+    """(accepted count, next token) for logits [K+1, V] and a K-token draft: one launch, one host copy."""
+    d = torch.tensor([draft], dtype=torch.int32, device=logits.device)  # [1, K]
+    lens = torch.tensor([len(draft)], dtype=torch.int32, device=logits.device)
+    n, nxt, _ = accept(logits[None], d, lens)
+    n, nxt = torch.cat([n, nxt]).tolist()
+    return n, nxt
+
+
+def sampled_accept(logits: torch.Tensor, draft: list[int], temperature: float,
+                   generator: torch.Generator | None) -> tuple[int, int]:
+    """Speculative sampling against a point-mass draft over logits [K+1, V]: (accepted count, next token)."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [K+1, V]
+    u = torch.rand(len(draft), generator=generator, device=probs.device).tolist()
+    p_draft = probs[torch.arange(len(draft)), torch.tensor(draft, dtype=torch.long)].tolist() if draft else []
+    for i, tok in enumerate(draft):
+        if u[i] >= p_draft[i]:
+            residual = probs[i].clone()
+            residual[tok] = 0
+            return i, int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
+    return len(draft), int(torch.multinomial(probs[len(draft)], 1, generator=generator))
