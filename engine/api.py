@@ -11,7 +11,7 @@ from . import prompts
 from .cache import KVCache
 from .config import ModelConfig
 from .decode import Stopper, plain_decode
-from .drafter import Drafter, token_bytes_table
+from .drafter import Drafter, special_bytes, token_bytes_table
 from .model import Transformer, attend_torch, attend_triton
 from .results import EditResult, GenerateResult, Stats
 from .speculate import ChunkPolicy, CostModel, speculative_decode
@@ -84,12 +84,9 @@ class Engine:
     def token_bytes(self) -> list[bytes]:
         """Bytes of every token id (special tokens map to bytes that never occur in text)."""
         if self._token_bytes is None:
-            if self.tokenizer is None:
-                self._token_bytes = [b"\xff" + i.to_bytes(4, "little") for i in range(self.cfg.vocab_size)]
-            else:
-                table = token_bytes_table(self.tokenizer)
-                table += [b"\xff" + i.to_bytes(4, "little") for i in range(len(table), self.cfg.vocab_size)]
-                self._token_bytes = table
+            table = token_bytes_table(self.tokenizer) if self.tokenizer is not None else []
+            table += [special_bytes(i) for i in range(len(table), self.cfg.vocab_size)]
+            self._token_bytes = table
         return self._token_bytes
 
     def _text_bytes(self) -> list[bytes]:

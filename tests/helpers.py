@@ -32,7 +32,7 @@ def make_checkpoint(path: Path, arch: str = "llama", seed: int = 0, **overrides)
     with torch.no_grad():  # random init is near-uniform; widen it so greedy choices are not near-ties
         for p in model.parameters():
             if p.dim() == 2:
-                p.normal_(0, 0.08)
+                p.normal_(0, 0.25)
             else:  # norm weights and biases: away from their 1 / 0 init so a mix-up shows
                 p.add_(torch.randn_like(p) * 0.05)
     model.save_pretrained(path, safe_serialization=True)

@@ -82,7 +82,7 @@ def test_half_dtypes_close_to_float32(tmp_path, dtype):
     a = specedit.load(path).logits(ids)
     b = specedit.load(path, dtype=dtype).logits(ids)
     assert b.dtype == torch.float32
-    assert (a - b).abs().max().item() < 0.1
+    assert (a - b).abs().max().item() < 0.03 * a.abs().max().item()  # half precision: ~3 digits
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------

@@ -1,0 +1,135 @@
+"""Plain decoding speed: specedit vs transformers on the same checkpoint and prompt, in one run.
+
+Prints (and writes benchmarks/out/decode_speed.csv):
+  - greedy decode tokens/s (median [min..max] over runs) of specedit and transformers `generate`, outputs compared;
+  - the memory-bandwidth limit: weight bytes per token x tokens/s over the read bandwidth measured in this run;
+  - forward time vs rows T (1..64) after a 150-token context, as a multiple of the 1-row forward;
+  - prefill tokens/s of a ~1.5k-token prompt, specedit and transformers.
+
+    python benchmarks/decode_speed.py [--model smollm2-135m-instruct] [--dtype float32] [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+
+import torch
+from common import OUT, machine, med, nofuneval, read_bandwidth, spread, timed, weight_bytes_per_token
+
+import specedit
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--no-transformers", action="store_true", help="skip the transformers peer")
+    args = ap.parse_args()
+
+    eng = specedit.load(args.model, dtype=args.dtype)
+    tok = eng.tokenizer
+    code = nofuneval("security")[0]["source_code"]
+    prompt = tok.encode("Rewrite this code:\n" + code, add_special_tokens=False)
+    long_src = nofuneval("latency")[0]["source_code"]
+    long_prompt = tok.encode(long_src, add_special_tokens=False)[:1500]
+    n = args.new_tokens
+    rows = []
+    print(f"machine: {machine()}\nmodel: {args.model} ({eng.path}), dtype {args.dtype}, batch 1, greedy")
+    print(f"prompt {len(prompt)} tokens, {n} new tokens, {args.runs} runs\n")
+
+    # --- plain decode
+    ours = []
+    result = None
+
+    def run_ours():
+        nonlocal result
+        result = eng.generate(prompt, max_new_tokens=n)
+        ours.append(result.stats)
+
+    timed(run_ours, reps=args.runs)
+    ours = ours[1:]  # drop warmup
+    dec = [s.decode_tokens_per_s for s in ours]
+    e2e = [s.tokens_per_s for s in ours]
+    print(f"{'engine':<14}{'decode tok/s':>26}{'end-to-end tok/s':>28}")
+    print(f"{'specedit':<14}{spread(dec):>26}{spread(e2e):>28}")
+    rows.append(("specedit", "decode_tok_s", med(dec)))
+
+    hf = None
+    if not args.no_transformers:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(eng.path, dtype=getattr(torch, args.dtype)).eval()
+        ids = torch.tensor([prompt])
+        out = None
+
+        def run_hf():
+            nonlocal out
+            with torch.inference_mode():
+                out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                  pad_token_id=tok.eos_token_id)
+
+        hf_times = timed(run_hf, reps=args.runs)
+        hf_e2e = [n / t for t in hf_times]
+        same = out[0, len(prompt):].tolist() == result.token_ids[:n]
+        print(f"{'transformers':<14}{'':>26}{spread(hf_e2e):>28}   same tokens: {same}")
+        print(f"end-to-end speedup over transformers: {med(e2e) / med(hf_e2e):.2f}x")
+        rows.append(("transformers", "e2e_tok_s", med(hf_e2e)))
+
+    # --- bandwidth limit
+    bw = read_bandwidth()
+    wbytes = weight_bytes_per_token(eng.model)
+    limit = bw / wbytes
+    print(f"\nread bandwidth {bw / 1e9:.1f} GB/s (sum of 1 GiB, median of 5); weights per token {wbytes / 1e6:.0f} MB")
+    print(f"bandwidth limit {limit:.1f} tok/s; specedit decode at {100 * med(dec) / limit:.0f}% of it")
+    rows += [("machine", "read_GBps", bw / 1e9), ("specedit", "pct_of_bw_limit", 100 * med(dec) / limit)]
+
+    # --- forward cost vs rows
+    cache = eng._cache(len(prompt) + 80)
+    with torch.inference_mode():
+        eng.model(torch.tensor([prompt]), cache)
+        base = len(prompt)
+        print(f"\n{'rows T':>8}{'forward ms':>26}{'x T=1':>8}")
+        t1 = None
+        for t in (1, 2, 4, 8, 16, 32, 64):
+            x = torch.zeros(1, t, dtype=torch.long)
+
+            def fwd():
+                cache.lengths = [base]
+                eng.model(x, cache, all_logits=True)
+
+            ts = [s * 1e3 for s in timed(fwd, reps=max(5, args.runs))]
+            t1 = t1 or med(ts)
+            print(f"{t:>8}{spread(ts):>26}{med(ts) / t1:>8.2f}")
+            rows.append((f"forward_T{t}", "ms", med(ts)))
+
+    # --- prefill
+    def pre_ours():
+        c = eng._cache(len(long_prompt) + 1)
+        with torch.inference_mode():
+            eng.model(torch.tensor([long_prompt]), c)
+
+    pt = timed(pre_ours, reps=3)
+    print(f"\nprefill {len(long_prompt)} tokens: specedit {spread([len(long_prompt) / t for t in pt])} tok/s", end="")
+    rows.append(("specedit", "prefill_tok_s", len(long_prompt) / med(pt)))
+    if hf is not None:
+        def pre_hf():
+            with torch.inference_mode():
+                hf(torch.tensor([long_prompt]))
+
+        ht = timed(pre_hf, reps=3)
+        print(f", transformers {spread([len(long_prompt) / t for t in ht])} tok/s", end="")
+        rows.append(("transformers", "prefill_tok_s", len(long_prompt) / med(ht)))
+    print()
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    with open(OUT / "decode_speed.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("engine", "metric", "value"), *rows])
+    print(f"wrote {OUT / 'decode_speed.csv'} at {time.strftime('%Y-%m-%d %H:%M')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""The speculative loop is lossless: with any prediction, greedy output equals plain greedy decoding exactly."""
+
+import json
+import random
+
+import pytest
+import torch
+
+import specedit
+from helpers import ARCHS, make_checkpoint
+from specedit.cache import KVCache
+from specedit.speculate import ChunkPolicy, CostModel, sampled_accept
+
+N = 48
+
+
+@pytest.fixture(scope="module")
+def eng(tmp_path_factory):
+    return specedit.load(make_checkpoint(tmp_path_factory.mktemp("spec"), "llama"))
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return random.Random(0).choices(range(128), k=40)
+
+
+@pytest.fixture(scope="module")
+def plain(eng, prompt):
+    return eng.generate(prompt, max_new_tokens=N).token_ids
+
+
+def spec(eng, prompt, prediction, n=N):
+    return eng.generate(prompt, max_new_tokens=n, prediction=prediction)
+
+
+def test_all_accepted(eng, prompt, plain):
+    r = spec(eng, prompt, plain)
+    assert r.token_ids == plain
+    assert r.stats.draft_rejected == 0
+    assert r.stats.draft_accepted == N - 1 - r.stats.forwards  # each forward also adds its own token
+    assert r.stats.forwards < N // 4
+
+
+def test_none_accepted(eng, prompt, plain):
+    rnd = random.Random(1).choices(range(128), k=N)
+    r = spec(eng, prompt, rnd)
+    assert r.token_ids == plain
+
+
+@pytest.mark.parametrize("j", [0, 1, 17, N - 2])
+def test_mutated_at_j(eng, prompt, plain, j):
+    pred = list(plain)
+    pred[j] = (pred[j] + 1) % 128
+    r = spec(eng, prompt, pred)
+    assert r.token_ids == plain
+    # every token but the few decoded plainly between divergence and re-sync came from the prediction or a
+    # forward's own next token
+    assert r.stats.draft_accepted + r.stats.forwards + 1 == N
+    assert r.stats.forwards <= 8
+
+
+def test_max_new_tokens_inside_accepted_chunk(eng, prompt, plain):
+    for n in (1, 2, 10, 23):
+        assert spec(eng, prompt, plain, n).token_ids == plain[:n]
+
+
+def test_empty_prediction(eng, prompt, plain):
+    r = spec(eng, prompt, [])
+    assert r.token_ids == plain and r.stats.draft_proposed == 0
+
+
+def test_prediction_longer_than_output(eng, prompt, plain):
+    assert spec(eng, prompt, plain + plain).token_ids == plain
+
+
+def test_prediction_with_eos_inside(tmp_path, prompt):
+    path = make_checkpoint(tmp_path, "llama")
+    free = specedit.load(path).generate(prompt, max_new_tokens=N).token_ids
+    eos = free[20]
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["eos_token_id"] = eos
+    (path / "config.json").write_text(json.dumps(cfg))
+    eng = specedit.load(path)
+    expect = free[: free.index(eos) + 1]
+    assert eng.generate(prompt, max_new_tokens=N).token_ids == expect
+    for pred in (free, free[:10] + [eos] + free[10:], [eos] * 5):
+        assert eng.generate(prompt, max_new_tokens=N, prediction=pred).token_ids == expect
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lossless_each_architecture(tmp_path, arch, prompt):
+    eng = specedit.load(make_checkpoint(tmp_path, arch, seed=3))
+    plain = eng.generate(prompt, max_new_tokens=32).token_ids
+    mutated = plain[:12] + [(plain[12] + 5) % 128] + plain[13:]
+    for pred in (plain, mutated, plain[5:]):
+        assert eng.generate(prompt, max_new_tokens=32, prediction=pred).token_ids == plain
+
+
+def test_verify_rows_match_single_row_forwards(eng, prompt, plain):
+    """Row i of a K+1-row forward vs the 1-row forward at that position: report the largest difference."""
+    m = eng.model
+    with torch.inference_mode():
+        c = eng._cache(128)
+        m(torch.tensor([prompt]), c)
+        batched = m(torch.tensor([plain[:17]]), c, all_logits=True)[0]
+        c.lengths = [len(prompt)]
+        single = torch.stack([m(torch.tensor([[t]]), c)[0] for t in plain[:17]])
+    assert torch.equal(batched.argmax(-1), single.argmax(-1))
+    assert (batched - single).abs().max().item() < 1e-4  # stock GEMMs round differently for other M
+
+
+def test_ragged_batch_forward_matches_rows(eng, prompt):
+    """B=2 with different cache lengths (batched verification) equals each row run alone."""
+    m = eng.model
+    with torch.inference_mode():
+        c = KVCache(eng.cfg, 2, 96, torch.float32, "cpu")
+        for row, n in ((0, 30), (1, 21)):
+            one = KVCache(eng.cfg, 1, 96, torch.float32, "cpu")
+            m(torch.tensor([prompt[:n]]), one)
+            c.buf[:, :, row] = one.buf[:, :, 0]
+        c.lengths = [30, 21]
+        both = m(torch.tensor([prompt[30:35], prompt[21:26]]), c, all_logits=True)
+        for row, n in ((0, 30), (1, 21)):
+            one = KVCache(eng.cfg, 1, 96, torch.float32, "cpu")
+            m(torch.tensor([prompt[:n]]), one)
+            alone = m(torch.tensor([prompt[n : n + 5]]), one, all_logits=True)[0]
+            assert (both[row] - alone).abs().max().item() < 1e-5
+
+
+def test_stream_equals_generate_text(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    text = "def add(a, b):\n    return a + b\n\nprint(add(1, 2))  # héllo ✓\n" * 20
+    tk.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
+    path = make_checkpoint(tmp_path, "qwen2", vocab_size=len(tok))
+    tok.save_pretrained(path)
+    eng = specedit.load(path)
+    src = "def add(a, b):\n    return a + b\n"
+    r = eng.generate(src, max_new_tokens=40, prediction=src)
+    deltas = list(eng.stream(src, max_new_tokens=40, prediction=src))
+    assert "".join(deltas) == r.text == "".join(list(eng.stream(src, max_new_tokens=40)))
+    assert eng.generate(src, max_new_tokens=40).token_ids == r.token_ids
+    cut = eng.generate(src, max_new_tokens=40, stop=[r.text[5:7]])
+    assert cut.text == r.text[: r.text.index(r.text[5:7])]
+
+
+def test_chunk_policy_shrinks_and_grows():
+    cost = CostModel([1, 2, 8, 33, 65], [1.0, 1.05, 1.3, 3.5, 7.0])  # CPU-like: 32 rows ~ 3.5x one row
+    p = ChunkPolicy(cost, k_max=64)
+    k0 = p.choose(1000)
+    assert k0 > 4
+    for _ in range(6):
+        p.update(k0, 0)
+    assert p.choose(1000) < k0
+    low = p.choose(1000)
+    for _ in range(20):
+        p.update(16, 16)
+    assert p.choose(1000) > low
+    assert p.choose(3) <= 3
+
+
+def test_chunk_policy_falls_back_to_plain_when_verify_is_costly():
+    p = ChunkPolicy(CostModel([1, 65], [1.0, 65.0]), k_max=64)  # compute-bound: K rows cost K forwards
+    for _ in range(10):
+        p.update(8, 1)
+    assert p.choose(100) == 0
+
+
+def test_sampled_accept_keeps_the_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0], [0.0, 0.0, 0.0, 0.0]])
+    probs = torch.softmax(logits[0], -1)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(4)
+    n = 20000
+    for _ in range(n):
+        acc, nxt = sampled_accept(logits, [1], 1.0, g)
+        counts[1 if acc == 1 else nxt] += 1
+    assert (counts / n - probs).abs().max().item() < 0.015
+
+
+def test_sampling_is_seeded(eng, prompt, plain):
+    a = eng.generate(prompt, max_new_tokens=20, temperature=0.8, seed=5).token_ids
+    b = eng.generate(prompt, max_new_tokens=20, temperature=0.8, seed=5).token_ids
+    c = eng.generate(prompt, max_new_tokens=20, temperature=0.8, seed=5, prediction=plain).token_ids
+    assert a == b and len(c) == 20
