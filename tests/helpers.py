@@ -39,7 +39,7 @@ def make_checkpoint(path: Path, arch: str = "llama", seed: int = 0, **overrides)
     return Path(path)
 
 
-def hf_model(path: Path):
+def hf_model(path: Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()

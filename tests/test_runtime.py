@@ -81,9 +81,9 @@ def test_half_dtypes_match_transformers(tmp_path, dtype):
     ids = list(range(1, 40))
     ours = specedit.load(path, dtype=dtype).logits(ids)
     with torch.no_grad():
-        ref = hf_model(path).to(getattr(torch, dtype))(torch.tensor([ids])).logits[0].float()
+        ref = hf_model(path, getattr(torch, dtype))(torch.tensor([ids])).logits[0].float()
     assert ours.dtype == torch.float32
-    assert (ours - ref).abs().max().item() < 1e-2 * ref.abs().max().item()  # same math, same rounding steps
+    assert (ours - ref).abs().max().item() < 1e-3 * ref.abs().max().item()  # same math, same rounding steps
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------
