@@ -56,16 +56,14 @@ def read_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
 
 
 def weight_bytes_per_token(model) -> int:
-    """Bytes of weights one decode step reads: every parameter except the embedding table (one row is read),
-    counting a tied lm_head once as the lm_head."""
+    """Bytes of weights one decode step reads: every parameter except the embedding table (one row of it is
+    read); a tied lm_head counts once, as the lm_head."""
     seen, total = set(), 0
-    for name, p in model.named_parameters():
+    for name, p in model.named_parameters(remove_duplicate=False):
         if name == "embed.weight" or p.data_ptr() in seen:
             continue
         seen.add(p.data_ptr())
         total += p.numel() * p.element_size()
-    if model.lm_head.weight.data_ptr() == model.embed.weight.data_ptr():
-        total += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
     return total
 
 

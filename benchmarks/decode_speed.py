@@ -33,7 +33,7 @@ def main():
     eng = specedit.load(args.model, dtype=args.dtype)
     tok = eng.tokenizer
     code = nofuneval("security")[0]["source_code"]
-    prompt = tok.encode("Rewrite this code:\n" + code, add_special_tokens=False)
+    prompt = tok.encode(code, add_special_tokens=False)  # a raw code prefix: the model continues it, no EOS soon
     long_src = nofuneval("latency")[0]["source_code"]
     long_prompt = tok.encode(long_src, add_special_tokens=False)[:1500]
     n = args.new_tokens
@@ -69,12 +69,12 @@ def main():
         def run_hf():
             nonlocal out
             with torch.inference_mode():
-                out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                  pad_token_id=tok.eos_token_id)
+                out = hf.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id)
 
         hf_times = timed(run_hf, reps=args.runs)
-        hf_e2e = [n / t for t in hf_times]
-        same = out[0, len(prompt):].tolist() == result.token_ids[:n]
+        hf_tokens = out[0, len(prompt):].tolist()
+        hf_e2e = [len(hf_tokens) / t for t in hf_times]
+        same = hf_tokens == result.token_ids
         print(f"{'transformers':<14}{'':>26}{spread(hf_e2e):>28}   same tokens: {same}")
         print(f"end-to-end speedup over transformers: {med(e2e) / med(hf_e2e):.2f}x")
         rows.append(("transformers", "e2e_tok_s", med(hf_e2e)))

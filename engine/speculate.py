@@ -28,6 +28,8 @@ class CostModel:
 
     def __init__(self, rows: Sequence[int], seconds: Sequence[float]):
         self.rows, self.seconds = list(rows), list(seconds)
+        for i in range(len(self.seconds) - 2, -1, -1):  # more rows never cost less: a noisy timing can't say so
+            self.seconds[i] = min(self.seconds[i], self.seconds[i + 1])
 
     def __call__(self, t: int) -> float:
         r, s = self.rows, self.seconds

@@ -189,3 +189,9 @@ def test_sampling_is_seeded(eng, prompt, plain):
     b = eng.generate(prompt, max_new_tokens=20, temperature=0.8, seed=5).token_ids
     c = eng.generate(prompt, max_new_tokens=20, temperature=0.8, seed=5, prediction=plain).token_ids
     assert a == b and len(c) == 20
+
+
+def test_cost_model_is_monotone_despite_noise():
+    c = CostModel([1, 2, 4, 8, 16], [0.030, 0.070, 0.032, 0.033, 0.040])  # T=2 timed during a hiccup
+    assert c.seconds == [0.030, 0.032, 0.032, 0.033, 0.040]
+    assert c(3) == pytest.approx(0.032) and c(32) > c(16)
