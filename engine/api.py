@@ -60,6 +60,7 @@ class Engine:
         self.model, self.tokenizer, self.backend, self.path = model, tokenizer, backend, path
         self.cfg = model.cfg
         self._token_bytes: list[bytes] | None = None
+        self._text: list[bytes] | None = None
         self._cost: CostModel | None = None
         eos = set(self.cfg.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -90,7 +91,10 @@ class Engine:
         return self._token_bytes
 
     def _text_bytes(self) -> list[bytes]:
-        return [b"" if b.startswith(b"\xff") else b for b in self.token_bytes]
+        """token_bytes with text-less (special) tokens as b"": what streaming text is made of."""
+        if self._text is None:
+            self._text = [b"" if b.startswith(b"\xff") else b for b in self.token_bytes]
+        return self._text
 
     def _cache(self, length: int) -> KVCache:
         dtype = self.model.embed.weight.dtype
@@ -123,15 +127,16 @@ class Engine:
         gen = torch.Generator(device=cache.buf.device).manual_seed(seed) if temperature > 0 else None
         if prediction is None:
             yield from plain_decode(self.model, cache, prompt, stopper, temperature, gen, stats)
-            return
-        from .kernels.accept import accept, accept_ref
+        else:
+            from .kernels.accept import accept, accept_ref
 
-        drafter = Drafter(self.encode(prediction), self.token_bytes)
-        policy = ChunkPolicy(self.cost_model(), k_max=K_MAX)
-        yield from speculative_decode(
-            self.model, cache, prompt, drafter, stopper, policy, accept if self.backend == "triton" else accept_ref,
-            temperature, gen, stats,
-        )
+            drafter = Drafter(self.encode(prediction), self.token_bytes)
+            policy = ChunkPolicy(self.cost_model(), k_max=K_MAX)
+            accept_fn = accept if self.backend == "triton" else accept_ref
+            yield from speculative_decode(
+                self.model, cache, prompt, drafter, stopper, policy, accept_fn, temperature, gen, stats
+            )
+        stats.finish_reason = stopper.reason
 
     @torch.inference_mode()
     def stream(self, ids_or_text: str | Sequence[int], max_new_tokens: int = 256, prediction=None,
@@ -139,6 +144,7 @@ class Engine:
                stats: Stats | None = None) -> Iterator[str]:
         """Yield text deltas (whole UTF-8 characters) as tokens are decided; arguments as in `generate`."""
         text = prompts.TextStream(self._text_bytes(), stop)
+        stats = stats if stats is not None else Stats()
         for new in self._steps(ids_or_text, max_new_tokens, prediction, temperature, stop, seed, stats):
             delta = text.feed(new)
             if delta:

@@ -28,15 +28,19 @@ class Stopper:
         self.keep = max((len(s) for s in self.stop), default=0)
         self.tail = b""
         self.count = 0
+        self.reason = ""  # why generation ended, in OpenAI's words: "stop" (EOS or stop string) or "length"
 
     def push(self, token: int) -> bool:
         self.count += 1
-        if token in self.eos or self.count >= self.max_new:
-            return True
-        if self.stop:
+        if token in self.eos:
+            self.reason = "stop"
+        elif self.stop:
             self.tail = (self.tail + self.token_bytes[token])[-(self.keep + 64):]
-            return any(s in self.tail for s in self.stop)
-        return False
+            if any(s in self.tail for s in self.stop):
+                self.reason = "stop"
+        if not self.reason and self.count >= self.max_new:
+            self.reason = "length"
+        return bool(self.reason)
 
 
 def pick(logits: torch.Tensor, temperature: float = 0.0, generator: torch.Generator | None = None) -> int:

@@ -17,6 +17,7 @@ class Stats:
     draft_proposed: int = 0  # prediction tokens sent for verification
     draft_accepted: int = 0
     draft_rejected: int = 0
+    finish_reason: str = ""  # "stop" (EOS or a stop string) or "length" (max_new_tokens or the context)
 
     @property
     def ttft_s(self) -> float:

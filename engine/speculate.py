@@ -28,8 +28,11 @@ class CostModel:
 
     def __init__(self, rows: Sequence[int], seconds: Sequence[float]):
         self.rows, self.seconds = list(rows), list(seconds)
-        for i in range(len(self.seconds) - 2, -1, -1):  # more rows never cost less: a noisy timing can't say so
+        # A noisy timing can't claim that more rows cost less, or that T rows cost more than T 1-row forwards.
+        for i in range(len(self.seconds) - 2, -1, -1):
             self.seconds[i] = min(self.seconds[i], self.seconds[i + 1])
+        for i in range(1, len(self.seconds)):
+            self.seconds[i] = min(self.seconds[i], self.seconds[0] * self.rows[i] / self.rows[0])
 
     def __call__(self, t: int) -> float:
         r, s = self.rows, self.seconds
@@ -44,7 +47,7 @@ class CostModel:
     @classmethod
     def measure(cls, model, make_cache: Callable[[int], KVCache], rows=(1, 2, 4, 8, 16, 32, 64), prefix=128,
                 reps=3) -> CostModel:
-        """Time forwards of T rows after a `prefix`-token context (min over `reps`), one scratch cache."""
+        """Time forwards of T rows after a `prefix`-token context (min over `reps` after a warmup per T)."""
         device = model.embed.weight.device
         cache = make_cache(prefix + max(rows))
         model(torch.zeros(1, prefix, dtype=torch.long, device=device), cache)
@@ -52,7 +55,7 @@ class CostModel:
         for t in rows:
             x = torch.zeros(1, t, dtype=torch.long, device=device)
             best = float("inf")
-            for _ in range(reps):
+            for rep in range(reps + 1):
                 cache.lengths = [prefix]
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -60,7 +63,8 @@ class CostModel:
                 model(x, cache, all_logits=True)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                best = min(best, time.perf_counter() - t0)
+                if rep:  # the first call of a shape may build kernels or caches
+                    best = min(best, time.perf_counter() - t0)
             seconds.append(best)
         return cls(rows, seconds)
 

@@ -14,9 +14,14 @@ from specedit.speculate import ChunkPolicy, CostModel, sampled_accept
 N = 48
 
 
+CPU_LIKE = CostModel([1, 2, 8, 33, 65], [1.0, 1.05, 1.3, 3.5, 7.0])  # 32 rows ~ 3.5x one row
+
+
 @pytest.fixture(scope="module")
 def eng(tmp_path_factory):
-    return specedit.load(make_checkpoint(tmp_path_factory.mktemp("spec"), "llama"))
+    e = specedit.load(make_checkpoint(tmp_path_factory.mktemp("spec"), "llama"))
+    e._cost = CPU_LIKE  # fixed, so forward counts do not depend on this machine's load
+    return e
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +156,7 @@ def test_stream_equals_generate_text(tmp_path):
 
 
 def test_chunk_policy_shrinks_and_grows():
-    cost = CostModel([1, 2, 8, 33, 65], [1.0, 1.05, 1.3, 3.5, 7.0])  # CPU-like: 32 rows ~ 3.5x one row
-    p = ChunkPolicy(cost, k_max=64)
+    p = ChunkPolicy(CPU_LIKE, k_max=64)
     k0 = p.choose(1000)
     assert k0 > 4
     for _ in range(6):
@@ -195,3 +199,16 @@ def test_cost_model_is_monotone_despite_noise():
     c = CostModel([1, 2, 4, 8, 16], [0.030, 0.070, 0.032, 0.033, 0.040])  # T=2 timed during a hiccup
     assert c.seconds == [0.030, 0.032, 0.032, 0.033, 0.040]
     assert c(3) == pytest.approx(0.032) and c(32) > c(16)
+    c = CostModel([1, 2, 4], [0.010, 0.5, 0.9])  # a hiccup on every T > 1
+    assert c.seconds == [0.010, 0.020, 0.040]
+
+
+def test_cost_model_measured_on_this_machine(eng):
+    c = CostModel.measure(eng.model, eng._cache, rows=(1, 4, 16), prefix=32, reps=2)
+    assert c.rows == [1, 4, 16] and all(s > 0 for s in c.seconds)
+    assert c.seconds == sorted(c.seconds)
+
+
+def test_finish_reason(eng, prompt, plain):
+    assert eng.generate(prompt, max_new_tokens=5).stats.finish_reason == "length"
+    assert eng.generate(prompt, max_new_tokens=5, prediction=plain).stats.finish_reason == "length"
