@@ -97,7 +97,7 @@ def main():
         for t in (1, 2, 4, 8, 16, 32, 64):
             x = torch.zeros(1, t, dtype=torch.long)
 
-            def fwd():
+            def fwd(x=x):
                 cache.lengths = [base]
                 eng.model(x, cache, all_logits=True)
 

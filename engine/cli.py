@@ -1,4 +1,4 @@
-"""`specedit apply | convert | bench`: the command-line surface."""
+"""`specedit apply | convert | bench | serve`: the command-line surface."""
 
 from __future__ import annotations
 
@@ -91,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--dtype", default="float32")
     b.add_argument("--language")
 
+    v = sub.add_parser("serve", help="OpenAI-compatible server with predicted outputs")
+    v.add_argument("--model", default=DEFAULT_MODEL)
+    v.add_argument("--dtype", default="float32")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+
     args = ap.parse_args(argv)
     try:
         return run(args)
@@ -107,6 +113,17 @@ def run(args) -> int:
         return 0
 
     import specedit
+
+    if args.cmd == "serve":
+        from .server import make_server
+
+        srv = make_server(specedit.load(args.model, dtype=args.dtype), args.host, args.port, args.model)
+        print(f"specedit serving {args.model} on http://{args.host}:{srv.server_address[1]}/v1", file=sys.stderr)
+        try:
+            srv.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        return 0
 
     source = read_source(args.file)
     language = args.language or LANGUAGES.get(args.file.suffix.lower())

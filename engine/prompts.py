@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import codecs
 import difflib
-from typing import Sequence
+from collections.abc import Sequence
 
 FENCE = "```"
 
@@ -18,7 +18,8 @@ def build_edit_prompt(tokenizer, original: str, instruction: str, language: str 
     """
     lang = language or ""
     code = original if original.endswith("\n") else original + "\n"
-    user = f"{instruction.strip()}\n\n{FENCE}{lang}\n{code}{FENCE}\n\nWrite the entire rewritten code and no other text."
+    user = (f"{instruction.strip()}\n\n{FENCE}{lang}\n{code}{FENCE}\n\n"
+            "Write the entire rewritten code and no other text.")
     if getattr(tokenizer, "chat_template", None):
         head = tokenizer.apply_chat_template(
             [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True

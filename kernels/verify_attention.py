@@ -165,7 +165,7 @@ def _verify_attention_combine_kernel(
     s_valid = (offs_s < num_splits) & (offs_s.to(tl.int64) * split_len <= last_key)
     slot = row * num_splits + offs_s
     m = tl.load(part_m_ptr + slot, mask=s_valid, other=float("-inf"))
-    l = tl.load(part_l_ptr + slot, mask=s_valid, other=0.0)
+    l_part = tl.load(part_l_ptr + slot, mask=s_valid, other=0.0)
     m_max = tl.max(m, 0)
     w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
     w = tl.where(s_valid, w, 0.0)
@@ -175,7 +175,7 @@ def _verify_attention_combine_kernel(
     o = tl.load(part_o_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :],
                 mask=s_valid[:, None] & d_valid[None, :], other=0.0)
     num = tl.sum(w[:, None] * o, 0)
-    den = tl.sum(w * l, 0)
+    den = tl.sum(w * l_part, 0)
     out = num / tl.where(den == 0.0, 1.0, den)
     tl.store(out_ptr + b * stride_out_b + q_row * stride_out_q + head * stride_out_h + offs_d * stride_out_d,
              out.to(out_ptr.dtype.element_ty), mask=d_valid)

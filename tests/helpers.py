@@ -43,3 +43,38 @@ def hf_model(path: Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def make_tokenizer(vocab_size: int = 300):
+    """A small byte-level BPE tokenizer (transformers fast tokenizer) trained on code, with a chat template.
+
+    Its vocabulary is ASCII only, so whatever a random model emits decodes to valid text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    text = "def add(a, b):\n    return a + b\n\nprint(add(1, 2))  # hello\n```python\n" * 20
+    ascii_chars = [bytes_to_unicode()[b] for b in range(128)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"], initial_alphabet=ascii_chars)
+    tk.train_from_iterator([text], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def make_text_checkpoint(path: Path, arch: str = "qwen2") -> Path:
+    """A random checkpoint with a tokenizer (and chat template) saved beside it."""
+    tok = make_tokenizer()
+    make_checkpoint(path, arch, vocab_size=len(tok))
+    tok.save_pretrained(path)
+    return Path(path)

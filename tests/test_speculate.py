@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import specedit
-from helpers import ARCHS, make_checkpoint
+from helpers import ARCHS, make_checkpoint, make_text_checkpoint
 from specedit.cache import KVCache
 from specedit.speculate import ChunkPolicy, CostModel, sampled_accept
 
@@ -133,18 +133,7 @@ def test_ragged_batch_forward_matches_rows(eng, prompt):
 
 
 def test_stream_equals_generate_text(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    text = "def add(a, b):\n    return a + b\n\nprint(add(1, 2))  # héllo ✓\n" * 20
-    tk.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
-                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
-    path = make_checkpoint(tmp_path, "qwen2", vocab_size=len(tok))
-    tok.save_pretrained(path)
+    path = make_text_checkpoint(tmp_path)
     eng = specedit.load(path)
     src = "def add(a, b):\n    return a + b\n"
     r = eng.generate(src, max_new_tokens=40, prediction=src)
