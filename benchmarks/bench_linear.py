@@ -8,10 +8,13 @@ machine's measured read bandwidth (the physical limit at M = 1). Then the sum ov
 not hold them), and as the sum of the per-shape medians.
 
 Per-shape calls rotate over enough copies of the weight to exceed the last-level cache, so the numbers are
-DRAM-bound like a real forward. Before each series the script waits (up to --quiet-wait s) for other
-processes to go idle, and counts the series timed while the machine was busy.
+DRAM-bound like a real forward. The methods are interleaved call by call, and in the forward table a 1 GiB
+read probe is interleaved with them: on a shared host the memory bandwidth drifts over minutes, and this
+keeps the comparisons (and the "% of read bandwidth") within one time window. Before each series the script
+waits (up to --quiet-wait s) for other processes to go idle, and counts the series timed while they were not.
 
-    python benchmarks/bench_linear.py [--threads 2] [--reps 30] [--m 1,2,8,17,33,65] [--csv PATH]
+    python benchmarks/bench_linear.py [--threads 2] [--reps 30] [--m 1,2,8,17,33,65] [--forward-only]
+                                      [--isa avx2|avx512] [--methods ...] [--csv PATH]
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ SHAPES = {  # name: (N, K, count per forward)
     "lm_head": (VOCAB, HIDDEN, 1),
 }
 METHODS = ["torch_f32", "torch_bf16", "ours_f32", "ours_f16", "ours_bf16"]
-LLC_BYTES = 96 << 20  # rotate over copies until this many bytes: well past the 32 MB L3 here
+LLC_BYTES = 256 << 20  # rotate over copies until this many bytes: well past the 32 MB L3 (and more)
 _busy_series = 0
+ISA = None  # --isa: force the kernel's instruction set
 
 
 def _cpu_busy(dt: float = 0.25) -> float:
@@ -116,6 +120,8 @@ def prepare(method: str, w: torch.Tensor):
         return bind, w.numel() * 2
     dtype = {"ours_f32": torch.float32, "ours_f16": torch.float16, "ours_bf16": torch.bfloat16}[method]
     p = cpu_linear.pack(w, dtype)
+    if ISA:
+        return (lambda x: lambda: p(x, isa=ISA)), p.weight_bytes
     return (lambda x: lambda: p(x)), p.weight_bytes
 
 
@@ -156,8 +162,12 @@ def main() -> None:
     ap.add_argument("--m", default="1,2,8,17,33,65")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--quiet-wait", type=float, default=20.0)
+    ap.add_argument("--forward-only", action="store_true", help="skip the per-shape table")
+    ap.add_argument("--isa", choices=["avx2", "avx512"], help="force the kernel's instruction set")
     ap.add_argument("--csv", default="benchmarks/out/bench_linear.csv")
     args = ap.parse_args()
+    global ISA
+    ISA = args.isa
     torch.set_num_threads(args.threads)
     ms = [int(v) for v in args.m.split(",")]
     methods = args.methods.split(",")
@@ -165,7 +175,7 @@ def main() -> None:
     if not cpu_linear.available():
         raise SystemExit("specedit.cpu_linear is not available here (needs x86-64 avx2/fma/f16c, c++, ninja)")
     t = time.perf_counter()
-    isa = cpu_linear.best_isa()
+    isa = args.isa or cpu_linear.best_isa()
     build_s = time.perf_counter() - t
     with open("/proc/cpuinfo") as f:
         cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
@@ -196,7 +206,7 @@ def main() -> None:
     med = {}  # (method, shape, M) -> median seconds
     print("ms per call: median (min-max) and weight GB/s; methods interleaved call by call")
     print(f"{'shape':<8} {'N x K':>11} {'M':>3} " + " ".join(f"{m:>22}" for m in methods))
-    for name, (n, k, _) in SHAPES.items():
+    for name, (n, k, _) in ({} if args.forward_only else SHAPES).items():
         copies = [torch.randn(n, k) / k**0.5 for _ in range(max(2, -(-LLC_BYTES // (n * k * 2))))]
         prepared = {m: [prepare(m, w) for w in copies] for m in methods}
         for M in ms:
@@ -224,11 +234,7 @@ def main() -> None:
         "the probe's read bandwidth"
     )
     weights = [
-        w
-        for _ in range(LAYERS)
-        for (n, k, c) in SHAPES.values()
-        if c == LAYERS
-        for w in [torch.randn(n, k) / k**0.5]
+        w for _ in range(LAYERS) for (n, k, c) in SHAPES.values() if c == LAYERS for w in [torch.randn(n, k) / k**0.5]
     ]
     weights.append(torch.randn(VOCAB, HIDDEN) / HIDDEN**0.5)
     prepared = {m: [prepare(m, w) for w in weights] for m in methods}

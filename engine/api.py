@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -21,11 +22,16 @@ BACKENDS = ("auto", "torch", "triton")
 K_MAX = 64  # largest draft verified in one forward
 
 
-def load(path: str | Path, dtype: str = "float32", device: str = "cpu", backend: str = "auto") -> Engine:
+def load(path: str | Path, dtype: str = "float32", device: str = "cpu", backend: str = "auto",
+         cpu_kernels: bool | None = None) -> Engine:
     """Load a model: an HF directory (config.json + safetensors), a `.gguf` file, or `smollm2-135m-instruct`.
 
     dtype: 'float32' | 'bfloat16' | 'float16'. backend: 'torch' (PyTorch attention and accept), 'triton'
     (the Triton kernels; under TRITON_INTERPRET=1 on a CPU) or 'auto' (triton on CUDA, torch otherwise).
+    cpu_kernels (CPU only): the packed small-M matmul of `cpu_linear` for every linear layer; None uses it
+    when it can be built here, True requires it, False uses torch's F.linear. With it, `dtype` is the storage
+    of the linear weights and activations stay float32 (half weights halve the bytes a decode step reads, and
+    a verify row equals the 1-row forward bit for bit); without it, the whole model runs in `dtype`.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -39,18 +45,37 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu", backend:
     dev = torch.device(device)
     if backend == "auto":
         backend = "triton" if dev.type == "cuda" else "torch"
-    state = to_runtime_state(load_hf_tensors(p, cfg, torch_dtype), cfg)
+    packed = dev.type == "cpu" and use_cpu_kernels(cpu_kernels)
+    model_dtype = torch.float32 if packed else torch_dtype
+    state = to_runtime_state(load_hf_tensors(p, cfg, model_dtype), cfg)
     with torch.device("meta"):
         model = Transformer(cfg, attend_triton if backend == "triton" else attend_torch)
     model.load_state_dict({k: v.to(dev) for k, v in state.items()}, strict=True, assign=True)
-    model.setup_rope(dev, torch_dtype)
+    model.setup_rope(dev, model_dtype)
     model.eval().requires_grad_(False)
+    if packed:
+        model.pack_linears(torch_dtype)
     tokenizer = None
     if (p / "tokenizer.json").is_file() or (p / "tokenizer.model").is_file():
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(p))
     return Engine(model, tokenizer, backend, p)
+
+
+def use_cpu_kernels(choice: bool | None) -> bool:
+    """Resolve load()'s cpu_kernels: None -> when available (with a warning when not), True -> required."""
+    if choice is False:
+        return False
+    from . import cpu_linear
+
+    if cpu_linear.available():
+        return True
+    why = "needs x86-64 Linux with AVX2/FMA/F16C, a C++ compiler and ninja"
+    if choice:
+        raise ValueError(f"cpu_kernels=True but the packed CPU matmul cannot be built here: it {why}")
+    warnings.warn(f"specedit: packed CPU matmul unavailable ({why}); using torch F.linear, slower", stacklevel=3)
+    return False
 
 
 class Engine:

@@ -8,7 +8,7 @@ absolute position `len + i` and sees keys `0 .. len + i`.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +110,21 @@ class Transformer(nn.Module):
         ang = torch.outer(pos, inv)
         emb = torch.cat((ang, ang), dim=-1)
         self.rope_cos, self.rope_sin = emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def pack_linears(self, dtype: torch.dtype) -> None:
+        """Swap every nn.Linear for a cpu_linear.PackedLinear holding its weight in `dtype` (CPU only).
+
+        Packed layers are plain attributes, not modules: their bytes are never cast, and a call skips
+        nn.Module dispatch. Activations stay float32.
+        """
+        from .cpu_linear import PackedLinear
+
+        owners = [(blk.attn, n) for blk in self.layers for n in ("wqkv", "wo")]
+        owners += [(blk.mlp, n) for blk in self.layers for n in ("w13", "w2")] + [(self, "lm_head")]
+        for owner, name in owners:
+            lin = getattr(owner, name)
+            delattr(owner, name)
+            setattr(owner, name, PackedLinear(lin.weight, lin.bias, dtype))
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
         """Append `tokens` [B, T] to the cache and return float32 logits.

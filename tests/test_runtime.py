@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import specedit
-from helpers import ARCHS, hf_model, make_checkpoint
+from helpers import hf_model, make_checkpoint
 
 VARIANTS = {
     "llama": dict(),
@@ -77,13 +77,37 @@ def test_eos_stops_and_is_kept(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_dtypes_match_transformers(tmp_path, dtype):
+    """Without the packed CPU kernels the whole model runs in `dtype`, exactly like transformers."""
     path = make_checkpoint(tmp_path, "qwen2")
     ids = list(range(1, 40))
-    ours = specedit.load(path, dtype=dtype).logits(ids)
+    ours = specedit.load(path, dtype=dtype, cpu_kernels=False).logits(ids)
     with torch.no_grad():
         ref = hf_model(path, getattr(torch, dtype))(torch.tensor([ids])).logits[0].float()
     assert ours.dtype == torch.float32
     assert (ours - ref).abs().max().item() < 1e-3 * ref.abs().max().item()  # same math, same rounding steps
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_packed_half_weights_are_float32_math_on_rounded_weights(tmp_path, dtype):
+    """With the packed CPU kernels, `dtype` is the storage of linear weights; activations stay float32."""
+    path = make_checkpoint(tmp_path, "qwen2")
+    ids = list(range(1, 40))
+    ours = specedit.load(path, dtype=dtype, cpu_kernels=True).logits(ids)
+    ref_model = hf_model(path)
+    with torch.no_grad():
+        for m in ref_model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(m.weight.to(getattr(torch, dtype)).float())
+        ref = ref_model(torch.tensor([ids])).logits[0]
+    assert (ours - ref).abs().max().item() < 1e-4
+
+
+def test_packed_and_torch_linears_agree(tmp_path):
+    path = make_checkpoint(tmp_path, "llama")
+    ids = list(range(1, 60))
+    a = specedit.load(path, cpu_kernels=True).logits(ids)
+    b = specedit.load(path, cpu_kernels=False).logits(ids)
+    assert (a - b).abs().max().item() < 1e-4
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------

@@ -1,0 +1,173 @@
+// Small-M matmul y[M, N] = x[M, K] @ W[N, K]^T with packed weights; one copy per instruction set.
+//
+// Included by linear_avx2.cpp and linear_avx512.cpp, each of which defines SPECEDIT_ISA_NS and enables
+// its instruction set first. It includes no torch or libstdc++ header on purpose: inline functions from
+// those would be compiled for the wider ISA and could be merged (ODR) with copies used on other CPUs.
+//
+// Packed layout (made by specedit.cpu_linear.pack_weight): groups of 32 output columns, each group
+// [K][32] contiguous, N zero-padded to a multiple of 32. A thread's columns are one contiguous stream.
+//
+// Why this shape of kernel: each y[m, n] is ONE fp32 lane accumulating fma(x[m, k], w[n, k], acc) for
+// k = 0, 1, ..., K-1 in that order, starting from +0. No horizontal sums, no split-K. So the bits of a
+// row do not depend on M, on the row tile it falls in, on the thread split, or on AVX2 vs AVX-512
+// (FMA is correctly rounded per lane). That is the row invariance the lossless guarantee needs.
+//
+// Why it is fast for small M: a tile of R rows x 16*C columns keeps its accumulators in registers; each
+// weight vector loaded (and converted from f16/bf16) feeds R FMAs. All M rows of a group are done before
+// the next group, so weights stream from DRAM once per call and re-reads hit L1/L2. The stream is
+// software-prefetched 16 KB ahead, so memory and FMAs overlap even when M makes their times equal.
+#include <immintrin.h>
+#include <stdint.h>
+
+namespace specedit_cpu {
+namespace SPECEDIT_ISA_NS {
+namespace {
+
+struct f16_t { uint16_t bits; };
+struct bf16_t { uint16_t bits; };
+
+#if defined(SPECEDIT_AVX512)
+struct Isa {
+  using V = __m512;
+  static constexpr int W = 16;     // fp32 lanes per vector
+  static constexpr int C = 2;      // 16-column halves of a group per tile: the whole group
+  static constexpr int RMAX = 12;  // rows per tile: 12 x 2 accumulators + 2 weights + 1 broadcast <= 32 zmm
+  static constexpr int SMALL_M = 0;  // no special case for few rows
+  static inline V zero() { return _mm512_setzero_ps(); }
+  static inline V bcast(const float* p) { return _mm512_set1_ps(*p); }
+  static inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static inline V load(const float* p) { return _mm512_loadu_ps(p); }
+  static inline V load(const f16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+  static inline V load(const bf16_t* p) {  // bf16 is the top half of an fp32: widen and shift, exact
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+  }
+};
+#else
+struct Isa {
+  using V = __m256;
+  static constexpr int W = 8;
+  static constexpr int C = 1;     // one 16-column half per pass; the second pass reads the group from L1/L2
+  static constexpr int RMAX = 6;  // 6 x 2 accumulators + 2 weights + 1 broadcast <= 16 ymm
+  // M <= 2: both halves in one pass (4 accumulators per row). With one row and 2 accumulators, the 4-cycle
+  // FMA latency would cap a core at 4 columns x k per cycle: below what DRAM delivers in f16.
+  static constexpr int SMALL_M = 2;
+  static inline V zero() { return _mm256_setzero_ps(); }
+  static inline V bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static inline V load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline V load(const f16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+  static inline V load(const bf16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+  }
+};
+#endif
+
+constexpr int GROUP = 32;            // columns per packed group
+constexpr int NV = 16 / Isa::W;      // vectors per 16 columns
+// How far ahead in the weight stream to prefetch. Hardware prefetchers stop at 4 KB pages; a few pages
+// ahead keeps DRAM busy across them (measured on Zen 5: 4-8 KB reach ~45 GB/s, 12-32 KB ~65 GB/s).
+constexpr int PREFETCH = 16384;
+
+// R rows x 16*C columns. x: R rows at stride K. w: first column of the tile inside a packed group
+// ([K][32]). y: R rows at stride ldy; only the first ncols of the tile's columns are written.
+template <class T, int R, int C>
+inline void tile(const float* x, int64_t K, const T* w, float* y, int64_t ldy, int ncols) {
+  constexpr int LINES = (int)sizeof(T) * GROUP / 64;  // cache lines of weights per k
+  // Every index into acc must be a compile-time constant after unrolling, or GCC keeps acc in memory.
+  Isa::V acc[R][C][NV];
+#pragma GCC unroll 24
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][c][v] = Isa::zero();
+#pragma GCC unroll 2
+  for (int64_t k = 0; k < K; ++k) {
+    const T* wk = w + k * GROUP;
+#pragma GCC unroll 2
+    for (int l = 0; l < LINES; ++l) _mm_prefetch((const char*)wk + PREFETCH + 64 * l, _MM_HINT_T0);
+    Isa::V wv[C][NV];
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) wv[c][v] = Isa::load(wk + c * 16 + v * Isa::W);
+#pragma GCC unroll 24
+    for (int r = 0; r < R; ++r) {
+      const Isa::V xb = Isa::bcast(x + r * K + k);
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[r][c][v] = Isa::fma(xb, wv[c][v], acc[r][c][v]);
+    }
+  }
+  if (ncols == C * 16) {
+#pragma GCC unroll 24
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) Isa::store(y + r * ldy + c * 16 + v * Isa::W, acc[r][c][v]);
+  } else {  // the last, partial group of columns
+    float tmp[C * 16];
+#pragma GCC unroll 24
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) Isa::store(tmp + c * 16 + v * Isa::W, acc[r][c][v]);
+      for (int j = 0; j < ncols; ++j) y[r * ldy + j] = tmp[j];
+    }
+  }
+}
+
+// Compile-time dispatch of a runtime row count 1..R to tile<T, r, C>.
+template <class T, int R, int C>
+inline void tile_rows(int r, const float* x, int64_t K, const T* w, float* y, int64_t ldy, int ncols) {
+  if (r == R) {
+    tile<T, R, C>(x, K, w, y, ldy, ncols);
+  } else if constexpr (R > 1) {
+    tile_rows<T, R - 1, C>(r, x, K, w, y, ldy, ncols);
+  }
+}
+
+// Columns [col0, col1) (col0 a multiple of 32, col1 too unless it is N), all M rows, in tiles of at
+// most RMAX rows x 16*C columns.
+template <class T, int RMAX, int C>
+void run_tiles(const float* x, int64_t M, int64_t K, const T* w, int64_t N, float* y, int64_t col0, int64_t col1) {
+  constexpr int STEP = C * 16;
+  // The first PREFETCH bytes of this thread's stream: the k loop prefetches only from there on.
+  for (int64_t b = 0; b < PREFETCH; b += 64) _mm_prefetch((const char*)(w + col0 * K) + b, _MM_HINT_T0);
+  for (int64_t n0 = col0; n0 < col1; n0 += GROUP) {
+    const T* wg = w + n0 * K;  // group n0 / 32 starts at (n0 / 32) * 32 * K
+    for (int off = 0; off < GROUP && n0 + off < col1; off += STEP) {
+      const int ncols = (int)(col1 - n0 - off < STEP ? col1 - n0 - off : STEP);
+      for (int64_t m0 = 0; m0 < M; m0 += RMAX) {
+        const int r = (int)(M - m0 < RMAX ? M - m0 : RMAX);
+        tile_rows<T, RMAX, C>(r, x + m0 * K, K, wg + off, y + m0 * N + n0 + off, N, ncols);
+      }
+    }
+  }
+}
+
+template <class T>
+void run(const float* x, int64_t M, int64_t K, const T* w, int64_t N, float* y, int64_t col0, int64_t col1) {
+  if constexpr (Isa::SMALL_M > 0) {
+    if (M <= Isa::SMALL_M) return run_tiles<T, Isa::SMALL_M, 2>(x, M, K, w, N, y, col0, col1);
+  }
+  run_tiles<T, Isa::RMAX, Isa::C>(x, M, K, w, N, y, col0, col1);
+}
+
+}  // namespace
+
+// Entry point: dtype 0 = float32, 1 = float16, 2 = bfloat16.
+void linear_cols(const float* x, int64_t M, int64_t K, const void* w, int dtype, int64_t N, float* y,
+                 int64_t col0, int64_t col1) {
+  if (dtype == 0) run(x, M, K, (const float*)w, N, y, col0, col1);
+  else if (dtype == 1) run(x, M, K, (const f16_t*)w, N, y, col0, col1);
+  else run(x, M, K, (const bf16_t*)w, N, y, col0, col1);
+}
+
+}  // namespace SPECEDIT_ISA_NS
+}  // namespace specedit_cpu
