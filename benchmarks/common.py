@@ -58,12 +58,18 @@ def read_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
 def weight_bytes_per_token(model) -> int:
     """Bytes of weights one decode step reads: every parameter except the embedding table (one row of it is
     read); a tied lm_head counts once, as the lm_head."""
+    from specedit.cpu_linear import PackedLinear
+
     seen, total = set(), 0
     for name, p in model.named_parameters(remove_duplicate=False):
         if name == "embed.weight" or p.data_ptr() in seen:
             continue
         seen.add(p.data_ptr())
         total += p.numel() * p.element_size()
+    for module in model.modules():  # packed linears are plain attributes, not parameters
+        for value in vars(module).values():
+            if isinstance(value, PackedLinear):
+                total += value.weight_bytes + (value.bias.numel() * 4 if value.bias is not None else 0)
     return total
 
 

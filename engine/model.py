@@ -28,6 +28,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # the CPU path: skip two no-op casts per call
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -52,13 +54,13 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache: KVCache, layer: int, starts: list[int], attend: AttendFn):
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
-        q, k, v = self.wqkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+        qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, D)
+        qk, v = qkv[:, :, : H + Hkv], qkv[:, :, H + Hkv :]  # q and k heads are adjacent: rotate them at once
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            qk = torch.cat([self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])], dim=2)
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B|1, T, 1, D]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        qk = qk * cos + rotate_half(qk) * sin
+        q, k = qk[:, :, :H], qk[:, :, H:]
         kc, vc = cache.k(layer), cache.v(layer)  # [B, H_kv, S_max, D]
         for b, s in enumerate(starts):
             kc[b, :, s : s + T] = k[b].transpose(0, 1)
