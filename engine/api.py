@@ -13,7 +13,7 @@ from .cache import KVCache
 from .config import ModelConfig
 from .decode import Stopper, plain_decode
 from .drafter import Drafter, special_bytes, token_bytes_table
-from .model import Transformer, attend_torch, attend_triton
+from .model import Transformer, attend_cpu, attend_torch, attend_triton
 from .results import EditResult, GenerateResult, Stats
 from .speculate import ChunkPolicy, CostModel, speculative_decode
 from .weights import load_hf_tensors, parse_dtype, to_runtime_state
@@ -28,10 +28,11 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu", backend:
 
     dtype: 'float32' | 'bfloat16' | 'float16'. backend: 'torch' (PyTorch attention and accept), 'triton'
     (the Triton kernels; under TRITON_INTERPRET=1 on a CPU) or 'auto' (triton on CUDA, torch otherwise).
-    cpu_kernels (CPU only): the packed small-M matmul of `cpu_linear` for every linear layer; None uses it
-    when it can be built here, True requires it, False uses torch's F.linear. With it, `dtype` is the storage
-    of the linear weights and activations stay float32 (half weights halve the bytes a decode step reads, and
-    a verify row equals the 1-row forward bit for bit); without it, the whole model runs in `dtype`.
+    cpu_kernels (CPU only): the C++ extension's packed small-M matmul (cpu_linear) for every linear layer and
+    its attention (cpu_attention, with backend 'torch'); None uses them when they can be built here, True
+    requires them, False uses torch's F.linear and SDPA. With them, `dtype` is the storage of the linear
+    weights and activations stay float32 (half weights halve the bytes a decode step reads), and a verify row
+    equals the 1-row forward bit for bit; without them, the whole model runs in `dtype`.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -48,8 +49,14 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu", backend:
     packed = dev.type == "cpu" and use_cpu_kernels(cpu_kernels)
     model_dtype = torch.float32 if packed else torch_dtype
     state = to_runtime_state(load_hf_tensors(p, cfg, model_dtype), cfg)
+    if backend == "triton":
+        attend = attend_triton
+    elif packed and cfg.head_dim % 16 == 0:  # the CPU kernel's vector tiles need D % 16 == 0
+        attend = attend_cpu
+    else:
+        attend = attend_torch
     with torch.device("meta"):
-        model = Transformer(cfg, attend_triton if backend == "triton" else attend_torch)
+        model = Transformer(cfg, attend)
     model.load_state_dict({k: v.to(dev) for k, v in state.items()}, strict=True, assign=True)
     model.setup_rope(dev, model_dtype)
     model.eval().requires_grad_(False)

@@ -32,6 +32,15 @@ _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _STORAGE = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 _ISAS = {None: 0, "auto": 0, "avx2": 1, "avx512": 2}
 _GROUP = 32  # output columns per kernel group; N is padded to a multiple of it
+# One extension for the CPU kernels: this matmul, and the row-invariant attention of cpu_attention.py.
+_SOURCES = (
+    "linear.cpp",
+    "linear_avx2.cpp",
+    "linear_avx512.cpp",
+    "attention.cpp",
+    "attention_avx2.cpp",
+    "attention_avx512.cpp",
+)
 
 _ext = None
 _error = None  # the RuntimeError of a failed build, raised again without rebuilding
@@ -107,10 +116,12 @@ def _load():
         try:
             _ext = load(
                 name="specedit_cpu_linear",
-                sources=[os.path.join(src, f) for f in ("linear.cpp", "linear_avx2.cpp", "linear_avx512.cpp")],
+                sources=[os.path.join(src, f) for f in _SOURCES],
                 # -fopenmp: at::parallel_for is inline and only spawns threads when compiled with it;
                 # at run time libgomp.so.1 resolves to the copy torch already loaded (one thread pool).
-                extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+                # -ffp-contract=off: GCC would otherwise fuse a written a * b + c into an FMA where it
+                # sees fit, maybe differently in the AVX2 and AVX-512 copies; every FMA is explicit.
+                extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"],
                 extra_ldflags=["-fopenmp"],
                 extra_include_paths=[src],
                 build_directory=out,

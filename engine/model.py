@@ -181,6 +181,14 @@ def attend_torch(q: torch.Tensor, cache: KVCache, layer: int, scale: float) -> t
     return o.transpose(1, 2)  # [B, T, H, D]
 
 
+def attend_cpu(q: torch.Tensor, cache: KVCache, layer: int, scale: float) -> torch.Tensor:
+    """Same contract as attend_torch, through the CPU extension (cpu_attention): each query row is reduced in
+    an order fixed by key index, so a row of a verify pass equals the 1-row decode step bit for bit."""
+    from .cpu_attention import attention
+
+    return attention(q, cache.k(layer), cache.v(layer), cache.lengths, scale, window=cache.sliding_window)
+
+
 def attend_triton(q: torch.Tensor, cache: KVCache, layer: int, scale: float) -> torch.Tensor:
     """Same contract as attend_torch, through the Triton verification-attention kernel."""
     from .kernels.verify_attention import verify_attention

@@ -1,8 +1,12 @@
-// Torch binding of the small-M CPU matmul: checks, ISA choice, and the split over threads.
+// Torch bindings of the CPU kernels: the small-M matmul (checks, ISA choice, split over threads) and the
+// row-invariant attention (checks here; work split in attention.cpp). One file holds every binding because
+// the torch and pybind headers are what takes time to compile.
 // Narrow includes on purpose: <torch/extension.h> alone takes ~19 s to compile here, these ~5 s.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/csrc/utils/pybind.h>
+
+#include "attention.h"
 
 namespace specedit_cpu {
 namespace avx2 {
@@ -11,6 +15,7 @@ void linear_cols(const float*, int64_t, int64_t, const void*, int, int64_t, floa
 namespace avx512 {
 void linear_cols(const float*, int64_t, int64_t, const void*, int, int64_t, float*, int64_t, int64_t);
 }
+void attention_run(AttnProblem P, int64_t isa);  // attention.cpp
 }  // namespace specedit_cpu
 
 static bool has_avx512() {
@@ -60,7 +65,54 @@ static at::Tensor linear(const at::Tensor& x_, const at::Tensor& packed, int64_t
   return y;
 }
 
+// q [B, T, H, D] float32 (d contiguous, else copied); k, v [B, Hkv, S, D] float32 views (d contiguous,
+// other strides free; not copied); lengths [B]: valid positions per row including the T new rows;
+// window 0 = none; isa 0 = auto, 1 = avx2, 2 = avx512. Returns out [B, T, H, D] float32, contiguous.
+// Errors are ValueError (TORCH_CHECK_VALUE) naming the values.
+static at::Tensor attention(const at::Tensor& q_, const at::Tensor& k, const at::Tensor& v,
+                            const std::vector<int64_t>& lengths, double scale, int64_t window, int64_t isa) {
+  for (const at::Tensor* x : {&q_, &k, &v}) {
+    TORCH_CHECK_VALUE(x->device().is_cpu() && x->scalar_type() == at::kFloat && x->dim() == 4,
+                      "cpu_attention: q, k and v must be 4-d float32 CPU tensors, got ", x->scalar_type(), " ",
+                      x->sizes(), " on ", x->device());
+  }
+  const int64_t B = q_.size(0), T = q_.size(1), H = q_.size(2), D = q_.size(3);
+  const int64_t Hkv = k.size(1), S = k.size(2);
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "cpu_attention: k ", k.sizes(), " and v ", v.sizes(), " differ");
+  TORCH_CHECK_VALUE(k.size(0) == B && k.size(3) == D, "cpu_attention: cache ", k.sizes(), " does not match q ",
+                    q_.sizes());
+  TORCH_CHECK_VALUE(D > 0 && D % 16 == 0, "cpu_attention: head dim must be a positive multiple of 16, got ", D);
+  TORCH_CHECK_VALUE(Hkv > 0 && H % Hkv == 0, "cpu_attention: ", H, " heads not divisible by ", Hkv, " kv heads");
+  TORCH_CHECK_VALUE(k.stride(3) == 1 && v.stride(3) == 1, "cpu_attention: cache rows must be contiguous in d");
+  TORCH_CHECK_VALUE((int64_t)lengths.size() == B, "cpu_attention: ", lengths.size(), " lengths for batch ", B);
+  for (int64_t n : lengths)
+    TORCH_CHECK_VALUE(n >= T && n <= S, "cpu_attention: length ", n, " outside [T=", T, ", S_max=", S, "]");
+  TORCH_CHECK_VALUE(scale > 0 && scale < 1e300, "cpu_attention: scale must be positive and finite, got ", scale);
+  TORCH_CHECK_VALUE(window >= 0, "cpu_attention: window must be >= 0 (0 = none), got ", window);
+  if (isa == 0) isa = has_avx512() ? 2 : 1;
+  TORCH_CHECK_VALUE(isa == 1 || (isa == 2 && has_avx512()), "cpu_attention: isa code ", isa, " is not available here");
+  const at::Tensor q = q_.stride(3) == 1 ? q_ : q_.contiguous();
+  at::Tensor out = at::empty({B, T, H, D}, q.options());
+  specedit_cpu::AttnProblem P{};
+  P.q = q.data_ptr<float>();
+  P.sq_b = q.stride(0), P.sq_t = q.stride(1), P.sq_h = q.stride(2);
+  P.k = k.data_ptr<float>();
+  P.sk_b = k.stride(0), P.sk_h = k.stride(1), P.sk_s = k.stride(2);
+  P.v = v.data_ptr<float>();
+  P.sv_b = v.stride(0), P.sv_h = v.stride(1), P.sv_s = v.stride(2);
+  P.out = out.data_ptr<float>();
+  P.so_b = out.stride(0), P.so_t = out.stride(1), P.so_h = out.stride(2);
+  P.lengths = lengths.data();
+  P.B = B, P.T = T, P.H = H, P.Hkv = Hkv, P.D = D;
+  P.window = window;
+  P.qscale = (float)(scale * 1.4426950408889634);  // scores in base 2: exp(x * scale) = exp2(x * qscale)
+  specedit_cpu::attention_run(P, isa);
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "y[M, N] = x[M, K] @ W^T (+ bias) with packed W (see specedit.cpu_linear)");
   m.def("best_isa", &best_isa, "instruction set chosen by isa=0 on this CPU");
+  m.def("attention", &attention,
+        "row-invariant attention of q [B, T, H, D] over k/v [B, Hkv, S, D] (see specedit.cpu_attention)");
 }

@@ -1,0 +1,149 @@
+// Work split of the row-invariant CPU attention (attention_kernel.h): work items and threads.
+//
+// Work item = (sequence b, kv head g, a tile of rows, one absolute key block). Items are pulled from an
+// atomic counter by however many threads run, and whoever finishes the last block of a tile combines
+// that tile's rows. Which thread computes what never changes a bit: an item's partials are a function of
+// the item alone, and the combine reads them in a fixed order.
+// Only <ATen/Parallel.h> from torch (cheap to compile): tensors and pybind stay in linear.cpp.
+#include <ATen/Parallel.h>
+#include <xmmintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <memory>
+#include <vector>
+
+#include "attention.h"
+
+namespace specedit_cpu {
+namespace avx2 {
+void attn_block(const AttnProblem&, int64_t, int64_t, int64_t, int64_t, int64_t, float*);
+void attn_combine(const AttnProblem&, int64_t, int64_t, int64_t, int64_t, float*);
+}  // namespace avx2
+namespace avx512 {
+void attn_block(const AttnProblem&, int64_t, int64_t, int64_t, int64_t, int64_t, float*);
+void attn_combine(const AttnProblem&, int64_t, int64_t, int64_t, int64_t, float*);
+}  // namespace avx512
+}  // namespace specedit_cpu
+
+namespace {
+
+using specedit_cpu::ATT_KB;
+using specedit_cpu::ATT_SB;
+using specedit_cpu::AttnProblem;
+
+constexpr int64_t QMAX = 32;  // queries (rows x heads of a kv group) per tile: their scores stay in L2
+// Below this many (query, key) pairs per thread a second thread costs more than it saves. Measured on
+// Zen 5, T = 1, 9 heads: 2 threads break even at ~250 keys (2.3K pairs) and win 1.3x at 600 keys.
+constexpr int64_t MIN_PAIRS_PER_THREAD = 1024;
+
+struct Tile {
+  int64_t b, g, t0, t1, blk0;
+  int64_t first_item;
+};
+
+// Fixed floating-point environment for the kernel: round to nearest, no flush-to-zero / denormals-are-zero
+// (those are per thread: a caller's torch.set_flush_denormal must not make threads disagree).
+struct FpEnv {
+  unsigned int saved;
+  FpEnv() : saved(_mm_getcsr()) { _mm_setcsr(saved & ~(0x8040u | 0x6000u)); }
+  ~FpEnv() { _mm_setcsr(saved); }
+};
+
+}  // namespace
+
+namespace specedit_cpu {
+
+namespace {
+
+// One pass over all rows of P (P.part must hold B * T * H * nblk * (D + 2) floats).
+void run_rows(AttnProblem P, int64_t isa, int64_t nblk, float* part) {
+  const int64_t B = P.B, T = P.T, H = P.H, Hkv = P.Hkv, D = P.D, window = P.window;
+  const int64_t* lengths = P.lengths;
+  const int64_t G = H / Hkv;
+  const int64_t rows = std::max<int64_t>(1, QMAX / G);  // rows per tile
+
+  // tiles and their items (one per key block the tile's rows see)
+  std::vector<Tile> tiles;
+  std::vector<int32_t> item_tile;
+  int64_t pairs = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t g = 0; g < Hkv; ++g)
+      for (int64_t t0 = 0; t0 < T; t0 += rows) {
+        const int64_t t1 = std::min(T, t0 + rows);
+        const int64_t hi = lengths[b] - T + t1 - 1;
+        const int64_t lo = window > 0 ? std::max<int64_t>(0, lengths[b] - T + t0 - window + 1) : 0;
+        tiles.push_back({b, g, t0, t1, lo / ATT_KB, (int64_t)item_tile.size()});
+        for (int64_t k0 = lo / ATT_KB; k0 <= hi / ATT_KB; ++k0) item_tile.push_back((int32_t)tiles.size() - 1);
+        pairs += (hi - lo + 1) * (t1 - t0) * G;
+      }
+  const int64_t nitems = (int64_t)item_tile.size();
+
+  P.nblk = nblk;
+  P.part = part;
+
+  auto block = isa == 2 ? specedit_cpu::avx512::attn_block : specedit_cpu::avx2::attn_block;
+  auto combine = isa == 2 ? specedit_cpu::avx512::attn_combine : specedit_cpu::avx2::attn_combine;
+  const size_t scratch_size = (size_t)(rows * G * (D + ATT_KB + ATT_SB) + D * ATT_SB + nblk + 64);
+
+  std::unique_ptr<std::atomic<int64_t>[]> left(new std::atomic<int64_t>[tiles.size()]);
+  for (size_t i = 0; i < tiles.size(); ++i) {
+    const int64_t end = i + 1 < tiles.size() ? tiles[i + 1].first_item : nitems;
+    left[i].store(end - tiles[i].first_item, std::memory_order_relaxed);
+  }
+  std::atomic<int64_t> next{0};
+  auto worker = [&]() {
+    FpEnv env;
+    static thread_local std::vector<float> scratch;
+    if (scratch.size() < scratch_size) scratch.resize(scratch_size);
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < nitems;) {
+      const Tile& tl = tiles[item_tile[i]];
+      block(P, tl.b, tl.g, tl.t0, tl.t1, tl.blk0 + (i - tl.first_item), scratch.data());
+      if (left[item_tile[i]].fetch_sub(1, std::memory_order_acq_rel) == 1)  // the tile's last block: combine
+        combine(P, tl.b, tl.g, tl.t0, tl.t1, scratch.data());
+    }
+  };
+  const int64_t nw = std::min<int64_t>({(int64_t)at::get_num_threads(), nitems,
+                                        std::max<int64_t>(1, pairs / MIN_PAIRS_PER_THREAD)});
+  if (nw <= 1) {
+    worker();
+  } else {
+    at::parallel_for(0, nw, 1, [&](int64_t w0, int64_t w1) {
+      for (int64_t w = w0; w < w1; ++w) worker();
+    });
+  }
+}
+
+}  // namespace
+
+// Fills P.out (see AttnProblem; P.part and P.nblk are set here). The caller (linear.cpp, where the
+// torch bindings live) has checked every shape, stride and length. isa: 1 = avx2, 2 = avx512.
+void attention_run(AttnProblem P, int64_t isa) {
+  const int64_t B = P.B, T = P.T, H = P.H, D = P.D;
+  if (B == 0 || T == 0 || H == 0) return;
+  int64_t maxlen = 0;
+  for (int64_t b = 0; b < B; ++b) maxlen = std::max(maxlen, P.lengths[b]);
+  const int64_t nblk = (maxlen + ATT_KB - 1) / ATT_KB;
+  // The partials take B * T * H * nblk * (D + 2) floats: 5 MB for a verify pass of 65 rows over 8k keys
+  // (SmolLM2), but 0.6 GB for a prefill of 8k rows. Rows are independent, so long calls go in chunks of
+  // rows whose partials fit PART_BYTES; every row's bits stay the same.
+  constexpr int64_t PART_BYTES = 32 << 20;
+  const int64_t per_row = B * H * nblk * (D + 2);
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(T, PART_BYTES / 4 / per_row));
+  static thread_local std::vector<float> part_buf;  // grows, never shrinks: no page faults per call
+  if ((int64_t)part_buf.size() < chunk * per_row) part_buf.resize(chunk * per_row);
+  if (chunk == T) return run_rows(P, isa, nblk, part_buf.data());
+  std::vector<int64_t> lengths(B);
+  for (int64_t r0 = 0; r0 < T; r0 += chunk) {  // rows [r0, r1) as a call of their own
+    const int64_t r1 = std::min(T, r0 + chunk);
+    AttnProblem C = P;
+    C.T = r1 - r0;
+    for (int64_t b = 0; b < B; ++b) lengths[b] = P.lengths[b] - (T - r1);
+    C.lengths = lengths.data();
+    C.q = P.q + r0 * P.sq_t;
+    C.out = P.out + r0 * P.so_t;
+    run_rows(C, isa, nblk, part_buf.data());
+  }
+}
+
+}  // namespace specedit_cpu
