@@ -79,6 +79,9 @@ class Drafter:
             before the jump is committed (see the module docstring).
         window: when given, a re-sync match must end within this many bytes of the search start
             (bounds the cost per diverged token and the size of a jump); None searches to the end.
+        local_window: while the output since a divergence is still too short for that search, a suffix
+            of it (>= 3 bytes) found within this many bytes after the committed position re-syncs at
+            once (0 disables; see `_local_match`).
 
     The public state is `pointer` and `aligned`; see the module docstring for the state machine.
     """
@@ -91,6 +94,7 @@ class Drafter:
         min_match_bytes: int = 12,
         min_match_tokens: int = 3,
         window: int | None = None,
+        local_window: int = 64,
     ):
         if min_match_bytes < 1 or min_match_tokens < 1:
             raise ValueError(
@@ -103,6 +107,8 @@ class Drafter:
         self._min_bytes = min_match_bytes
         self._min_tokens = min_match_tokens
         self._window = window
+        self._local_window = local_window
+        self._context = b""  # bytes of the last output token that agreed with the prediction
         pieces = [self._bytes(t) for t in self._pred]
         self._data = b"".join(pieces)  # prediction bytes
         self._offsets = [0] * (len(pieces) + 1)  # _offsets[i] = byte offset where token i starts
@@ -177,6 +183,7 @@ class Drafter:
                 return True
             self._tentative = False
             self._out.clear()
+        self._context = b  # agreed outside a tentative re-sync: the output since a divergence starts after it
         self._commit = self._bp
         return True
 
@@ -189,16 +196,37 @@ class Drafter:
         self._out.append(self._bytes(t))
         needle = self._needle()
         if needle is None:
-            return
-        start = self._commit
-        end = len(self._data) if self._window is None else min(len(self._data), start + self._window)
-        pos = self._data.find(needle, start, end)
+            needle, pos = self._local_match()
+        else:
+            start = self._commit
+            end = len(self._data) if self._window is None else min(len(self._data), start + self._window)
+            pos = self._data.find(needle, start, end)
         if pos < 0:
             return
         self._following = self._tentative = True
         self._confirm_bytes = self._confirm_tokens = 0
         self._bp = pos + len(needle)
         self._tok = bisect_left(self._offsets, self._bp)
+
+    def _local_match(self) -> tuple[bytes, int]:
+        """Before there is output enough for a file-wide search: the longest suffix of the output since the
+        divergence, optionally led by the last token followed before it (>= 3 bytes, not all whitespace),
+        found within `local_window` bytes after the committed position, and where; (b"", -1) if none.
+
+        Small edits resume within a few bytes (a changed word, dropped blank lines, a skipped token), so this
+        re-syncs one or two tokens after them instead of min_match_tokens. The window is short, a wrong guess
+        costs one verify of a short draft, and it is tentative like any re-sync."""
+        end = min(len(self._data), self._commit + self._local_window)
+        suffix = b""
+        found = (b"", -1)
+        for b in [*reversed(self._out), self._context]:
+            suffix = b + suffix
+            if len(suffix) >= 3 and not suffix.isspace():
+                pos = self._data.find(suffix, self._commit, end)
+                if pos < 0:
+                    break
+                found = (suffix, pos)
+        return found
 
     def _needle(self) -> bytes | None:
         """Shortest output suffix with enough bytes and tokens, or None (too short or all whitespace)."""

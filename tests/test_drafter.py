@@ -498,3 +498,31 @@ def test_50k_token_prediction_is_fast(bpe, table):
     diverged = time.perf_counter() - t0
     assert d.pointer == 0 and not d.aligned
     assert following < 5 and diverged < 5, (following, diverged)
+
+
+# ------------------------------------------------------------------------------------------------
+# local re-sync: small edits resume at once
+
+
+LOCAL = [b"x=0;", b"\n", b"    ", b"if", b"(a)", b"{", b"}", b"while"]
+
+
+def test_dropped_blank_lines_resync_on_the_next_token():
+    pred = [0, 1, 2, 1, 2, 1, 2, 3, 4, 5, 1, 6]  # "x=0;\n    \n    \n    if(a){\n}"
+    d = Drafter(pred, LOCAL)
+    d.observe([0, 1, 2, 3])  # the model drops the whitespace-only lines: "x=0;\n    if"
+    assert d.aligned and d.propose(3) == [4, 5, 1]
+    d = Drafter(pred, LOCAL, local_window=0)  # without it, re-sync waits for 12 bytes of evidence
+    d.observe([0, 1, 2, 3])
+    assert not d.aligned
+
+
+def test_local_resync_is_tentative_and_only_looks_nearby():
+    pred = [0, 1, 2, 3, 4, 5, 1, 6]  # "x=0;\n    if(a){\n}"
+    d = Drafter(pred, LOCAL)
+    d.observe([0, 1, 7, 4])  # "while(a)" replaces "if(a)": "(a)" is found just ahead
+    assert d.aligned and d.propose(2) == [5, 1] and d.pointer == 2  # tentative: not committed
+    far = [0] + [1] * 80 + [3, 4]  # "(a)" only 80 bytes ahead: too far for a local guess
+    d = Drafter(far, LOCAL)
+    d.observe([0, 7, 4])
+    assert not d.aligned
