@@ -40,15 +40,28 @@ def test_logits_and_greedy_match_transformers(eng, hf):
     assert eng.generate(ids, max_new_tokens=32).token_ids == out[0, len(ids):].tolist()
 
 
+def test_verify_rows_equal_decode_steps_bit_for_bit(eng):
+    """The lossless guarantee on the real model: a 33-row verify forward equals 33 one-row decode steps."""
+    ids = eng.encode("#include <stdio.h>\n\nint main(void) {\n")
+    follow = eng.generate(ids, max_new_tokens=33).token_ids
+    with torch.inference_mode():
+        c = eng._cache(len(ids) + 40)
+        eng.model(torch.tensor([ids]), c)
+        batched = eng.model(torch.tensor([follow]), c, all_logits=True)[0]
+        c.lengths = [len(ids)]
+        single = torch.stack([eng.model(torch.tensor([[t]]), c)[0] for t in follow])
+    assert torch.equal(batched, single)
+
+
 def security_rows(n):
     if not DATA.is_file():
         pytest.skip(f"{DATA} not present")
     return [json.loads(line) for line in open(DATA)][:n]
 
 
-@pytest.mark.parametrize("i", [0, 2])
+@pytest.mark.parametrize("i", [0, 2, 3])
 def test_speculative_edit_is_lossless(eng, i):
-    row = security_rows(3)[i]  # row 1 makes SmolLM2 loop on a comment: slow, not informative
+    row = security_rows(4)[i]  # row 1 makes SmolLM2 loop on a comment: slow, not informative
     instr = f"Rewrite the code to avoid the {row['query']} CodeQL warning."
     plain = eng.edit(row["source_code"], instr, row["pl"], max_new_tokens=300, speculate=False)
     spec = eng.edit(row["source_code"], instr, row["pl"], max_new_tokens=300)
