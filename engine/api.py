@@ -12,7 +12,7 @@ from . import prompts
 from .cache import KVCache
 from .config import ModelConfig
 from .decode import Stopper, plain_decode
-from .drafter import Drafter, special_bytes, token_bytes_table
+from .drafter import Drafter, OutputLookup, special_bytes, token_bytes_table
 from .model import Transformer, attend_cpu, attend_torch, attend_triton
 from .results import EditResult, GenerateResult, Stats
 from .speculate import ChunkPolicy, CostModel, speculative_decode
@@ -164,9 +164,11 @@ class Engine:
 
             drafter = Drafter(self.encode(prediction), self.token_bytes)
             policy = ChunkPolicy(self.cost_model(), k_max=K_MAX)
+            lookup_policy = ChunkPolicy(self.cost_model(), k_max=K_MAX, prior=0.5)
             accept_fn = accept if self.backend == "triton" else accept_ref
             yield from speculative_decode(
-                self.model, cache, prompt, drafter, stopper, policy, accept_fn, temperature, gen, stats
+                self.model, cache, prompt, drafter, stopper, policy, accept_fn, temperature, gen, stats,
+                OutputLookup(), lookup_policy,
             )
         stats.finish_reason = stopper.reason
 

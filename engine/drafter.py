@@ -50,7 +50,7 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Sequence
 
-__all__ = ["Drafter", "special_bytes", "token_bytes_table"]
+__all__ = ["Drafter", "OutputLookup", "special_bytes", "token_bytes_table"]
 
 
 def special_bytes(token_id: int) -> bytes:
@@ -239,6 +239,39 @@ class Drafter:
                 needle = b"".join(reversed(parts))
                 return None if needle.isspace() else needle
         return None
+
+
+class OutputLookup:
+    """Drafts from the model's own output while the prediction has nothing to offer (diverged).
+
+    An n-gram index over the output tokens: the last `n` tokens are looked up, and the tokens that followed
+    their most recent earlier occurrence are proposed. It pays off where a rewrite repeats itself (a loop of
+    identical lines, a renamed identifier used again, boilerplate written twice); elsewhere it proposes
+    nothing or a short draft that one verify rejects.
+    """
+
+    def __init__(self, n: int = 3):
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        self._n = n
+        self._toks: list[int] = []
+        self._next: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token that followed it last
+
+    def observe(self, tokens: Sequence[int]) -> None:
+        """Append output tokens (the same calls as Drafter.observe)."""
+        n = self._n
+        for t in tokens:
+            self._toks.append(t)
+            i = len(self._toks) - 1
+            if i >= n:
+                self._next[tuple(self._toks[i - n : i])] = i
+
+    def propose(self, k: int) -> list[int]:
+        """Up to k tokens that followed the latest earlier occurrence of the last n output tokens; [] if none."""
+        if k <= 0 or len(self._toks) < self._n:
+            return []
+        i = self._next.get(tuple(self._toks[-self._n :]))
+        return [] if i is None else self._toks[i : i + k]
 
 
 # ----------------------------------------------------------------------------------------------------

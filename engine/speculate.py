@@ -10,13 +10,13 @@ decoding.
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from .cache import KVCache
 from .decode import Stopper, pick
-from .drafter import Drafter
+from .drafter import Drafter, OutputLookup
 from .results import Stats
 
 # accept(logits [B, Q, V], draft [B, K], draft_lens [B]) -> (num_accepted [B], next_token [B], argmax [B, Q])
@@ -106,9 +106,13 @@ class ChunkPolicy:
 
 def speculative_decode(model, cache: KVCache, prompt: Sequence[int], drafter: Drafter, stopper: Stopper,
                        policy: ChunkPolicy, accept: AcceptFn, temperature: float = 0.0,
-                       generator: torch.Generator | None = None,
-                       stats: Stats | None = None) -> Iterator[list[int]]:
+                       generator: torch.Generator | None = None, stats: Stats | None = None,
+                       lookup: OutputLookup | None = None,
+                       lookup_policy: ChunkPolicy | None = None) -> Iterator[list[int]]:
     """Prefill `prompt`, then decode with drafts from `drafter`; yields the tokens decided at each step.
+
+    While the drafter is diverged, `lookup` (if given) drafts from the output's own repeats, with chunk
+    sizes from `lookup_policy` (its acceptance is tracked apart from the prediction's).
 
     Greedy (temperature 0): the output is exactly plain greedy decoding's. Sampling: each draft token is
     accepted with probability p(token); on rejection the token is sampled from p with the draft token removed
@@ -132,11 +136,16 @@ def speculative_decode(model, cache: KVCache, prompt: Sequence[int], drafter: Dr
                 return
         stats.new_tokens += len(new)
         drafter.observe(new)
+        if lookup is not None:
+            lookup.observe(new)
         yield new
         last = new[-1]
         room = min(stopper.max_new - stopper.count - 1, cache.max_len - cache.lengths[0] - 1)
-        k = policy.choose(room) if drafter.aligned and room > 0 else 0
-        draft = drafter.propose(k) if k else []
+        draft, source = [], policy
+        if room > 0 and drafter.aligned:
+            draft = drafter.propose(policy.choose(room))
+        elif room > 0 and lookup is not None:
+            draft, source = lookup.propose(lookup_policy.choose(room)), lookup_policy
         x = torch.tensor([[last] + draft], device=device)  # [1, K+1]
         logits = model(x, cache, all_logits=True)[0]  # [K+1, V]
         stats.forwards += 1
@@ -145,10 +154,14 @@ def speculative_decode(model, cache: KVCache, prompt: Sequence[int], drafter: Dr
         else:
             n, nxt = sampled_accept(logits, draft, temperature, generator)
         cache.rollback(0, cache.lengths[0] - (len(draft) - n))
-        policy.update(len(draft), n)
-        stats.draft_proposed += len(draft)
-        stats.draft_accepted += n
-        stats.draft_rejected += len(draft) - n
+        source.update(len(draft), n)
+        if source is policy:
+            stats.draft_proposed += len(draft)
+            stats.draft_accepted += n
+            stats.draft_rejected += len(draft) - n
+        else:
+            stats.lookup_proposed += len(draft)
+            stats.lookup_accepted += n
         new = draft[:n] + [nxt]
         stats.decode_s = time.perf_counter() - t1
 

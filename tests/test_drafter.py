@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 import pytest
-from specedit.drafter import Drafter, special_bytes, token_bytes_table
+from specedit.drafter import Drafter, OutputLookup, special_bytes, token_bytes_table
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -526,3 +526,26 @@ def test_local_resync_is_tentative_and_only_looks_nearby():
     d = Drafter(far, LOCAL)
     d.observe([0, 7, 4])
     assert not d.aligned
+
+
+# ------------------------------------------------------------------------------------------------
+# OutputLookup: drafts from the output's own repeats
+
+
+def test_output_lookup_proposes_what_followed_the_last_occurrence():
+    lk = OutputLookup(n=2)
+    lk.observe([1, 2, 3, 4, 9, 1, 2])
+    assert lk.propose(3) == [3, 4, 9]
+    lk.observe([7, 1, 2])  # the latest occurrence wins
+    assert lk.propose(2) == [7, 1]
+    assert lk.propose(0) == []
+
+
+def test_output_lookup_follows_a_loop():
+    lk = OutputLookup(n=3)
+    line = [10, 11, 12, 13]
+    lk.observe(line * 2 + line[:3])
+    assert lk.propose(8) == [13] + line[:3]  # up to the end of the output
+    assert OutputLookup().propose(4) == []  # nothing yet
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        OutputLookup(n=0)

@@ -219,3 +219,14 @@ def test_cost_model_measured_on_this_machine(eng):
 def test_finish_reason(eng, prompt, plain):
     assert eng.generate(prompt, max_new_tokens=5).stats.finish_reason == "length"
     assert eng.generate(prompt, max_new_tokens=5, prediction=plain).stats.finish_reason == "length"
+
+
+def test_output_lookup_drafts_a_repetitive_output_losslessly(tmp_path):
+    """A model that loops: the prediction is useless, the output's own repeats are not."""
+    eng = specedit.load(make_checkpoint(tmp_path, "llama", seed=0))
+    eng._cost = CPU_LIKE
+    prompt = [3] * 30
+    plain = eng.generate(prompt, max_new_tokens=60)
+    r = eng.generate(prompt, max_new_tokens=60, prediction=[1, 2, 3])
+    assert r.token_ids == plain.token_ids
+    assert r.stats.draft_accepted == 0 and r.stats.lookup_proposed > 0
