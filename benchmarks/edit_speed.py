@@ -54,6 +54,30 @@ def run_case(eng, source: str, instr: str, lang: str, prediction: str | None = N
     return plain, spec
 
 
+_hf = {}
+
+
+def run_peer(eng, source: str, instr: str, lang: str, plain) -> tuple[int, float, bool]:
+    """transformers generate with its prompt lookup on the same prompt: (tokens, end-to-end tok/s, same tokens)."""
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if "model" not in _hf:
+        _hf["model"] = AutoModelForCausalLM.from_pretrained(eng.path, dtype=torch.float32).eval()
+    prompt, _ = prompts.build_edit_prompt(eng.tokenizer, source, instr, lang)
+    ids = torch.tensor([eng.encode(prompt)])
+    n = len(plain.token_ids)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = _hf["model"].generate(ids, max_new_tokens=n, do_sample=False, prompt_lookup_num_tokens=10,
+                                    pad_token_id=eng.tokenizer.eos_token_id)
+    dt = time.perf_counter() - t0
+    new = out[0, ids.shape[1]:].tolist()
+    return len(new), len(new) / dt, new == plain.token_ids
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -61,6 +85,8 @@ def main():
     ap.add_argument("--short", type=int, default=4, help="cases from each short dataset")
     ap.add_argument("--long", type=int, default=2, help="cases from each long-file dataset")
     ap.add_argument("--max-long-tokens", type=int, default=2000)
+    ap.add_argument("--peer", action="store_true",
+                    help="also run transformers generate with prompt lookup (prompt_lookup_num_tokens=10) in this run")
     args = ap.parse_args()
 
     eng = specedit.load(args.model, dtype=args.dtype)
@@ -92,9 +118,13 @@ def main():
         t[5] &= same
 
     all_cases = list(cases(args.short, args.long, eng.tokenizer, args.max_long_tokens))
+    peer_rows = []
     for name, i, row in all_cases:
         plain, spec = run_case(eng, row["source_code"], instruction(name, row), row["pl"])
         report(f"{name[:15]}[{i}]", "long" if name in LONG else "short", plain, spec)
+        if args.peer:
+            peer_rows.append((f"{name[:15]}[{i}]", *run_peer(eng, row["source_code"], instruction(name, row),
+                                                              row["pl"], plain)))
 
     # low-overlap control: the prediction is another file, so nearly nothing matches
     name, i, row = all_cases[0]
@@ -105,6 +135,17 @@ def main():
     print(f"\n{'group':<10}{'tokens':>8}{'plain tok/s':>13}{'spec tok/s':>12}{'speedup':>9}{'decode x':>10}  all same")
     for group, (n, tp, ts, dp, ds, same) in totals.items():
         print(f"{group:<10}{n:>8}{n / tp:>13.1f}{n / ts:>12.1f}{tp / ts:>9.2f}{dp / ds:>10.2f}  {same}")
+
+    if peer_rows:
+        print("\npeer: transformers generate, float32, prompt_lookup_num_tokens=10, same prompts, same run")
+        print(f"{'case':<22}{'tokens':>7}{'hf lookup tok/s':>16}{'specedit tok/s':>16}  same tokens")
+        ours = {r[0]: r[4] for r in rows}
+        for label, n, hf_tps, same in peer_rows:
+            print(f"{label:<22}{n:>7}{hf_tps:>16.1f}{ours[label]:>16.1f}  {same}")
+        n = sum(r[1] for r in peer_rows)
+        t_hf = sum(r[1] / r[2] for r in peer_rows)
+        t_ours = sum(r[1] / ours[r[0]] for r in peer_rows)
+        print(f"{'total':<22}{n:>7}{n / t_hf:>16.1f}{n / t_ours:>16.1f}  {all(r[3] for r in peer_rows)}")
 
     OUT.mkdir(parents=True, exist_ok=True)
     with open(OUT / "edit_speed.csv", "w", newline="") as f:
