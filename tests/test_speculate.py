@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import specedit
-from helpers import ARCHS, make_checkpoint, make_text_checkpoint
+from helpers import ARCHS, make_checkpoint, make_text_checkpoint, verify_and_steps
 from specedit.cache import KVCache
 from specedit.speculate import ChunkPolicy, CostModel, sampled_accept
 
@@ -106,28 +106,14 @@ def test_verify_rows_equal_single_row_forwards_bit_for_bit(tmp_path, arch, promp
     """Row i of a K+1-row forward equals the 1-row forward at that position exactly (CPU kernels), so no
     rounding difference can flip a near-tie between speculative and plain decoding."""
     eng = specedit.load(make_checkpoint(tmp_path, arch), cpu_kernels=True)
-    follow = eng.generate(prompt, max_new_tokens=17).token_ids
-    m = eng.model
-    with torch.inference_mode():
-        c = eng._cache(128)
-        m(torch.tensor([prompt]), c)
-        batched = m(torch.tensor([follow]), c, all_logits=True)[0]
-        c.lengths = [len(prompt)]
-        single = torch.stack([m(torch.tensor([[t]]), c)[0] for t in follow])
+    batched, single = verify_and_steps(eng, prompt, eng.generate(prompt, max_new_tokens=17).token_ids)
     assert torch.equal(batched, single)
 
 
 def test_verify_rows_with_stock_torch_kernels_are_close(tmp_path, prompt):
     """With F.linear and SDPA (cpu_kernels=False) rows differ in the last bits; report-level closeness."""
     eng = specedit.load(make_checkpoint(tmp_path, "llama"), cpu_kernels=False)
-    follow = eng.generate(prompt, max_new_tokens=17).token_ids
-    m = eng.model
-    with torch.inference_mode():
-        c = eng._cache(128)
-        m(torch.tensor([prompt]), c)
-        batched = m(torch.tensor([follow]), c, all_logits=True)[0]
-        c.lengths = [len(prompt)]
-        single = torch.stack([m(torch.tensor([[t]]), c)[0] for t in follow])
+    batched, single = verify_and_steps(eng, prompt, eng.generate(prompt, max_new_tokens=17).token_ids)
     assert torch.equal(batched.argmax(-1), single.argmax(-1))
     assert (batched - single).abs().max().item() < 1e-4
 
