@@ -22,6 +22,7 @@ class KVCache:
             cfg.n_layers, 2, batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype=dtype, device=device
         )
         self.max_len = max_len
+        self._views = [(self.buf[i, 0], self.buf[i, 1]) for i in range(cfg.n_layers)]  # no per-step indexing
         self.sliding_window = cfg.sliding_window  # Mistral: keys older than this are masked out
         self.lengths = [0] * batch  # host ints: valid positions per row
 
@@ -30,10 +31,10 @@ class KVCache:
         return len(self.lengths)
 
     def k(self, layer: int) -> torch.Tensor:
-        return self.buf[layer, 0]  # [B, H_kv, S_max, D]
+        return self._views[layer][0]  # [B, H_kv, S_max, D]
 
     def v(self, layer: int) -> torch.Tensor:
-        return self.buf[layer, 1]  # [B, H_kv, S_max, D]
+        return self._views[layer][1]  # [B, H_kv, S_max, D]
 
     def check_room(self, t: int) -> None:
         """Raise ValueError if appending `t` positions to every row would overflow the buffer."""
