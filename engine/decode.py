@@ -51,6 +51,20 @@ def pick(logits: torch.Tensor, temperature: float = 0.0, generator: torch.Genera
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def prefill(model, cache: KVCache, prompt: Sequence[int], temperature: float, generator: torch.Generator | None,
+            stats: Stats) -> int:
+    """Run the prompt [len(prompt)] through the model into an empty cache; return the first new token.
+
+    Records prompt_tokens and prefill_s (the time to first token) in `stats`.
+    """
+    stats.prompt_tokens = len(prompt)
+    t0 = time.perf_counter()
+    logits = model(torch.tensor([list(prompt)], device=model.embed.weight.device), cache)  # [1, V]
+    token = pick(logits[0], temperature, generator)
+    stats.prefill_s = time.perf_counter() - t0
+    return token
+
+
 def plain_decode(model, cache: KVCache, prompt: Sequence[int], stopper: Stopper, temperature: float = 0.0,
                  generator: torch.Generator | None = None, stats: Stats | None = None) -> Iterator[list[int]]:
     """Prefill `prompt` into an empty batch-1 cache, then decode one token per forward.
@@ -59,14 +73,9 @@ def plain_decode(model, cache: KVCache, prompt: Sequence[int], stopper: Stopper,
     every step's accepted tokens), until `stopper` says the output is complete. Fills `stats`.
     """
     stats = stats if stats is not None else Stats()
-    stats.prompt_tokens = len(prompt)
-    device = model.embed.weight.device
-    t0 = time.perf_counter()
-    logits = model(torch.tensor([list(prompt)], device=device), cache)  # [1, V]
-    token = pick(logits[0], temperature, generator)
-    stats.prefill_s = time.perf_counter() - t0
+    token = prefill(model, cache, prompt, temperature, generator, stats)
     t1 = time.perf_counter()
-    step = torch.empty(1, 1, dtype=torch.long, device=device)
+    step = torch.empty(1, 1, dtype=torch.long, device=model.embed.weight.device)
     while True:
         stats.new_tokens += 1
         done = stopper.push(token)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_attention
 from .cache import KVCache
 from .config import ModelConfig
 
@@ -184,9 +185,7 @@ def attend_torch(q: torch.Tensor, cache: KVCache, layer: int, scale: float) -> t
 def attend_cpu(q: torch.Tensor, cache: KVCache, layer: int, scale: float) -> torch.Tensor:
     """Same contract as attend_torch, through the CPU extension (cpu_attention): each query row is reduced in
     an order fixed by key index, so a row of a verify pass equals the 1-row decode step bit for bit."""
-    from .cpu_attention import attention
-
-    return attention(q, cache.k(layer), cache.v(layer), cache.lengths, scale, window=cache.sliding_window)
+    return cpu_attention.attention(q, cache.k(layer), cache.v(layer), cache.lengths, scale, window=cache.sliding_window)
 
 
 def attend_triton(q: torch.Tensor, cache: KVCache, layer: int, scale: float) -> torch.Tensor:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from .cache import KVCache
-from .decode import Stopper, pick
+from .decode import Stopper, prefill
 from .drafter import Drafter, OutputLookup
 from .results import Stats
 
@@ -119,12 +119,8 @@ def speculative_decode(model, cache: KVCache, prompt: Sequence[int], drafter: Dr
     (the draft is a point mass), which keeps the output distribution of plain sampling.
     """
     stats = stats if stats is not None else Stats()
-    stats.prompt_tokens = len(prompt)
     device = model.embed.weight.device
-    t0 = time.perf_counter()
-    logits = model(torch.tensor([list(prompt)], device=device), cache)  # [1, V]
-    new = [pick(logits[0], temperature, generator)]
-    stats.prefill_s = time.perf_counter() - t0
+    new = [prefill(model, cache, prompt, temperature, generator, stats)]
     t1 = time.perf_counter()
     while True:
         for i, tok in enumerate(new):
