@@ -62,6 +62,8 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu", backend:
     model.eval().requires_grad_(False)
     if packed:
         model.pack_linears(torch_dtype)
+        if attend is attend_cpu:
+            model.fuse_cpu()
     tokenizer = None
     if (p / "tokenizer.json").is_file() or (p / "tokenizer.model").is_file():
         from transformers import AutoTokenizer

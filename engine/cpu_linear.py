@@ -34,7 +34,8 @@ _ISAS = {None: 0, "auto": 0, "avx2": 1, "avx512": 2}
 _GROUP = 32  # output columns per kernel group; N is padded to a multiple of it
 # One extension for the CPU kernels: this matmul, and the row-invariant attention of cpu_attention.py.
 _SOURCES = (
-    "linear.cpp",
+    "bindings.cpp",
+    "decoder.cpp",
     "linear_avx2.cpp",
     "linear_avx512.cpp",
     "attention.cpp",

@@ -105,6 +105,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.rope_cos: torch.Tensor | None = None  # [max_position, D], built by setup_rope()
         self.rope_sin: torch.Tensor | None = None
+        self.stack = None  # a cpu_stack.CpuStack running every layer in one C++ call, set by fuse_cpu()
 
     def setup_rope(self, device, dtype) -> None:
         """Precompute cos/sin tables [max_position, head_dim] the way transformers does (float32 angles)."""
@@ -129,6 +130,12 @@ class Transformer(nn.Module):
             delattr(owner, name)
             setattr(owner, name, PackedLinear(lin.weight, lin.bias, dtype))
 
+    def fuse_cpu(self) -> None:
+        """Run all layers through one cpu_stack.CpuStack call (after pack_linears, with CPU attention)."""
+        from .cpu_stack import CpuStack
+
+        self.stack = CpuStack(self)
+
     def forward(self, tokens: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
         """Append `tokens` [B, T] to the cache and return float32 logits.
 
@@ -142,16 +149,19 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"position {max(starts) + T} exceeds the model's max_position_embeddings {self.cfg.max_position}"
             )
-        if B == 1 or len(set(starts)) == 1:
-            s = starts[0]
-            cos, sin = self.rope_cos[s : s + T][None], self.rope_sin[s : s + T][None]  # [1, T, D]
-        else:
-            pos = torch.tensor(starts, device=tokens.device)[:, None] + torch.arange(T, device=tokens.device)
-            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # [B, T, D]
         cache.lengths = [s + T for s in starts]
         x = self.embed(tokens)  # [B, T, dim]
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, starts, self.attend)
+        if self.stack is not None:
+            x = self.stack(x, cache, starts)
+        else:
+            if B == 1 or len(set(starts)) == 1:
+                s = starts[0]
+                cos, sin = self.rope_cos[s : s + T][None], self.rope_sin[s : s + T][None]  # [1, T, D]
+            else:
+                pos = torch.tensor(starts, device=tokens.device)[:, None] + torch.arange(T, device=tokens.device)
+                cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # [B, T, D]
+            for i, layer in enumerate(self.layers):
+                x = layer(x, cos, sin, cache, i, starts, self.attend)
         if not all_logits:
             x = x[:, -1]  # [B, dim]
         return self.lm_head(self.norm(x)).float()

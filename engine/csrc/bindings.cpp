@@ -1,0 +1,214 @@
+// Torch bindings of the CPU kernels: the small-M matmul, the row-invariant attention and the fused decoder
+// stack (checks and allocation here; work split in decoder.cpp and attention.cpp). One file holds every
+// binding because the torch and pybind headers are what takes time to compile.
+// Narrow includes on purpose: <torch/extension.h> alone takes ~19 s to compile here, these ~5 s.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include "decoder.h"
+
+static bool has_avx512() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return yes;
+}
+
+// "avx512" or "avx2": what isa=0 (auto) picks on this CPU.
+static std::string best_isa() { return has_avx512() ? "avx512" : "avx2"; }
+
+// x [M, K] float32; packed: the integer view made by pack_weight() for an [N, K] weight;
+// dtype 0/1/2 = f32/f16/bf16; bias [N] float32 or None; isa 0 = auto, 1 = avx2, 2 = avx512.
+// Returns y [M, N] float32.
+static at::Tensor linear(const at::Tensor& x_, const at::Tensor& packed, int64_t N, int64_t K,
+                            int64_t dtype, const std::optional<at::Tensor>& bias, int64_t isa) {
+  TORCH_CHECK(x_.device().is_cpu(), "cpu_linear: x must be on the CPU, got ", x_.device());
+  TORCH_CHECK(x_.scalar_type() == at::kFloat, "cpu_linear: x must be float32, got ", x_.scalar_type());
+  TORCH_CHECK(x_.dim() == 2 && x_.size(1) == K, "cpu_linear: x must be [M, ", K, "], got ", x_.sizes());
+  TORCH_CHECK(dtype >= 0 && dtype <= 2, "cpu_linear: dtype code must be 0, 1 or 2, got ", dtype);
+  const int64_t Np = (N + 31) / 32 * 32;
+  const int64_t esize = dtype == 0 ? 4 : 2;
+  TORCH_CHECK(packed.device().is_cpu() && packed.is_contiguous() && packed.nbytes() == (size_t)(Np * K * esize),
+              "cpu_linear: packed weight must be a contiguous CPU tensor of ", Np * K * esize,
+              " bytes for N=", N, " K=", K, " dtype code ", dtype, ", got ", packed.nbytes(), " bytes on ",
+              packed.device());
+  if (isa == 0) isa = has_avx512() ? 2 : 1;
+  TORCH_CHECK(isa == 1 || (isa == 2 && has_avx512()), "cpu_linear: isa code ", isa, " is not available here");
+  const at::Tensor x = x_.contiguous();
+  auto y = at::empty({x.size(0), N}, x.options());
+  const float* b = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
+                "cpu_linear: bias must be a contiguous float32 [", N, "], got ", bias->sizes());
+    b = bias->data_ptr<float>();
+  }
+  specedit_cpu::linear_run(x.data_ptr<float>(), x.size(0), {packed.data_ptr(), N, K, (int)dtype, b},
+                           y.data_ptr<float>(), isa);
+  return y;
+}
+
+// q [B, T, H, D] float32 (d contiguous, else copied); k, v [B, Hkv, S, D] float32 views (d contiguous,
+// other strides free; not copied); lengths [B]: valid positions per row including the T new rows;
+// window 0 = none; isa 0 = auto, 1 = avx2, 2 = avx512. Returns out [B, T, H, D] float32, contiguous.
+// Errors are ValueError (TORCH_CHECK_VALUE) naming the values.
+static at::Tensor attention(const at::Tensor& q_, const at::Tensor& k, const at::Tensor& v,
+                            const std::vector<int64_t>& lengths, double scale, int64_t window, int64_t isa) {
+  for (const at::Tensor* x : {&q_, &k, &v}) {
+    TORCH_CHECK_VALUE(x->device().is_cpu() && x->scalar_type() == at::kFloat && x->dim() == 4,
+                      "cpu_attention: q, k and v must be 4-d float32 CPU tensors, got ", x->scalar_type(), " ",
+                      x->sizes(), " on ", x->device());
+  }
+  const int64_t B = q_.size(0), T = q_.size(1), H = q_.size(2), D = q_.size(3);
+  const int64_t Hkv = k.size(1), S = k.size(2);
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "cpu_attention: k ", k.sizes(), " and v ", v.sizes(), " differ");
+  TORCH_CHECK_VALUE(k.size(0) == B && k.size(3) == D, "cpu_attention: cache ", k.sizes(), " does not match q ",
+                    q_.sizes());
+  TORCH_CHECK_VALUE(D > 0 && D % 16 == 0, "cpu_attention: head dim must be a positive multiple of 16, got ", D);
+  TORCH_CHECK_VALUE(Hkv > 0 && H % Hkv == 0, "cpu_attention: ", H, " heads not divisible by ", Hkv, " kv heads");
+  TORCH_CHECK_VALUE(k.stride(3) == 1 && v.stride(3) == 1, "cpu_attention: cache rows must be contiguous in d");
+  TORCH_CHECK_VALUE((int64_t)lengths.size() == B, "cpu_attention: ", lengths.size(), " lengths for batch ", B);
+  for (int64_t n : lengths)
+    TORCH_CHECK_VALUE(n >= T && n <= S, "cpu_attention: length ", n, " outside [T=", T, ", S_max=", S, "]");
+  TORCH_CHECK_VALUE(scale > 0 && scale < 1e300, "cpu_attention: scale must be positive and finite, got ", scale);
+  TORCH_CHECK_VALUE(window >= 0, "cpu_attention: window must be >= 0 (0 = none), got ", window);
+  if (isa == 0) isa = has_avx512() ? 2 : 1;
+  TORCH_CHECK_VALUE(isa == 1 || (isa == 2 && has_avx512()), "cpu_attention: isa code ", isa, " is not available here");
+  const at::Tensor q = q_.stride(3) == 1 ? q_ : q_.contiguous();
+  at::Tensor out = at::empty({B, T, H, D}, q.options());
+  specedit_cpu::AttnProblem P{};
+  P.q = q.data_ptr<float>();
+  P.sq_b = q.stride(0), P.sq_t = q.stride(1), P.sq_h = q.stride(2);
+  P.k = k.data_ptr<float>();
+  P.sk_b = k.stride(0), P.sk_h = k.stride(1), P.sk_s = k.stride(2);
+  P.v = v.data_ptr<float>();
+  P.sv_b = v.stride(0), P.sv_h = v.stride(1), P.sv_s = v.stride(2);
+  P.out = out.data_ptr<float>();
+  P.so_b = out.stride(0), P.so_t = out.stride(1), P.so_h = out.stride(2);
+  P.lengths = lengths.data();
+  P.B = B, P.T = T, P.H = H, P.Hkv = Hkv, P.D = D;
+  P.window = window;
+  P.qscale = (float)(scale * 1.4426950408889634);  // scores in base 2: exp(x * scale) = exp2(x * qscale)
+  specedit_cpu::attention_run(P, isa);
+  return out;
+}
+
+// The decoder stack of a model, built once from its tensors (kept alive here); forward() runs every layer
+// in one call (decoder.cpp). Per layer, in order: attn_norm [dim], qkv packed, qkv bias [(H+2Hkv)D] or None,
+// q_norm [D] or None, k_norm [D] or None, o packed, o bias [dim] or None, mlp_norm [dim], gate_up packed,
+// down packed. Packed weights are the integer views of pack_weight(); all in the same dtype code.
+class Stack {
+ public:
+  Stack(const std::vector<std::vector<std::optional<at::Tensor>>>& layers, const at::Tensor& cos,
+        const at::Tensor& sin, int64_t dim, int64_t H, int64_t Hkv, int64_t D, int64_t I, double eps,
+        double scale, int64_t window, int64_t dtype) {
+    TORCH_CHECK_VALUE(dim > 0 && H > 0 && Hkv > 0 && H % Hkv == 0 && I > 0,
+                      "cpu_stack: bad dims dim=", dim, " H=", H, " Hkv=", Hkv, " I=", I);
+    TORCH_CHECK_VALUE(D > 0 && D % 16 == 0 && D <= 512, "cpu_stack: head dim must be a multiple of 16 up to 512, got ", D);
+    TORCH_CHECK_VALUE(dtype >= 0 && dtype <= 2, "cpu_stack: dtype code must be 0, 1 or 2, got ", dtype);
+    for (const at::Tensor* t : {&cos, &sin})
+      TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(1) == D && t->is_contiguous(),
+                        "cpu_stack: rope tables must be contiguous float32 [max_position, ", D, "], got ",
+                        t->scalar_type(), " ", t->sizes());
+    TORCH_CHECK_VALUE(cos.sizes() == sin.sizes(), "cpu_stack: rope tables differ in shape");
+    keep_ = {cos, sin};
+    dims_ = {(int64_t)layers.size(), dim, H, Hkv, D, I, (float)eps, scale, window,
+             cos.data_ptr<float>(), sin.data_ptr<float>()};
+    max_pos_ = cos.size(0);
+    const int64_t esize = dtype == 0 ? 4 : 2, nqkv = (H + 2 * Hkv) * D;
+    for (size_t l = 0; l < layers.size(); ++l) {
+      const auto& t = layers[l];
+      TORCH_CHECK_VALUE(t.size() == 10, "cpu_stack: layer ", l, " has ", t.size(), " tensors, expected 10");
+      auto vec = [&](int i, int64_t n, bool optional) -> const float* {
+        if (!t[i].has_value() || !t[i]->defined()) {
+          TORCH_CHECK_VALUE(optional, "cpu_stack: layer ", l, " tensor ", i, " is missing");
+          return nullptr;
+        }
+        const at::Tensor& v = *t[i];
+        TORCH_CHECK_VALUE(v.scalar_type() == at::kFloat && v.is_contiguous() && v.dim() == 1 && v.size(0) == n,
+                          "cpu_stack: layer ", l, " tensor ", i, " must be contiguous float32 [", n, "], got ",
+                          v.scalar_type(), " ", v.sizes());
+        keep_.push_back(v);
+        return v.data_ptr<float>();
+      };
+      auto packed = [&](int i, int64_t N, int64_t K, const float* bias) -> specedit_cpu::Packed {
+        TORCH_CHECK_VALUE(t[i].has_value() && t[i]->defined(), "cpu_stack: layer ", l, " weight ", i, " is missing");
+        const at::Tensor& w = *t[i];
+        const int64_t bytes = (N + 31) / 32 * 32 * K * esize;
+        TORCH_CHECK_VALUE(w.device().is_cpu() && w.is_contiguous() && (int64_t)w.nbytes() == bytes,
+                          "cpu_stack: layer ", l, " weight ", i, " must be a packed [", N, ", ", K,
+                          "] weight of ", bytes, " bytes, got ", w.nbytes());
+        keep_.push_back(w);
+        return {w.data_ptr(), N, K, (int)dtype, bias};
+      };
+      specedit_cpu::Layer L{};
+      L.attn_norm = vec(0, dim, false);
+      L.qkv = packed(1, nqkv, dim, vec(2, nqkv, true));
+      L.q_norm = vec(3, D, true);
+      L.k_norm = vec(4, D, true);
+      L.o = packed(5, dim, H * D, vec(6, dim, true));
+      L.mlp_norm = vec(7, dim, false);
+      L.gate_up = packed(8, 2 * I, dim, nullptr);
+      L.down = packed(9, dim, I, nullptr);
+      layers_.push_back(L);
+    }
+  }
+
+  // x [B * T, dim] float32 (row b * T + t), cache [L, 2, B, Hkv, S, D] float32 contiguous, starts: B ints
+  // (positions held before this call). Writes the new K/V rows at starts[b] + t and returns the hidden
+  // states after the last layer, [B * T, dim]. isa 0 = auto, 1 = avx2, 2 = avx512.
+  at::Tensor forward(const at::Tensor& x_, const at::Tensor& cache, const std::vector<int64_t>& starts,
+                     int64_t isa) {
+    const auto& d = dims_;
+    const int64_t B = (int64_t)starts.size();
+    TORCH_CHECK_VALUE(x_.device().is_cpu() && x_.scalar_type() == at::kFloat && x_.dim() == 2 && x_.size(1) == d.dim,
+                      "cpu_stack: x must be float32 [rows, ", d.dim, "] on the CPU, got ", x_.scalar_type(), " ",
+                      x_.sizes());
+    TORCH_CHECK_VALUE(B > 0 && x_.size(0) % B == 0, "cpu_stack: ", x_.size(0), " rows for ", B, " sequences");
+    const int64_t T = x_.size(0) / B;
+    TORCH_CHECK_VALUE(cache.device().is_cpu() && cache.scalar_type() == at::kFloat && cache.is_contiguous() &&
+                          cache.dim() == 6 && cache.size(0) == d.n_layers && cache.size(1) == 2 &&
+                          cache.size(2) == B && cache.size(3) == d.Hkv && cache.size(5) == d.D,
+                      "cpu_stack: cache must be contiguous float32 [", d.n_layers, ", 2, ", B, ", ", d.Hkv,
+                      ", S, ", d.D, "], got ", cache.scalar_type(), " ", cache.sizes());
+    const int64_t S = cache.size(4);
+    for (int64_t s : starts)
+      TORCH_CHECK_VALUE(s >= 0 && s + T <= S && s + T <= max_pos_, "cpu_stack: start ", s, " + ", T,
+                        " rows exceeds the cache (", S, ") or the rope table (", max_pos_, ")");
+    if (isa == 0) isa = has_avx512() ? 2 : 1;
+    TORCH_CHECK_VALUE(isa == 1 || (isa == 2 && has_avx512()), "cpu_stack: isa code ", isa, " is not available here");
+    const int64_t M = B * T, nqkv = (d.H + 2 * d.Hkv) * d.D;
+    at::Tensor x = x_.clone(at::MemoryFormat::Contiguous);
+    at::Tensor work = at::empty({M * (2 * d.dim + nqkv + d.H * d.D + 3 * d.I)}, x.options());
+    float* w = work.data_ptr<float>();
+    specedit_cpu::StackScratch s{};
+    s.h = w, w += M * d.dim;
+    s.qkv = w, w += M * nqkv;
+    s.o = w, w += M * d.H * d.D;
+    s.gu = w, w += M * 2 * d.I;
+    s.a = w, w += M * d.I;
+    s.y = w;
+    specedit_cpu::stack_forward(d, layers_.data(), x.data_ptr<float>(), B, T, starts.data(),
+                                cache.data_ptr<float>(), S, s, isa);
+    return x;
+  }
+
+ private:
+  std::vector<at::Tensor> keep_;
+  std::vector<specedit_cpu::Layer> layers_;
+  specedit_cpu::StackDims dims_;
+  int64_t max_pos_ = 0;
+};
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear", &linear, "y[M, N] = x[M, K] @ W^T (+ bias) with packed W (see specedit.cpu_linear)");
+  m.def("best_isa", &best_isa, "instruction set chosen by isa=0 on this CPU");
+  m.def("attention", &attention,
+        "row-invariant attention of q [B, T, H, D] over k/v [B, Hkv, S, D] (see specedit.cpu_attention)");
+  pybind11::class_<Stack>(m, "Stack")
+      .def(pybind11::init<const std::vector<std::vector<std::optional<at::Tensor>>>&, const at::Tensor&,
+                          const at::Tensor&, int64_t, int64_t, int64_t, int64_t, int64_t, double, double, int64_t,
+                          int64_t>())
+      .def("forward", &Stack::forward, "hidden states [B*T, dim] through every layer (see specedit.cpu_stack)");
+}
