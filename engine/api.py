@@ -26,17 +26,20 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu", backend:
          cpu_kernels: bool | None = None) -> Engine:
     """Load a model: an HF directory (config.json + safetensors), a `.gguf` file, or `smollm2-135m-instruct`.
 
-    dtype: 'float32' | 'bfloat16' | 'float16'. backend: 'torch' (PyTorch attention and accept), 'triton'
+    dtype: 'float32' | 'bfloat16' | 'float16' | 'int8'. backend: 'torch' (PyTorch attention and accept), 'triton'
     (the Triton kernels; under TRITON_INTERPRET=1 on a CPU) or 'auto' (triton on CUDA, torch otherwise).
     cpu_kernels (CPU only): the C++ extension's packed small-M matmul (cpu_linear) for every linear layer and
     its attention (cpu_attention, with backend 'torch'); None uses them when they can be built here, True
     requires them, False uses torch's F.linear and SDPA. With them, `dtype` is the storage of the linear
     weights and activations stay float32 (half weights halve the bytes a decode step reads), and a verify row
-    equals the 1-row forward bit for bit; without them, the whole model runs in `dtype`.
+    equals the 1-row forward bit for bit; without them, the whole model runs in `dtype`. 'int8' (CPU kernels
+    only, opt-in) stores linear weights as int8 with one float32 scale per output row: a quarter of float32's
+    bytes per decode step, at the cost of quantization error (outputs can differ from float32's).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    torch_dtype = parse_dtype(dtype)
+    int8 = dtype in ("int8", torch.int8)
+    torch_dtype = torch.int8 if int8 else parse_dtype(dtype)
     p = Path(path)
     if not p.is_dir():
         from .gguf import resolve  # GGUF files and named models convert once into a cache directory
@@ -47,6 +50,8 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu", backend:
     if backend == "auto":
         backend = "triton" if dev.type == "cuda" else "torch"
     packed = dev.type == "cpu" and use_cpu_kernels(cpu_kernels)
+    if int8 and not packed:
+        raise ValueError("dtype 'int8' (weight-only) runs only on the CPU kernels: device 'cpu', cpu_kernels not False")
     model_dtype = torch.float32 if packed else torch_dtype
     state = to_runtime_state(load_hf_tensors(p, cfg, model_dtype), cfg)
     if backend == "triton":

@@ -5,12 +5,13 @@ should cost little more than one row, and row i of it must equal, bit for bit, t
 row (the lossless invariant in DESIGN.md). Stock kernels give neither: MKL/oneDNN pick other kernels and
 other rounding for other M, and their bf16/f16 paths get slow for M > 1.
 
-This module packs a weight once (float32, float16 or bfloat16 storage) into groups of 32 output columns
-interleaved along K, in huge pages, and runs a C++ kernel (engine/csrc, compiled on first use with
-torch.utils.cpp_extension, cached under $SPECEDIT_CACHE or ~/.cache/specedit/ext) that streams the weights
-once per call whatever M is, converts f16/bf16 to fp32 in registers and accumulates in fp32. Every output
-is one fp32 FMA chain over k = 0..K-1, so a row's bits do not depend on M, on the thread count, or on
-AVX2 vs AVX-512 (chosen at run time).
+This module packs a weight once (float32, float16 or bfloat16 storage, or int8 with one float32 scale per
+output column) into groups of 32 output columns interleaved along K, in huge pages, and runs a C++ kernel
+(engine/csrc, compiled on first use with torch.utils.cpp_extension, cached under $SPECEDIT_CACHE or
+~/.cache/specedit/ext) that streams the weights once per call whatever M is, converts them to fp32 in
+registers and accumulates in fp32. Every output is one fp32 FMA chain over k = 0..K-1 (times the column's
+scale for int8), so a row's bits do not depend on M, on the thread count, or on AVX2 vs AVX-512 (chosen at
+run time).
 
     w = pack(weight, torch.float16)        # weight [N, K], once at load time
     y = w(x)                               # x [..., K] float32 -> y [..., N] float32
@@ -28,11 +29,12 @@ import threading
 import torch
 from torch import nn
 
-_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_STORAGE = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}
+_STORAGE = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.int8: torch.int8}
 _ISAS = {None: 0, "auto": 0, "avx2": 1, "avx512": 2}
 _GROUP = 32  # output columns per kernel group; N is padded to a multiple of it
-# One extension for the CPU kernels: this matmul, and the row-invariant attention of cpu_attention.py.
+# One extension for the CPU kernels: this matmul, the row-invariant attention of cpu_attention.py and the
+# decoder stack of cpu_stack.py.
 _SOURCES = (
     "bindings.cpp",
     "decoder.cpp",
@@ -185,13 +187,27 @@ class _Arena:
 _arena = _Arena()
 
 
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] float -> (q [N, K] int8, scale [N] float32), symmetric per output row:
+    scale = max|w| / 127, q = round(w / scale), so weight ~ scale[:, None] * q (an all-zero row gets scale 0)."""
+    w = weight.detach().to("cpu", torch.float32)
+    if not torch.isfinite(w).all():
+        raise ValueError("cpu_linear: int8 quantization needs finite weights")
+    scale = w.abs().amax(dim=1) / 127 if w.shape[1] else torch.zeros(w.shape[0])
+    q = torch.round(w / torch.where(scale > 0, scale, 1)[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale.contiguous()
+
+
 def pack_weight(weight: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """weight [N, K] (any float dtype) -> packed [ceil(N/32), K, 32] in `dtype`, returned as an integer
-    view of the same bytes (so a `.to(dtype)` sweep over a model never converts it). Columns past N are 0."""
+    """weight [N, K] -> packed [ceil(N/32), K, 32] in `dtype`, returned as an integer view of the same bytes
+    (so a `.to(dtype)` sweep over a model never converts it). Columns past N are 0. For float dtypes the
+    weight is any float tensor; for int8 it is the q of quantize_int8() (the scale is kept beside it)."""
     if dtype not in _DTYPES:
-        raise ValueError(f"cpu_linear: weight dtype must be float32, float16 or bfloat16, got {dtype}")
+        raise ValueError(f"cpu_linear: weight dtype must be float32, float16, bfloat16 or int8, got {dtype}")
     if weight.dim() != 2:
         raise ValueError(f"cpu_linear: weight must be [N, K], got shape {tuple(weight.shape)}")
+    if (dtype == torch.int8) != (weight.dtype == torch.int8):
+        raise ValueError(f"cpu_linear: int8 packing takes quantize_int8()'s weight, got {weight.dtype} for {dtype}")
     n, k = weight.shape
     if dtype == torch.float16 and weight.numel():
         big = weight.detach().abs().max().item()
@@ -210,17 +226,23 @@ class PackedLinear:
     """A linear layer y = x @ weight^T (+ bias) with the weight packed once for the CPU kernel.
 
     weight: [N, K]; bias: [N] or None (kept in float32, added after the product); dtype: storage of the
-    weight (float32, float16 or bfloat16); products are accumulated in float32.
+    weight (float32, float16 or bfloat16, or int8: quantize_int8's q and a float32 scale per output column,
+    applied to the finished sum); products are accumulated in float32.
     Calling it: x [..., K] float32 on the CPU -> y [..., N] float32. Row i of a call over M rows equals
     bit for bit the call over that row alone, for any M and thread count.
     A plain class, not an nn.Module: calls cost ~1 us of Python, and nothing can cast the packed bytes.
     """
 
-    __slots__ = ("_code", "bias", "in_features", "out_features", "packed", "weight_dtype")
+    __slots__ = ("_code", "bias", "in_features", "out_features", "packed", "scale", "weight_dtype")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float16):
+        if weight.dim() != 2:
+            raise ValueError(f"cpu_linear: weight must be [N, K], got shape {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
         self.weight_dtype = dtype
+        self.scale = None  # [N] float32 for int8 weights
+        if dtype == torch.int8:
+            weight, self.scale = quantize_int8(weight)
         self.packed = pack_weight(weight, dtype)
         self._code = _DTYPES[dtype]
         if bias is not None and tuple(bias.shape) != (self.out_features,):
@@ -233,13 +255,14 @@ class PackedLinear:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of weight one call reads (without the padding to 32 columns)."""
-        return self.out_features * self.in_features * self.packed.element_size()
+        """Bytes of weight one call reads (without the padding to 32 columns), int8 scales included."""
+        scales = 0 if self.scale is None else self.scale.numel() * 4
+        return self.out_features * self.in_features * self.packed.element_size() + scales
 
     def __call__(self, x: torch.Tensor, isa: str | None = None) -> torch.Tensor:
         fn = _linear_fn or _load().linear
         if x.dim() == 2 and isa is None:  # the hot path: no reshapes; C++ checks dtype, device, K
-            return fn(x, self.packed, self.out_features, self.in_features, self._code, self.bias, 0)
+            return fn(x, self.packed, self.out_features, self.in_features, self._code, self.bias, self.scale, 0)
         if isa not in _ISAS:
             raise ValueError(f"cpu_linear: isa must be one of {list(_ISAS)}, got {isa!r}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
@@ -251,6 +274,7 @@ class PackedLinear:
             self.in_features,
             self._code,
             self.bias,
+            self.scale,
             _ISAS[isa],
         )
         return y.view(*x.shape[:-1], self.out_features)
@@ -273,15 +297,24 @@ def linear(x: torch.Tensor, w: PackedLinear, isa: str | None = None) -> torch.Te
     return w(x, isa=isa)
 
 
+def stored_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight [N, K] the kernel multiplies by, in float64: rounded to `dtype`, or for int8 the
+    dequantized scale[:, None] * q of quantize_int8."""
+    if dtype == torch.int8:
+        q, scale = quantize_int8(weight)
+        return q.double() * scale.double()[:, None]
+    return weight.detach().to(dtype).double()
+
+
 def linear_ref(
     x: torch.Tensor,
     weight: torch.Tensor,
     dtype: torch.dtype = torch.float32,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Pure-torch reference with the same semantics: the weight rounded to `dtype`, then x @ W^T (+ bias)
-    in float64, returned as float32. Not bitwise equal to the kernel (another summation order)."""
-    y = x.double() @ weight.detach().to(dtype).double().T
+    """Pure-torch reference with the same semantics: the weight as stored in `dtype` (stored_weight), then
+    x @ W^T (+ bias) in float64, returned as float32. Not bitwise equal to the kernel (another summation order)."""
+    y = x.double() @ stored_weight(weight, dtype).T
     if bias is not None:
         y = y + bias.double()
     return y.float()

@@ -45,12 +45,10 @@ class CpuStack:
         layers = []
         for blk in model.layers:
             a, m = blk.attn, blk.mlp
-            layers.append([
-                blk.attn_norm.weight.detach(), a.wqkv.packed, a.wqkv.bias,
-                None if a.q_norm is None else a.q_norm.weight.detach(),
-                None if a.k_norm is None else a.k_norm.weight.detach(),
-                a.wo.packed, a.wo.bias, blk.mlp_norm.weight.detach(), m.w13.packed, m.w2.packed,
-            ])
+            norms = [blk.attn_norm.weight, None if a.q_norm is None else a.q_norm.weight,
+                     None if a.k_norm is None else a.k_norm.weight, blk.mlp_norm.weight]
+            layers.append([None if t is None else t.detach() for t in norms]
+                          + [t for lin in (a.wqkv, a.wo, m.w13, m.w2) for t in (lin.packed, lin.bias, lin.scale)])
         dtype = cpu_linear._DTYPES[model.layers[0].attn.wqkv.weight_dtype]
         self._stack = cpu_linear._load().Stack(
             layers, model.rope_cos, model.rope_sin, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,

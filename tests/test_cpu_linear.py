@@ -1,9 +1,10 @@
 """specedit.cpu_linear: the packed small-M CPU matmul.
 
-Floats are compared with the float64 product of the same dtype-rounded weights: the kernel's only error
-is float32 accumulation over K, bounded by ~K * 2^-24 * sum_k |x_k w_k| (tolerance: that bound x 4,
-per element). Against the original float32 weight the tolerance adds the storage rounding (2^-8 for
-bfloat16, 2^-11 for float16). Row invariance is checked bit for bit: row i of an M-row call must equal
+Floats are compared with the float64 product of the same stored weights (rounded to the dtype, or
+int8's scale * q): the kernel's only error is float32 accumulation over K, bounded by
+~K * 2^-24 * sum_k |x_k w_k| (tolerance: that bound x 4, per element). Against the original float32
+weight the tolerance adds the storage rounding (2^-8 for bfloat16, 2^-11 for float16, half a
+quantization step for int8). Row invariance is checked bit for bit: row i of an M-row call must equal
 the 1-row call on that row, whatever M, so a verify pass cannot flip a near-tie that plain decoding
 would not. The first test in a fresh cache compiles the extension (~20-40 s on 2 cores).
 """
@@ -17,8 +18,8 @@ pytestmark = pytest.mark.skipif(
     not cpu_linear.available(), reason="cpu_linear needs x86-64 Linux with avx2/fma/f16c, c++ and ninja"
 )
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-STORAGE_EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8]
+STORAGE_EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}  # relative per weight
 SMOL = {  # SmolLM2-135M: fused qkv, o_proj, fused gate_up, down, tied lm_head
     "qkv": (960, 576),
     "o_proj": (576, 576),
@@ -48,11 +49,15 @@ def data(n, k, m, seed=0):
 def assert_close_to_ref(y, x, w, dtype, bias=None):
     k = x.shape[-1]
     ref = cpu_linear.linear_ref(x, w, dtype, bias).double()
-    bound = (x.double().abs() @ w.to(dtype).double().abs().T) * k * 2.0**-24 * 4 + 1e-30
+    bound = (x.double().abs() @ cpu_linear.stored_weight(w, dtype).abs().T) * k * 2.0**-24 * 4 + 1e-30
     err = (y.double() - ref).abs()
     assert (err <= bound).all(), f"max error {err.max().item():.3g}, worst ratio {(err / bound).max().item():.2f}"
     # and against the original float32 weight, with the storage rounding added
-    scale = (x.double().abs() @ w.double().abs().T) * (STORAGE_EPS[dtype] + k * 2.0**-24) * 4
+    accumulation = (x.double().abs() @ w.double().abs().T) * k * 2.0**-24 * 4
+    if dtype == torch.int8:  # |w - scale q| <= scale / 2 = max|w_row| / 254 per weight
+        scale = x.double().abs().sum(1, keepdim=True) * w.double().abs().amax(1) / 254 * (1 + 1e-6) + accumulation
+    else:
+        scale = (x.double().abs() @ w.double().abs().T) * STORAGE_EPS[dtype] * 4 + accumulation
     full = x.double() @ w.double().T + (0 if bias is None else bias.double())
     assert ((y.double() - full).abs() <= scale + 1e-30).all()
 
@@ -70,9 +75,13 @@ def test_matches_reference(n, k, m, dtype):
 
 
 def fma_chain(x, w, dtype):
-    """What the kernel promises to compute: acc = fma(x[:, k], w[:, k], acc) for k = 0..K-1 in float32.
-    Emulated in float64 (the product of two float32 is exact there; the sum is rounded twice, which can
-    differ from one fma in ~2^-29 of cases: none for these seeds)."""
+    """What the kernel promises to compute: acc = fma(x[:, k], w[:, k], acc) for k = 0..K-1 in float32
+    (int8: over q, then one float32 multiply by the column's scale). Emulated in float64 (the product of two
+    float32 is exact there; the sum is rounded twice, which can differ from one fma in ~2^-29 of cases: none
+    for these seeds)."""
+    if dtype == torch.int8:
+        q, scale = cpu_linear.quantize_int8(w)
+        return fma_chain(x, q.float(), torch.float32) * scale
     wq, xd = w.to(dtype).double(), x.double()
     acc = torch.zeros(x.shape[0], w.shape[0], dtype=torch.float32)
     for k in range(x.shape[1]):
@@ -146,6 +155,19 @@ def test_leading_dims_bias_and_noncontiguous():
     assert_close_to_ref(q(x), x, lin.weight.detach(), torch.float32, lin.bias.detach())
 
 
+def test_int8_quantization():
+    """Per-row symmetric: the largest |w| of a row maps to +-127 exactly; a zero row gets scale 0."""
+    w = torch.randn(40, 72)
+    w[3] = 0
+    q, scale = cpu_linear.quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.shape == (40,) and scale[3] == 0 and (q[3] == 0).all()
+    assert torch.equal(q.abs().amax(1)[torch.arange(40) != 3], torch.full((39,), 127, dtype=torch.int8))
+    assert ((q.double() * scale.double()[:, None] - w.double()).abs() <= scale.double()[:, None] / 2 * 1.0001).all()
+    p = cpu_linear.pack(w, torch.int8)
+    assert p.weight_bytes == 40 * 72 + 40 * 4
+    assert torch.equal(p(torch.randn(3, 72))[:, 3], torch.zeros(3))
+
+
 def test_empty_and_zero_k():
     w, x = data(111, 72, 1)
     p = cpu_linear.pack(w, torch.float16)
@@ -163,8 +185,12 @@ def test_errors_name_the_problem():
         p(x.double())
     with pytest.raises(RuntimeError, match=r"\[M, 72\]"):
         p(torch.randn(2, 71))
-    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
-        cpu_linear.pack(w, torch.int8)
+    with pytest.raises(ValueError, match="float32, float16, bfloat16 or int8"):
+        cpu_linear.pack(w, torch.int32)
+    with pytest.raises(ValueError, match="quantize_int8"):
+        cpu_linear.pack_weight(w, torch.int8)
+    with pytest.raises(ValueError, match="finite"):
+        cpu_linear.pack(torch.full((4, 4), float("nan")), torch.int8)
     with pytest.raises(ValueError, match="isa"):
         p(x, isa="sse")
     with pytest.raises(ValueError, match="overflows float16"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import specedit
-from helpers import hf_model, make_checkpoint
+from helpers import hf_model, make_checkpoint, verify_and_steps
 from specedit import cpu_linear
 from specedit.cache import KVCache
 
@@ -43,6 +43,13 @@ def test_fused_equals_python_layers(path):
     layered = eng.logits(IDS)
     eng.model.stack = stack
     assert (fused - layered).abs().max().item() < 1e-5 * layered.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_verify_rows_equal_single_rows_with_compact_weights(tmp_path, dtype):
+    eng = specedit.load(make_checkpoint(tmp_path, "qwen3"), dtype=dtype)
+    batched, single = verify_and_steps(eng, IDS[:40], IDS[40:57])
+    assert torch.equal(batched, single)
 
 
 def test_fused_matches_transformers_past_the_sliding_window(tmp_path):

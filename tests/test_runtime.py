@@ -102,6 +102,29 @@ def test_packed_half_weights_are_float32_math_on_rounded_weights(tmp_path, dtype
     assert (ours - ref).abs().max().item() < 1e-4
 
 
+def test_int8_weights_are_float32_math_on_dequantized_weights(tmp_path):
+    """dtype='int8': each linear weight becomes scale * q (per output row); the rest is float32."""
+    from specedit.cpu_linear import stored_weight
+
+    path = make_checkpoint(tmp_path, "qwen2")
+    ids = list(range(1, 40))
+    ours = specedit.load(path, dtype="int8").logits(ids)
+    ref_model = hf_model(path)
+    with torch.no_grad():
+        for m in ref_model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(stored_weight(m.weight, torch.int8).float())
+        ref = ref_model(torch.tensor([ids])).logits[0]
+        fp32 = hf_model(path)(torch.tensor([ids])).logits[0]
+    assert (ours - ref).abs().max().item() < 1e-4
+    assert (ours - fp32).abs().max().item() > 1e-3  # it is quantized: not the float32 model
+
+
+def test_int8_needs_the_cpu_kernels(tmp_path):
+    with pytest.raises(ValueError, match="int8"):
+        specedit.load(make_checkpoint(tmp_path, "llama"), dtype="int8", cpu_kernels=False)
+
+
 def test_packed_and_torch_linears_agree(tmp_path):
     path = make_checkpoint(tmp_path, "llama")
     ids = list(range(1, 60))
@@ -164,7 +187,7 @@ def test_unknown_architecture(ckpt):
         specedit.load(ckpt)
 
 
-@pytest.mark.parametrize("dtype", ["int8", "float64", "fp8"])
+@pytest.mark.parametrize("dtype", ["int4", "float64", "fp8"])
 def test_non_float_dtype(ckpt, dtype):
     with pytest.raises(ValueError, match=f"unsupported dtype '{dtype}'"):
         specedit.load(ckpt, dtype=dtype)

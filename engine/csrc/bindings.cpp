@@ -19,33 +19,44 @@ static bool has_avx512() {
 // "avx512" or "avx2": what isa=0 (auto) picks on this CPU.
 static std::string best_isa() { return has_avx512() ? "avx512" : "avx2"; }
 
-// x [M, K] float32; packed: the integer view made by pack_weight() for an [N, K] weight;
-// dtype 0/1/2 = f32/f16/bf16; bias [N] float32 or None; isa 0 = auto, 1 = avx2, 2 = avx512.
+// A packed weight (the integer view made by pack_weight() for an [N, K] weight; dtype 0/1/2/3 =
+// f32/f16/bf16/int8), its bias [N] float32 or None and, for int8, its scale [N] float32: checked and
+// kept as pointers. `what` names the weight in error messages.
+static specedit_cpu::Packed to_packed(const at::Tensor& packed, int64_t N, int64_t K, int64_t dtype,
+                                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+                                      const std::string& what) {
+  TORCH_CHECK_VALUE(dtype >= 0 && dtype <= 3, what, ": dtype code must be 0, 1, 2 or 3, got ", dtype);
+  const int64_t bytes = (N + 31) / 32 * 32 * K * (dtype == 0 ? 4 : dtype == 3 ? 1 : 2);
+  TORCH_CHECK_VALUE(packed.device().is_cpu() && packed.is_contiguous() && (int64_t)packed.nbytes() == bytes,
+                    what, ": packed weight must be a contiguous CPU tensor of ", bytes, " bytes for N=", N,
+                    " K=", K, " dtype code ", dtype, ", got ", packed.nbytes(), " bytes on ", packed.device());
+  auto vec = [&](const std::optional<at::Tensor>& t, const char* name) -> const float* {
+    if (!t.has_value() || !t->defined()) return nullptr;
+    TORCH_CHECK_VALUE(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
+                          t->numel() == N,
+                      what, ": ", name, " must be a contiguous float32 [", N, "] on the CPU, got ",
+                      t->scalar_type(), " ", t->sizes());
+    return t->data_ptr<float>();
+  };
+  const float* sc = vec(scale, "scale");
+  TORCH_CHECK_VALUE((dtype == 3) == (sc != nullptr), what, ": int8 weights (and only they) need a scale");
+  return {packed.data_ptr(), N, K, (int)dtype, vec(bias, "bias"), sc};
+}
+
+// x [M, K] float32; the weight as in to_packed(); isa 0 = auto, 1 = avx2, 2 = avx512.
 // Returns y [M, N] float32.
-static at::Tensor linear(const at::Tensor& x_, const at::Tensor& packed, int64_t N, int64_t K,
-                            int64_t dtype, const std::optional<at::Tensor>& bias, int64_t isa) {
+static at::Tensor linear(const at::Tensor& x_, const at::Tensor& packed, int64_t N, int64_t K, int64_t dtype,
+                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+                         int64_t isa) {
   TORCH_CHECK(x_.device().is_cpu(), "cpu_linear: x must be on the CPU, got ", x_.device());
   TORCH_CHECK(x_.scalar_type() == at::kFloat, "cpu_linear: x must be float32, got ", x_.scalar_type());
   TORCH_CHECK(x_.dim() == 2 && x_.size(1) == K, "cpu_linear: x must be [M, ", K, "], got ", x_.sizes());
-  TORCH_CHECK(dtype >= 0 && dtype <= 2, "cpu_linear: dtype code must be 0, 1 or 2, got ", dtype);
-  const int64_t Np = (N + 31) / 32 * 32;
-  const int64_t esize = dtype == 0 ? 4 : 2;
-  TORCH_CHECK(packed.device().is_cpu() && packed.is_contiguous() && packed.nbytes() == (size_t)(Np * K * esize),
-              "cpu_linear: packed weight must be a contiguous CPU tensor of ", Np * K * esize,
-              " bytes for N=", N, " K=", K, " dtype code ", dtype, ", got ", packed.nbytes(), " bytes on ",
-              packed.device());
+  const specedit_cpu::Packed w = to_packed(packed, N, K, dtype, bias, scale, "cpu_linear");
   if (isa == 0) isa = has_avx512() ? 2 : 1;
   TORCH_CHECK(isa == 1 || (isa == 2 && has_avx512()), "cpu_linear: isa code ", isa, " is not available here");
   const at::Tensor x = x_.contiguous();
   auto y = at::empty({x.size(0), N}, x.options());
-  const float* b = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
-                "cpu_linear: bias must be a contiguous float32 [", N, "], got ", bias->sizes());
-    b = bias->data_ptr<float>();
-  }
-  specedit_cpu::linear_run(x.data_ptr<float>(), x.size(0), {packed.data_ptr(), N, K, (int)dtype, b},
-                           y.data_ptr<float>(), isa);
+  specedit_cpu::linear_run(x.data_ptr<float>(), x.size(0), w, y.data_ptr<float>(), isa);
   return y;
 }
 
@@ -95,9 +106,9 @@ static at::Tensor attention(const at::Tensor& q_, const at::Tensor& k, const at:
 }
 
 // The decoder stack of a model, built once from its tensors (kept alive here); forward() runs every layer
-// in one call (decoder.cpp). Per layer, in order: attn_norm [dim], qkv packed, qkv bias [(H+2Hkv)D] or None,
-// q_norm [D] or None, k_norm [D] or None, o packed, o bias [dim] or None, mlp_norm [dim], gate_up packed,
-// down packed. Packed weights are the integer views of pack_weight(); all in the same dtype code.
+// in one call (decoder.cpp). Per layer, 16 tensors in order: attn_norm [dim], q_norm [D] or None, k_norm [D]
+// or None, mlp_norm [dim], then (packed, bias or None, scale or None) for qkv, o, gate_up and down. Packed
+// weights are the integer views of pack_weight(), all in the same dtype code.
 class Stack {
  public:
   Stack(const std::vector<std::vector<std::optional<at::Tensor>>>& layers, const at::Tensor& cos,
@@ -106,7 +117,6 @@ class Stack {
     TORCH_CHECK_VALUE(dim > 0 && H > 0 && Hkv > 0 && H % Hkv == 0 && I > 0,
                       "cpu_stack: bad dims dim=", dim, " H=", H, " Hkv=", Hkv, " I=", I);
     TORCH_CHECK_VALUE(D > 0 && D % 16 == 0 && D <= 512, "cpu_stack: head dim must be a multiple of 16 up to 512, got ", D);
-    TORCH_CHECK_VALUE(dtype >= 0 && dtype <= 2, "cpu_stack: dtype code must be 0, 1 or 2, got ", dtype);
     for (const at::Tensor* t : {&cos, &sin})
       TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(1) == D && t->is_contiguous(),
                         "cpu_stack: rope tables must be contiguous float32 [max_position, ", D, "], got ",
@@ -116,41 +126,37 @@ class Stack {
     dims_ = {(int64_t)layers.size(), dim, H, Hkv, D, I, (float)eps, scale, window,
              cos.data_ptr<float>(), sin.data_ptr<float>()};
     max_pos_ = cos.size(0);
-    const int64_t esize = dtype == 0 ? 4 : 2, nqkv = (H + 2 * Hkv) * D;
+    const int64_t nqkv = (H + 2 * Hkv) * D;
     for (size_t l = 0; l < layers.size(); ++l) {
       const auto& t = layers[l];
-      TORCH_CHECK_VALUE(t.size() == 10, "cpu_stack: layer ", l, " has ", t.size(), " tensors, expected 10");
-      auto vec = [&](int i, int64_t n, bool optional) -> const float* {
+      TORCH_CHECK_VALUE(t.size() == 16, "cpu_stack: layer ", l, " has ", t.size(), " tensors, expected 16");
+      for (const auto& x : t)
+        if (x.has_value() && x->defined()) keep_.push_back(*x);
+      auto norm = [&](int i, int64_t n, bool optional) -> const float* {
         if (!t[i].has_value() || !t[i]->defined()) {
-          TORCH_CHECK_VALUE(optional, "cpu_stack: layer ", l, " tensor ", i, " is missing");
+          TORCH_CHECK_VALUE(optional, "cpu_stack: layer ", l, " norm ", i, " is missing");
           return nullptr;
         }
         const at::Tensor& v = *t[i];
         TORCH_CHECK_VALUE(v.scalar_type() == at::kFloat && v.is_contiguous() && v.dim() == 1 && v.size(0) == n,
-                          "cpu_stack: layer ", l, " tensor ", i, " must be contiguous float32 [", n, "], got ",
+                          "cpu_stack: layer ", l, " norm ", i, " must be contiguous float32 [", n, "], got ",
                           v.scalar_type(), " ", v.sizes());
-        keep_.push_back(v);
         return v.data_ptr<float>();
       };
-      auto packed = [&](int i, int64_t N, int64_t K, const float* bias) -> specedit_cpu::Packed {
-        TORCH_CHECK_VALUE(t[i].has_value() && t[i]->defined(), "cpu_stack: layer ", l, " weight ", i, " is missing");
-        const at::Tensor& w = *t[i];
-        const int64_t bytes = (N + 31) / 32 * 32 * K * esize;
-        TORCH_CHECK_VALUE(w.device().is_cpu() && w.is_contiguous() && (int64_t)w.nbytes() == bytes,
-                          "cpu_stack: layer ", l, " weight ", i, " must be a packed [", N, ", ", K,
-                          "] weight of ", bytes, " bytes, got ", w.nbytes());
-        keep_.push_back(w);
-        return {w.data_ptr(), N, K, (int)dtype, bias};
+      auto linear = [&](int i, int64_t N, int64_t K, const char* name) {
+        const std::string what = "cpu_stack: layer " + std::to_string(l) + " " + name;
+        TORCH_CHECK_VALUE(t[i].has_value() && t[i]->defined(), what, " weight is missing");
+        return to_packed(*t[i], N, K, dtype, t[i + 1], t[i + 2], what);
       };
       specedit_cpu::Layer L{};
-      L.attn_norm = vec(0, dim, false);
-      L.qkv = packed(1, nqkv, dim, vec(2, nqkv, true));
-      L.q_norm = vec(3, D, true);
-      L.k_norm = vec(4, D, true);
-      L.o = packed(5, dim, H * D, vec(6, dim, true));
-      L.mlp_norm = vec(7, dim, false);
-      L.gate_up = packed(8, 2 * I, dim, nullptr);
-      L.down = packed(9, dim, I, nullptr);
+      L.attn_norm = norm(0, dim, false);
+      L.q_norm = norm(1, D, true);
+      L.k_norm = norm(2, D, true);
+      L.mlp_norm = norm(3, dim, false);
+      L.qkv = linear(4, nqkv, dim, "qkv");
+      L.o = linear(7, dim, H * D, "o");
+      L.gate_up = linear(10, 2 * I, dim, "gate_up");
+      L.down = linear(13, dim, I, "down");
       layers_.push_back(L);
     }
   }

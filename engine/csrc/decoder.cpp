@@ -23,10 +23,10 @@
 
 namespace specedit_cpu {
 namespace avx2 {
-void linear_cols(const float*, int64_t, int64_t, const void*, int, int64_t, float*, int64_t, int64_t);
+void linear_cols(const float*, int64_t, int64_t, const void*, int, const float*, int64_t, float*, int64_t, int64_t);
 }
 namespace avx512 {
-void linear_cols(const float*, int64_t, int64_t, const void*, int, int64_t, float*, int64_t, int64_t);
+void linear_cols(const float*, int64_t, int64_t, const void*, int, const float*, int64_t, float*, int64_t, int64_t);
 }
 
 void linear_run(const float* x, int64_t M, const Packed& w, float* y, int64_t isa) {
@@ -37,7 +37,7 @@ void linear_run(const float* x, int64_t M, const Packed& w, float* y, int64_t is
   // A chunk should carry at least ~64K weights, so small layers are not split into slivers.
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, 32 * K));
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
-    fn(x, M, K, w.data, w.dtype, N, y, g0 * 32, std::min(g1 * 32, N));
+    fn(x, M, K, w.data, w.dtype, w.scale, N, y, g0 * 32, std::min(g1 * 32, N));
   });
   if (w.bias)
     for (int64_t m = 0; m < M; ++m)

@@ -7,13 +7,14 @@
 
 namespace specedit_cpu {
 
-// A weight packed by specedit.cpu_linear.pack_weight: [ceil(N/32)][K][32] in f32 (dtype 0), f16 (1) or
-// bf16 (2); bias [N] float32 or null.
+// A weight packed by specedit.cpu_linear.pack_weight: [ceil(N/32)][K][32] in f32 (dtype 0), f16 (1), bf16 (2)
+// or int8 (3, with scale [N]: W = scale[n] * q[n, k]); bias [N] float32 or null.
 struct Packed {
   const void* data;
   int64_t N, K;
   int dtype;
   const float* bias;
+  const float* scale;
 };
 
 // One decoder block of a Llama-family model. q_norm / k_norm ([D], Qwen3) may be null.

@@ -25,6 +25,7 @@ namespace {
 
 struct f16_t { uint16_t bits; };
 struct bf16_t { uint16_t bits; };
+struct i8_t { int8_t bits; };  // int8 weights: exact in fp32; the column's scale multiplies the finished sum
 
 #if defined(SPECEDIT_AVX512)
 struct Isa {
@@ -42,6 +43,8 @@ struct Isa {
   static inline V load(const bf16_t* p) {  // bf16 is the top half of an fp32: widen and shift, exact
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
   }
+  static inline V load(const i8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
+  static inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
 };
 #else
 struct Isa {
@@ -61,6 +64,8 @@ struct Isa {
   static inline V load(const bf16_t* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
   }
+  static inline V load(const i8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))); }
+  static inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
 };
 #endif
 
@@ -72,9 +77,11 @@ constexpr int PREFETCH = 16384;
 
 // R rows x 16*C columns. x: R rows at stride K. w: first column of the tile inside a packed group
 // ([K][32]). y: R rows at stride ldy; only the first ncols of the tile's columns are written.
+// scale: null, or the tile's 16*C column scales (int8 weights), applied to each finished sum.
 template <class T, int R, int C>
-inline void tile(const float* x, int64_t K, const T* w, float* y, int64_t ldy, int ncols) {
-  constexpr int LINES = (int)sizeof(T) * GROUP / 64;  // cache lines of weights per k
+inline void tile(const float* x, int64_t K, const T* w, float* y, int64_t ldy, int ncols, const float* scale) {
+  // cache lines of weights per k (int8: half a line; prefetching a line twice costs little)
+  constexpr int LINES = (int)sizeof(T) * GROUP >= 64 ? (int)sizeof(T) * GROUP / 64 : 1;
   // Every index into acc must be a compile-time constant after unrolling, or GCC keeps acc in memory.
   Isa::V acc[R][C][NV];
 #pragma GCC unroll 24
@@ -102,6 +109,18 @@ inline void tile(const float* x, int64_t K, const T* w, float* y, int64_t ldy, i
         for (int v = 0; v < NV; ++v) acc[r][c][v] = Isa::fma(xb, wv[c][v], acc[r][c][v]);
     }
   }
+  if (scale) {
+    float sc[C * 16] = {0};  // the partial last group has fewer scales than lanes
+    for (int j = 0; j < ncols; ++j) sc[j] = scale[j];
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        const Isa::V sv = Isa::load(sc + c * 16 + v * Isa::W);
+#pragma GCC unroll 24
+        for (int r = 0; r < R; ++r) acc[r][c][v] = Isa::mul(acc[r][c][v], sv);
+      }
+  }
   if (ncols == C * 16) {
 #pragma GCC unroll 24
     for (int r = 0; r < R; ++r)
@@ -124,18 +143,20 @@ inline void tile(const float* x, int64_t K, const T* w, float* y, int64_t ldy, i
 
 // Compile-time dispatch of a runtime row count 1..R to tile<T, r, C>.
 template <class T, int R, int C>
-inline void tile_rows(int r, const float* x, int64_t K, const T* w, float* y, int64_t ldy, int ncols) {
+inline void tile_rows(int r, const float* x, int64_t K, const T* w, float* y, int64_t ldy, int ncols,
+                      const float* scale) {
   if (r == R) {
-    tile<T, R, C>(x, K, w, y, ldy, ncols);
+    tile<T, R, C>(x, K, w, y, ldy, ncols, scale);
   } else if constexpr (R > 1) {
-    tile_rows<T, R - 1, C>(r, x, K, w, y, ldy, ncols);
+    tile_rows<T, R - 1, C>(r, x, K, w, y, ldy, ncols, scale);
   }
 }
 
 // Columns [col0, col1) (col0 a multiple of 32, col1 too unless it is N), all M rows, in tiles of at
 // most RMAX rows x 16*C columns.
 template <class T, int RMAX, int C>
-void run_tiles(const float* x, int64_t M, int64_t K, const T* w, int64_t N, float* y, int64_t col0, int64_t col1) {
+void run_tiles(const float* x, int64_t M, int64_t K, const T* w, const float* scale, int64_t N, float* y,
+               int64_t col0, int64_t col1) {
   constexpr int STEP = C * 16;
   // The first PREFETCH bytes of this thread's stream: the k loop prefetches only from there on.
   for (int64_t b = 0; b < PREFETCH; b += 64) _mm_prefetch((const char*)(w + col0 * K) + b, _MM_HINT_T0);
@@ -145,28 +166,31 @@ void run_tiles(const float* x, int64_t M, int64_t K, const T* w, int64_t N, floa
       const int ncols = (int)(col1 - n0 - off < STEP ? col1 - n0 - off : STEP);
       for (int64_t m0 = 0; m0 < M; m0 += RMAX) {
         const int r = (int)(M - m0 < RMAX ? M - m0 : RMAX);
-        tile_rows<T, RMAX, C>(r, x + m0 * K, K, wg + off, y + m0 * N + n0 + off, N, ncols);
+        tile_rows<T, RMAX, C>(r, x + m0 * K, K, wg + off, y + m0 * N + n0 + off, N, ncols,
+                              scale ? scale + n0 + off : nullptr);
       }
     }
   }
 }
 
 template <class T>
-void run(const float* x, int64_t M, int64_t K, const T* w, int64_t N, float* y, int64_t col0, int64_t col1) {
+void run(const float* x, int64_t M, int64_t K, const T* w, const float* scale, int64_t N, float* y, int64_t col0,
+         int64_t col1) {
   if constexpr (Isa::SMALL_M > 0) {
-    if (M <= Isa::SMALL_M) return run_tiles<T, Isa::SMALL_M, 2>(x, M, K, w, N, y, col0, col1);
+    if (M <= Isa::SMALL_M) return run_tiles<T, Isa::SMALL_M, 2>(x, M, K, w, scale, N, y, col0, col1);
   }
-  run_tiles<T, Isa::RMAX, Isa::C>(x, M, K, w, N, y, col0, col1);
+  run_tiles<T, Isa::RMAX, Isa::C>(x, M, K, w, scale, N, y, col0, col1);
 }
 
 }  // namespace
 
-// Entry point: dtype 0 = float32, 1 = float16, 2 = bfloat16.
-void linear_cols(const float* x, int64_t M, int64_t K, const void* w, int dtype, int64_t N, float* y,
-                 int64_t col0, int64_t col1) {
-  if (dtype == 0) run(x, M, K, (const float*)w, N, y, col0, col1);
-  else if (dtype == 1) run(x, M, K, (const f16_t*)w, N, y, col0, col1);
-  else run(x, M, K, (const bf16_t*)w, N, y, col0, col1);
+// Entry point: dtype 0 = float32, 1 = float16, 2 = bfloat16, 3 = int8 with per-column scale [N].
+void linear_cols(const float* x, int64_t M, int64_t K, const void* w, int dtype, const float* scale, int64_t N,
+                 float* y, int64_t col0, int64_t col1) {
+  if (dtype == 0) run(x, M, K, (const float*)w, nullptr, N, y, col0, col1);
+  else if (dtype == 1) run(x, M, K, (const f16_t*)w, nullptr, N, y, col0, col1);
+  else if (dtype == 2) run(x, M, K, (const bf16_t*)w, nullptr, N, y, col0, col1);
+  else run(x, M, K, (const i8_t*)w, scale, N, y, col0, col1);
 }
 
 }  // namespace SPECEDIT_ISA_NS
