@@ -23,20 +23,21 @@ import specedit
 
 def plain_runs(eng, prompt, n, runs):
     """Greedy decode of n tokens, `runs` times after a warmup. The host's bandwidth drifts over minutes, so it
-    is measured right before and after the runs (the faster of the two is the limit: the conservative choice).
-    Returns (decode tok/s list, end-to-end tok/s list, last GenerateResult, bandwidth before, after)."""
-    stats, result = [], None
-
-    def run():
-        nonlocal result
+    is measured right before and after each run, and the faster of the two is that run's limit (the
+    conservative choice). Returns (decode tok/s, end-to-end tok/s, % of the bandwidth limit, bandwidths in
+    bytes/s: one list entry per run; and the last GenerateResult)."""
+    wbytes = weight_bytes_per_token(eng.model)
+    dec, e2e, pct, bws, result = [], [], [], [], None
+    eng.generate(prompt, max_new_tokens=n)  # warmup
+    for _ in range(runs):
+        before = read_bandwidth(reps=3)
         result = eng.generate(prompt, max_new_tokens=n)
-        stats.append(result.stats)
-
-    before = read_bandwidth()
-    timed(run, reps=runs)
-    after = read_bandwidth()
-    stats = stats[1:]  # drop warmup
-    return [s.decode_tokens_per_s for s in stats], [s.tokens_per_s for s in stats], result, before, after
+        bw = max(before, read_bandwidth(reps=3))
+        dec.append(result.stats.decode_tokens_per_s)
+        e2e.append(result.stats.tokens_per_s)
+        pct.append(100 * dec[-1] * wbytes / bw)
+        bws.append(bw)
+    return dec, e2e, pct, bws, result
 
 
 def main():
@@ -65,7 +66,7 @@ def main():
     print(f"prompt {len(prompt)} tokens, {n} new tokens, {args.runs} runs\n")
 
     # --- plain decode
-    dec, e2e, result, bw_before, bw_after = plain_runs(eng, prompt, n, args.runs)
+    dec, e2e, pct, bws, result = plain_runs(eng, prompt, n, args.runs)
     print(f"{'engine':<14}{'decode tok/s':>26}{'end-to-end tok/s':>28}")
     print(f"{'specedit':<14}{spread(dec):>26}{spread(e2e):>28}")
     rows.append(("specedit", "decode_tok_s", med(dec)))
@@ -92,24 +93,21 @@ def main():
         rows.append(("transformers", "e2e_tok_s", med(hf_e2e)))
 
     # --- bandwidth limit
-    bw = max(bw_before, bw_after)
     wbytes = weight_bytes_per_token(eng.model)
-    limit = bw / wbytes
-    print(f"\nread bandwidth {bw_before / 1e9:.1f} GB/s before and {bw_after / 1e9:.1f} GB/s after the specedit runs "
-          f"(sum of 1 GiB, median of 5); weights per token {wbytes / 1e6:.0f} MB")
-    print(f"bandwidth limit {limit:.1f} tok/s; specedit decode at {100 * med(dec) / limit:.0f}% of it")
-    rows += [("machine", "read_GBps", bw / 1e9), ("specedit", "pct_of_bw_limit", 100 * med(dec) / limit)]
+    print(f"\nread bandwidth {spread([b / 1e9 for b in bws])} GB/s around the runs (1 GiB in huge pages, best of "
+          f"torch sum and a prefetching probe); weights per token {wbytes / 1e6:.0f} MB")
+    print(f"specedit decode at {spread(pct)}% of the bandwidth limit (per run: tok/s x bytes / bandwidth)")
+    rows += [("machine", "read_GBps", med(bws) / 1e9), ("specedit", "pct_of_bw_limit", med(pct))]
 
     # --- compact weight storage (activations stay float32): fewer bytes per token
     for dtype in filter(None, args.also.split(",")):
         other = specedit.load(args.model, dtype=dtype)
-        d2, _, r2, b0, b1 = plain_runs(other, prompt, n, args.runs)
+        d2, _, p2, _, r2 = plain_runs(other, prompt, n, args.runs)
         wb = weight_bytes_per_token(other.model)
         same = next((i for i, (a, b) in enumerate(zip(r2.token_ids, result.token_ids)) if a != b), None)
-        print(f"{dtype} weights: decode {spread(d2)} tok/s, {wb / 1e6:.0f} MB per token, "
-              f"{100 * med(d2) * wb / max(b0, b1):.0f}% of the bandwidth limit ({max(b0, b1) / 1e9:.1f} GB/s); "
-              f"tokens {'identical to' if same is None else f'first differ at {same} from'} {args.dtype}'s")
-        rows += [(dtype, "decode_tok_s", med(d2)), (dtype, "pct_of_bw_limit", 100 * med(d2) * wb / max(b0, b1))]
+        print(f"{dtype} weights: decode {spread(d2)} tok/s, {wb / 1e6:.0f} MB per token, {spread(p2)}% of the "
+              f"limit; tokens {'identical to' if same is None else f'first differ at {same} from'} {args.dtype}'s")
+        rows += [(dtype, "decode_tok_s", med(d2)), (dtype, "pct_of_bw_limit", med(p2))]
         del other
 
     # --- forward cost vs rows
