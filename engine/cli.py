@@ -63,6 +63,7 @@ def speed_report(eng, original: str, instruction: str, language: str | None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    DTYPE_HELP = "float32 | bfloat16 | float16 | int8 (weight storage on the CPU kernels; int8 is lossy)"
     ap = argparse.ArgumentParser(prog="specedit", description="Speculative edits: fast, lossless code rewriting.")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("file", type=Path)
     a.add_argument("instruction")
     a.add_argument("--model", default=DEFAULT_MODEL)
-    a.add_argument("--dtype", default="float32")
+    a.add_argument("--dtype", default="float32", help=DTYPE_HELP)
     a.add_argument("--language", help="code fence language (default: from the file extension)")
     out = a.add_mutually_exclusive_group()
     out.add_argument("--in-place", action="store_true", help="overwrite FILE (atomically)")
@@ -82,18 +83,18 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("convert", help="convert a GGUF file into an HF directory")
     c.add_argument("gguf", type=Path)
     c.add_argument("out_dir", type=Path)
-    c.add_argument("--dtype", default="float32")
+    c.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16: storage of the safetensors")
 
     b = sub.add_parser("bench", help="time one edit plainly and speculatively, outputs compared")
     b.add_argument("file", type=Path)
     b.add_argument("instruction")
     b.add_argument("--model", default=DEFAULT_MODEL)
-    b.add_argument("--dtype", default="float32")
+    b.add_argument("--dtype", default="float32", help=DTYPE_HELP)
     b.add_argument("--language")
 
     v = sub.add_parser("serve", help="OpenAI-compatible server with predicted outputs")
     v.add_argument("--model", default=DEFAULT_MODEL)
-    v.add_argument("--dtype", default="float32")
+    v.add_argument("--dtype", default="float32", help=DTYPE_HELP)
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
 
