@@ -102,11 +102,12 @@ def main():
     # --- compact weight storage (activations stay float32): fewer bytes per token
     for dtype in filter(None, args.also.split(",")):
         other = specedit.load(args.model, dtype=dtype)
-        d2, _, p2, _, r2 = plain_runs(other, prompt, n, args.runs)
+        d2, _, p2, b2, r2 = plain_runs(other, prompt, n, args.runs)
         wb = weight_bytes_per_token(other.model)
         same = next((i for i, (a, b) in enumerate(zip(r2.token_ids, result.token_ids)) if a != b), None)
         print(f"{dtype} weights: decode {spread(d2)} tok/s, {wb / 1e6:.0f} MB per token, {spread(p2)}% of the "
-              f"limit; tokens {'identical to' if same is None else f'first differ at {same} from'} {args.dtype}'s")
+              f"limit ({med(b2) / 1e9:.1f} GB/s); tokens "
+              f"{'identical to' if same is None else f'first differ at {same} from'} {args.dtype}'s")
         rows += [(dtype, "decode_tok_s", med(d2)), (dtype, "pct_of_bw_limit", med(p2))]
         del other
 
