@@ -28,6 +28,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from common import read_probe
 from specedit import cpu_linear
 
 HIDDEN, INTER, LAYERS, VOCAB = 576, 1536, 30, 49152
@@ -84,18 +85,6 @@ def timeit(series: dict[str, list], reps: int) -> dict[str, list[float]]:
             f()
             ts[name].append(time.perf_counter() - t)
     return ts
-
-
-_PROBE = None
-
-
-def read_probe():
-    """A callable reading 1 GiB (torch float32 sum) and the bytes it reads: the read-bandwidth yardstick."""
-    global _PROBE
-    if _PROBE is None:
-        _PROBE = torch.ones(256 << 20, dtype=torch.float32)
-    a = _PROBE
-    return (lambda: a.sum()), a.numel() * 4
 
 
 def _in_order(calls):
@@ -197,7 +186,7 @@ def main() -> None:
     bw_ts = timeit({"bw": [probe]}, 15)["bw"]
     bw = probe_bytes / statistics.median(bw_ts)
     print(
-        f"read bandwidth (torch float32 sum over 1 GiB): median {bw / 1e9:.1f} GB/s, best "
+        f"read bandwidth (1 GiB in huge pages, prefetching read probe): median {bw / 1e9:.1f} GB/s, best "
         f"{probe_bytes / min(bw_ts) / 1e9:.1f}. This host's bandwidth drifts (40-75 GB/s seen); the forward "
         f"table re-measures it interleaved with the forwards.\n"
     )

@@ -51,26 +51,40 @@ def spread(xs) -> str:
 _PROBE: torch.Tensor | None = None
 
 
-def read_bandwidth(reps: int = 5) -> float:
-    """Measured memory read bandwidth in bytes/s: a 1 GiB float32 buffer in huge pages (as the packed weights
-    are: 4 KB pages cost ~7% here) read by torch's sum and by the CPU extension's read probe, which prefetches
-    like the matmul does; the better median of `reps`. Without the extension: torch's sum of 4 KB pages."""
+def _probe_buffer() -> torch.Tensor:
+    """1 GiB of float32 ones, in huge pages as the packed weights are (4 KB pages read ~7% slower here) when
+    the CPU extension is available; allocated once."""
     global _PROBE
+    if _PROBE is None:
+        try:
+            from specedit import cpu_linear
+
+            cpu_linear._load()
+            _PROBE = cpu_linear._map(2**30).view(torch.float32).fill_(1.0)
+        except RuntimeError:  # no CPU extension here
+            _PROBE = torch.ones(2**28)
+    return _PROBE
+
+
+def read_probe():
+    """(fn, bytes): fn() reads the 1 GiB probe buffer once with the CPU extension's read probe, which
+    prefetches like the matmul does (torch's sum without the extension): the read-bandwidth yardstick."""
+    x = _probe_buffer()
     try:
         from specedit import cpu_linear
 
         probe = cpu_linear._load().read_probe
-        if _PROBE is None:
-            _PROBE = cpu_linear._map(2**30).view(torch.float32).fill_(1.0)
+        return (lambda: probe(x)), x.numel() * 4
     except RuntimeError:
-        probe = None
-        if _PROBE is None:
-            _PROBE = torch.ones(2**28)
-    x = _PROBE
-    best = med(timed(lambda: x.sum(), reps=reps))
-    if probe is not None:
-        best = min(best, med(timed(lambda: probe(x), reps=reps)))
-    return x.numel() * 4 / best
+        return (lambda: x.sum()), x.numel() * 4
+
+
+def read_bandwidth(reps: int = 5) -> float:
+    """Measured memory read bandwidth in bytes/s: the probe buffer read by torch's sum and by read_probe(),
+    the better median of `reps`."""
+    x = _probe_buffer()
+    probe, nbytes = read_probe()
+    return nbytes / min(med(timed(lambda: x.sum(), reps=reps)), med(timed(probe, reps=reps)))
 
 
 def weight_bytes_per_token(model) -> int:
