@@ -118,9 +118,8 @@ void silu_mul(const float* gate, const float* up, int64_t n, float* a) {
 
 }  // namespace
 
-void stack_forward(const StackDims& S_, const Layer* layers, float* x, int64_t B, int64_t T,
+void stack_forward(const StackDims& d, const Layer* layers, float* x, int64_t B, int64_t T,
                    const int64_t* starts, float* cache, int64_t S, const StackScratch& s, int64_t isa) {
-  const StackDims& d = S_;
   const int64_t M = B * T, dim = d.dim, H = d.H, Hkv = d.Hkv, D = d.D, I = d.I;
   const int64_t nqkv = (H + 2 * Hkv) * D;
   const int64_t kv_plane = B * Hkv * S * D;  // one of K or V of one layer
