@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from collections.abc import Iterator, Sequence
 
 import torch
 
-from . import prompts
+from . import checks, prompts
 from .cache import KVCache
 from .config import ModelConfig
 from .decode import Stopper, plain_decode
@@ -36,8 +37,7 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu", backend:
     only, opt-in) stores linear weights as int8 with one float32 scale per output row: a quarter of float32's
     bytes per decode step, at the cost of quantization error (outputs can differ from float32's).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_load_args(path, dtype, device, backend, cpu_kernels)
     int8 = dtype in ("int8", torch.int8)
     torch_dtype = torch.int8 if int8 else parse_dtype(dtype)
     p = Path(path)
@@ -77,6 +77,20 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu", backend:
     return Engine(model, tokenizer, backend, p)
 
 
+def check_load_args(path, dtype, device, backend, cpu_kernels) -> None:
+    """load()'s argument checks, before anything is read: TypeError / ValueError naming the argument."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike (an HF directory, a .gguf file or a model name), "
+                        f"got {type(path).__name__}")
+    dtypes = ("float32", "bfloat16", "float16", "int8")
+    if not (dtype in dtypes or dtype in (torch.float32, torch.bfloat16, torch.float16, torch.int8)):
+        raise ValueError(f"dtype must be one of {', '.join(map(repr, dtypes))} (or the torch dtype); got {dtype!r}")
+    checks.device(device)
+    checks.choice("backend", backend, BACKENDS)
+    if cpu_kernels not in (None, True, False):
+        raise TypeError(f"cpu_kernels must be None, True or False, got {cpu_kernels!r}")
+
+
 def use_cpu_kernels(choice: bool | None) -> bool:
     """Resolve load()'s cpu_kernels: None -> when available (with a warning when not), True -> required."""
     if choice is False:
@@ -110,6 +124,7 @@ class Engine:
     def encode(self, ids_or_text: str | Sequence[int]) -> list[int]:
         """Token ids of a prompt or prediction given as text (the model's tokenizer, no special tokens added)
         or as ids (checked against the vocabulary)."""
+        checks.text_or_ids("ids_or_text", ids_or_text)
         if isinstance(ids_or_text, str):
             if self.tokenizer is None:
                 raise ValueError(f"{self.path}: no tokenizer in the model directory; pass token ids")
@@ -157,6 +172,7 @@ class Engine:
     @torch.inference_mode()
     def logits(self, ids: str | Sequence[int]) -> torch.Tensor:
         """Float32 logits [T, V] of a fresh prefill of `ids` (row t predicts token t + 1)."""
+        checks.text_or_ids("ids", ids)
         prompt, _, cache = self._prepare(ids, 1)
         return self.model(torch.tensor([prompt], device=cache.buf.device), cache, all_logits=True)[0]
 
@@ -179,11 +195,19 @@ class Engine:
             )
         stats.finish_reason = stopper.reason
 
-    @torch.inference_mode()
     def stream(self, ids_or_text: str | Sequence[int], max_new_tokens: int = 256, prediction=None,
                temperature: float = 0.0, stop: Sequence[str] = (), seed: int = 0,
                stats: Stats | None = None) -> Iterator[str]:
-        """Yield text deltas (whole UTF-8 characters) as tokens are decided; arguments as in `generate`."""
+        """Yield text deltas (whole UTF-8 characters) as tokens are decided; arguments as in `generate`.
+        `stats`, when given, is filled as decoding goes (finish_reason once the iterator is exhausted).
+        Arguments are checked when stream() is called, before the first delta is asked for."""
+        stop = self._check_gen_args(ids_or_text, max_new_tokens, prediction, temperature, stop, seed)
+        if stats is not None and not isinstance(stats, Stats):
+            raise TypeError(f"stats must be a specedit.Stats or None, got {type(stats).__name__}")
+        return self._stream(ids_or_text, max_new_tokens, prediction, temperature, stop, seed, stats)
+
+    @torch.inference_mode()
+    def _stream(self, ids_or_text, max_new_tokens, prediction, temperature, stop, seed, stats) -> Iterator[str]:
         text = prompts.TextStream(self._text_bytes(), stop)
         stats = stats if stats is not None else Stats()
         for new in self._steps(ids_or_text, max_new_tokens, prediction, temperature, stop, seed, stats):
@@ -202,7 +226,11 @@ class Engine:
         prediction: expected output (text or ids), e.g. the original file; verified in chunks, never changes
         greedy output. Stops at EOS (kept in token_ids), at a `stop` string (tokens kept, text cut before it),
         or at the context limit. temperature 0 is greedy; > 0 samples (seeded by `seed`).
+
+        `stats.finish_reason` says why it ended: "stop" (EOS or a stop string) or "length" (`max_new_tokens`
+        or the model's context). Raises TypeError / ValueError naming a bad argument.
         """
+        stop = self._check_gen_args(ids_or_text, max_new_tokens, prediction, temperature, stop, seed)
         stats = Stats()
         tokens: list[int] = []
         text = prompts.TextStream(self._text_bytes(), stop)
@@ -213,13 +241,42 @@ class Engine:
         out.append(text.finish())
         return GenerateResult(tokens, "".join(out), stats)
 
+    def chat(self, messages: Sequence[dict], max_new_tokens: int = 256, prediction=None, temperature: float = 0.0,
+             stop: Sequence[str] = (), seed: int = 0) -> GenerateResult:
+        """`generate` on OpenAI-style messages ([{"role": "user", "content": "..."}, ...]; content a str or a
+        list of {"type": "text", "text": ...} parts) put through the model's chat template with the assistant's
+        turn opened. Other arguments as in `generate`; `prediction` is the expected answer (e.g. the file)."""
+        msgs = checks.messages(messages)
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"{self.path}: the model has no chat template; use generate() with a prompt")
+        prompt = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return self.generate(prompt, max_new_tokens, prediction, temperature, stop, seed)
+
+    def _check_gen_args(self, ids_or_text, max_new_tokens, prediction, temperature, stop, seed) -> list[str]:
+        checks.text_or_ids("ids_or_text", ids_or_text)
+        checks.positive_int("max_new_tokens", max_new_tokens)
+        checks.text_or_ids("prediction", prediction, optional=True)
+        checks.temperature(temperature)
+        checks.integer("seed", seed)
+        return checks.stop_strings(stop)
+
     def edit(self, original: str, instruction: str, language: str | None = None, max_new_tokens: int | None = None,
              speculate: bool = True) -> EditResult:
         """Rewrite `original` following `instruction`, with the original as the prediction.
 
-        Returns EditResult(text, diff, stats, token_ids). max_new_tokens defaults to twice the original's token
-        count plus 256. speculate=False decodes plainly (same output, for comparisons).
+        Returns EditResult(text, diff, stats, token_ids, complete). max_new_tokens defaults to twice the
+        original's token count plus 256. speculate=False decodes plainly (same output, for comparisons).
+        `complete` is True only when the answer ended at its closing code fence; an answer cut by
+        max_new_tokens or the context ("length"), or ended by EOS before the fence, is not complete and should
+        not be written over a file.
         """
+        checks.text("original", original)
+        checks.text("instruction", instruction, blank_ok=False)
+        if language is not None:
+            checks.text("language", language)
+        checks.positive_int("max_new_tokens", max_new_tokens, optional=True)
+        if not isinstance(speculate, bool):
+            raise TypeError(f"speculate must be True or False, got {speculate!r}")
         if self.tokenizer is None:
             raise ValueError(f"{self.path}: edit() needs a tokenizer in the model directory")
         prompt, prediction = prompts.build_edit_prompt(self.tokenizer, original, instruction, language)
@@ -228,7 +285,8 @@ class Engine:
             max_new_tokens = 2 * len(pred_ids) + 256
         r = self.generate(prompt, max_new_tokens, prediction=pred_ids if speculate else None, stop=[prompts.FENCE])
         edited = prompts.extract_code(r.text, original)
-        return EditResult(edited, prompts.unified_diff(original, edited), r.stats, r.token_ids)
+        at_fence = r.stats.finish_reason == "stop" and not (r.token_ids and r.token_ids[-1] in self.eos_ids)
+        return EditResult(edited, prompts.unified_diff(original, edited), r.stats, r.token_ids, at_fence)
 
     def cost_model(self) -> CostModel:
         """Forward time vs rows on this machine (measured once per engine, ~0.1-1 s)."""
