@@ -289,10 +289,18 @@ class Engine:
         return EditResult(edited, prompts.unified_diff(original, edited), r.stats, r.token_ids, at_fence)
 
     def cost_model(self) -> CostModel:
-        """Forward time vs rows on this machine (measured once per engine, ~0.1-1 s)."""
+        """Forward time vs rows on this machine: measured once per machine, model shape and weight format
+        (~0.1-1 s) and kept under $SPECEDIT_CACHE/cost, so a fresh engine's first speculative call doesn't pay
+        for it."""
         if self._cost is None:
-            prefix = min(128, self.cfg.max_position // 2)
-            rows = [r for r in (1, 2, 4, 8, 16, 32, K_MAX + 1) if prefix + r <= self.cfg.max_position]
-            with torch.inference_mode():
-                self._cost = CostModel.measure(self.model, self._cache, rows, prefix)
+            from . import costcache
+
+            key = costcache.key(self.model, self.backend)
+            self._cost = costcache.load(key)
+            if self._cost is None:
+                prefix = min(128, self.cfg.max_position // 2)
+                rows = [r for r in (1, 2, 4, 8, 16, 32, K_MAX + 1) if prefix + r <= self.cfg.max_position]
+                with torch.inference_mode():
+                    self._cost = CostModel.measure(self.model, self._cache, rows, prefix)
+                costcache.save(key, self._cost)
         return self._cost

@@ -44,6 +44,20 @@ class CostModel:
                 return s[i - 1] + w * (s[i] - s[i - 1])
         return s[-1] + (t - r[-1]) * (s[-1] - s[-2]) / (r[-1] - r[-2])
 
+    def to_dict(self) -> dict:
+        return {"rows": self.rows, "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CostModel:
+        """Inverse of to_dict; ValueError when `d` is not a cost model (rows increasing, seconds > 0)."""
+        rows, seconds = d.get("rows"), d.get("seconds")
+        ok = (isinstance(rows, list) and isinstance(seconds, list) and len(rows) == len(seconds) >= 2
+              and all(isinstance(r, int) and r > 0 for r in rows) and rows == sorted(set(rows))
+              and all(isinstance(x, (int, float)) and 0 < x < 1e3 for x in seconds))
+        if not ok:
+            raise ValueError(f"not a cost model: {d!r:.200}")
+        return cls(rows, [float(x) for x in seconds])
+
     @classmethod
     def measure(cls, model, make_cache: Callable[[int], KVCache], rows=(1, 2, 4, 8, 16, 32, 64), prefix=128,
                 reps=3) -> CostModel:

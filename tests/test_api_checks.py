@@ -10,7 +10,9 @@ import torch
 
 import specedit
 from helpers import make_text_checkpoint
+from specedit import costcache
 from specedit.results import GenerateResult, Stats
+from specedit.speculate import CostModel
 
 CODE = "def add(a, b):\n    return a + b\n"
 
@@ -140,3 +142,46 @@ def test_edit_complete_only_at_the_closing_fence(eng, monkeypatch, tokens, reaso
     monkeypatch.setattr(specedit.Engine, "generate", fake_generate(r))
     e = eng.edit(CODE, "Add type hints.")
     assert e.complete is complete and e.finish_reason == reason and e.text == CODE
+
+
+def test_cost_model_round_trips():
+    c = CostModel([1, 2, 4], [0.010, 0.012, 0.011])
+    d = CostModel.from_dict(json.loads(json.dumps(c.to_dict())))
+    assert d.rows == c.rows and d.seconds == c.seconds == [0.010, 0.011, 0.011]
+    for bad in ({}, {"rows": [1], "seconds": [0.1]}, {"rows": [2, 1], "seconds": [0.1, 0.2]},
+                {"rows": [1, 2], "seconds": [0.1, "x"]}, {"rows": [1, 2], "seconds": [0.1, -1]}):
+        with pytest.raises(ValueError):
+            CostModel.from_dict(bad)
+
+
+def test_cost_model_is_measured_once_and_cached_on_disk(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECEDIT_CACHE", str(tmp_path))
+    calls = []
+    measure = CostModel.measure.__func__
+
+    def counting(cls, *a, **k):
+        calls.append(1)
+        return measure(cls, *a, **k)
+
+    monkeypatch.setattr(CostModel, "measure", classmethod(counting))
+    first = specedit.load(ckpt)
+    c1 = first.cost_model()
+    files = list((tmp_path / "cost").glob("*.json"))
+    assert len(calls) == 1 and len(files) == 1
+    again = specedit.load(ckpt)  # a fresh engine, as in a new process: read from disk, not measured
+    r = again.generate(CODE, max_new_tokens=8, prediction=CODE)
+    assert len(calls) == 1 and again.cost_model().seconds == c1.seconds and r.stats.forwards > 0
+    other_format = specedit.load(ckpt, dtype="float16")  # another weight format: its own measurement
+    other_format.cost_model()
+    assert len(calls) == 2 and len(list((tmp_path / "cost").glob("*.json"))) == 2
+    files[0].write_text("{not json")  # a damaged cache entry is measured again and rewritten
+    specedit.load(ckpt).cost_model()
+    assert len(calls) == 3 and CostModel.from_dict(json.loads(files[0].read_text())).rows == c1.rows
+
+
+def test_cost_cache_key_covers_machine_model_and_format(eng, ckpt, monkeypatch):
+    k = costcache.key(eng.model, eng.backend)
+    assert k == costcache.key(specedit.load(ckpt).model, "torch")
+    assert k != costcache.key(eng.model, "triton")
+    monkeypatch.setattr(costcache, "_cpu_name", lambda: "another CPU")
+    assert k != costcache.key(eng.model, eng.backend)
