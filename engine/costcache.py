@@ -5,7 +5,7 @@ larger models), which on a short edit is more than speculation saves. Files live
 (default ~/.cache/specedit/cost), one small JSON per key; a missing, unreadable or malformed file just means
 measuring again. The key covers the machine (CPU model, threads, GPU name), the torch build, the model's
 config, every module type and tensor shape/dtype (so packed, half and int8 weights differ), the backend and
-the installed specedit sources (a code change re-measures once).
+the sources the forward runs (editing them re-measures once).
 """
 
 from __future__ import annotations
@@ -50,13 +50,14 @@ def machine(device: torch.device) -> str:
 
 
 def _sources() -> list:
+    """Size and mtime of the sources a forward runs (model, cache, CPU and GPU kernels), so editing them
+    re-measures; other files (CLI, prompts, drafter) don't change the forward's cost."""
     here = Path(__file__).resolve().parent
-    dirs = [here, here / "csrc"]
+    files = [p for pat in ("model.py", "cache.py", "cpu_*.py", "backends/*.py", "csrc/*") for p in here.glob(pat)]
     spec = importlib.util.find_spec(f"{__package__}.kernels")
-    if spec is not None and spec.submodule_search_locations:
-        dirs += [Path(d) for d in spec.submodule_search_locations]
-    files = [p for d in dirs if d.is_dir() for p in sorted(d.iterdir()) if p.suffix in (".py", ".cpp", ".h")]
-    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    for d in (spec.submodule_search_locations or []) if spec is not None else []:
+        files += Path(d).glob("*.py")
+    return sorted((str(p.relative_to(p.parent.parent)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
 
 
 def _describe(v, depth: int = 1):
