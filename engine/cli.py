@@ -155,6 +155,7 @@ def check_fits(model_dir: Path, path: Path, source: str, instruction: str, langu
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok.model_max_length = 2**62  # counting only: no "sequence longer than the model" warning
     prompt, prediction = prompts.build_edit_prompt(tok, source, instruction, language)
     n_prompt = len(tok.encode(prompt, add_special_tokens=False))
     n_file = len(tok.encode(prediction, add_special_tokens=False))
