@@ -2,10 +2,10 @@
 
 A fresh engine's first speculative call would otherwise pay for the timing (0.1-1 s on SmolLM2-135M, more on
 larger models), which on a short edit is more than speculation saves. Files live in `$SPECEDIT_CACHE/cost`
-(default ~/.cache/specedit/cost), one small JSON per key; a missing, unreadable or malformed file just means
-measuring again. The key covers the machine (CPU model, threads, GPU name), the torch build, the model's
-config, every module type and tensor shape/dtype (so packed, half and int8 weights differ), the backend and
-the sources the forward runs (editing them re-measures once).
+(default ~/.cache/specedit/cost), one small JSON per key; a missing, unreadable, malformed or week-old file
+means measuring again. The key covers the machine (CPU model, threads, GPU name), the torch build, the model's
+config, every module type and tensor shape/dtype (so packed, half and int8 weights differ), the backend and the
+sources the forward runs (editing them re-measures once).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 from .speculate import CostModel
+
+MAX_AGE_S = 7 * 24 * 3600  # a cached cost model is measured again after a week
 
 
 def cache_dir() -> Path:
@@ -101,9 +103,13 @@ def path(k: str) -> Path:
 
 
 def load(k: str) -> CostModel | None:
-    """The cached cost model for key `k`, or None (absent or unreadable: measure again)."""
+    """The cached cost model for key `k`, or None (absent, unreadable, or older than MAX_AGE_S: measure again,
+    so a timing taken while the machine was busy doesn't steer chunk sizes for ever)."""
     try:
-        return CostModel.from_dict(json.loads(path(k).read_text()))
+        d = json.loads(path(k).read_text())
+        if not 0 <= time.time() - float(d.get("measured_at", 0)) <= MAX_AGE_S:
+            return None
+        return CostModel.from_dict(d)
     except (OSError, ValueError, TypeError, AttributeError):
         return None
 
@@ -115,7 +121,7 @@ def save(k: str, cost: CostModel) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
-            json.dump({**cost.to_dict(), "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, f)
+            json.dump({**cost.to_dict(), "measured_at": time.time()}, f)
         os.replace(tmp, target)
     except OSError:
         try:

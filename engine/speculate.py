@@ -61,15 +61,15 @@ class CostModel:
     @classmethod
     def measure(cls, model, make_cache: Callable[[int], KVCache], rows=(1, 2, 4, 8, 16, 32, 64), prefix=128,
                 reps=3) -> CostModel:
-        """Time forwards of T rows after a `prefix`-token context (min over `reps` after a warmup per T)."""
+        """Time forwards of T rows after a `prefix`-token context: one warmup per T, then `reps` rounds that
+        each time every T once (a burst of load from elsewhere hits all T alike), min per T."""
         device = model.embed.weight.device
         cache = make_cache(prefix + max(rows))
         model(torch.zeros(1, prefix, dtype=torch.long, device=device), cache)
-        seconds = []
-        for t in rows:
-            x = torch.zeros(1, t, dtype=torch.long, device=device)
-            best = float("inf")
-            for rep in range(reps + 1):
+        xs = [torch.zeros(1, t, dtype=torch.long, device=device) for t in rows]
+        best = [float("inf")] * len(rows)
+        for rep in range(reps + 1):
+            for i, x in enumerate(xs):
                 cache.lengths = [prefix]
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -78,9 +78,8 @@ class CostModel:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 if rep:  # the first call of a shape may build kernels or caches
-                    best = min(best, time.perf_counter() - t0)
-            seconds.append(best)
-        return cls(rows, seconds)
+                    best[i] = min(best[i], time.perf_counter() - t0)
+        return cls(rows, best)
 
 
 class ChunkPolicy:

@@ -185,3 +185,14 @@ def test_cost_cache_key_covers_machine_model_and_format(eng, ckpt, monkeypatch):
     assert k != costcache.key(eng.model, "triton")
     monkeypatch.setattr(costcache, "_cpu_name", lambda: "another CPU")
     assert k != costcache.key(eng.model, eng.backend)
+
+
+def test_stale_or_future_cost_entries_are_measured_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECEDIT_CACHE", str(tmp_path))
+    c = CostModel([1, 2], [0.01, 0.012])
+    costcache.save("k", c)
+    assert costcache.load("k").seconds == c.seconds
+    d = json.loads(costcache.path("k").read_text())
+    for when in (d["measured_at"] - costcache.MAX_AGE_S - 1, d["measured_at"] + 3600):
+        costcache.path("k").write_text(json.dumps({**d, "measured_at": when}))
+        assert costcache.load("k") is None
