@@ -84,9 +84,11 @@ def check_load_args(path, dtype, device, backend, cpu_kernels) -> None:
                         f"got {type(path).__name__}")
     dtypes = ("float32", "bfloat16", "float16", "int8")
     if not (dtype in dtypes or dtype in (torch.float32, torch.bfloat16, torch.float16, torch.int8)):
-        raise ValueError(f"dtype must be one of {', '.join(map(repr, dtypes))} (or the torch dtype); got {dtype!r}")
+        raise ValueError(f"unsupported dtype {dtype!r}: dtype must be one of {', '.join(map(repr, dtypes))} "
+                         "(or the torch dtype)")
     checks.device(device)
-    checks.choice("backend", backend, BACKENDS)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: backend must be one of {', '.join(map(repr, BACKENDS))}")
     if cpu_kernels not in (None, True, False):
         raise TypeError(f"cpu_kernels must be None, True or False, got {cpu_kernels!r}")
 
