@@ -1,4 +1,4 @@
-"""Small-M linear on CPU: specedit.cpu_linear vs torch F.linear, on SmolLM2-135M's shapes.
+"""Small-M linear on CPU: specedit.kernels.cpu.linear vs torch F.linear, on SmolLM2-135M's shapes.
 
 Decoding at batch 1 reads every weight once per forward, and a speculative verify pass of K+1 rows should
 cost about the same as one row. For each linear of SmolLM2-135M (hidden 576, 30 layers) and each M, this
@@ -29,7 +29,8 @@ import time
 import torch
 import torch.nn.functional as F
 from common import read_probe
-from specedit import cpu_linear
+from specedit.kernels.cpu import build
+from specedit.kernels.cpu.linear import PackedLinear, linear_ref
 
 HIDDEN, INTER, LAYERS, VOCAB = 576, 1536, 30, 49152
 SHAPES = {  # name: (N, K, count per forward)
@@ -108,7 +109,7 @@ def prepare(method: str, w: torch.Tensor):
 
         return bind, w.numel() * 2
     dtype = {"ours_f32": torch.float32, "ours_f16": torch.float16, "ours_bf16": torch.bfloat16}[method]
-    p = cpu_linear.pack(w, dtype)
+    p = PackedLinear(w, None, dtype)
     if ISA:
         return (lambda x: lambda: p(x, isa=ISA)), p.weight_bytes
     return (lambda x: lambda: p(x)), p.weight_bytes
@@ -135,9 +136,9 @@ def check(name: str, n: int, k: int) -> None:
     w = torch.randn(n, k, generator=g) / k**0.5
     x = torch.randn(17, k, generator=g)
     for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 1e-4), (torch.bfloat16, 1e-4)):
-        p = cpu_linear.pack(w, dtype)
+        p = PackedLinear(w, None, dtype)
         y = p(x)
-        ref = cpu_linear.linear_ref(x, w, dtype)
+        ref = linear_ref(x, w, dtype)
         err = (y - ref).abs().max().item()
         assert err < tol, f"{name} {dtype}: max error {err} vs reference"
         for i in (0, 5, 16):
@@ -161,10 +162,10 @@ def main() -> None:
     ms = [int(v) for v in args.m.split(",")]
     methods = args.methods.split(",")
 
-    if not cpu_linear.available():
-        raise SystemExit("specedit.cpu_linear is not available here (needs x86-64 avx2/fma/f16c, c++, ninja)")
+    if not build.available():
+        raise SystemExit(f"the CPU kernels cannot run here: {build.unavailable_reason()}")
     t = time.perf_counter()
-    isa = args.isa or cpu_linear.best_isa()
+    isa = args.isa or build.best_isa()
     build_s = time.perf_counter() - t
     with open("/proc/cpuinfo") as f:
         cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")

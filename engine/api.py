@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 
 from . import prompts
+from .backends import Backend, engine_limit, select
 from .cache import KVCache
 from .config import ModelConfig
-from .decode import Stopper, plain_decode
+from .decode import SequenceState, Stopper, plain_decode
 from .drafter import Drafter, OutputLookup, special_bytes, token_bytes_table
-from .model import Transformer, attend_cpu, attend_torch, attend_triton
+from .model import Transformer
 from .results import EditResult, GenerateResult, Stats
-from .speculate import ChunkPolicy, CostModel, speculative_decode
-from .weights import load_hf_tensors, parse_dtype, to_runtime_state
+from .speculate import ChunkPolicy, CostModel, DraftSource, speculative_decode
+from .weights import load_hf_tensors, to_runtime_state
 
-BACKENDS = ("auto", "torch", "triton")
 K_MAX = 64  # largest draft verified in one forward
 
 
@@ -26,76 +25,43 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu", backend:
          cpu_kernels: bool | None = None) -> Engine:
     """Load a model: an HF directory (config.json + safetensors), a `.gguf` file, or `smollm2-135m-instruct`.
 
-    dtype: 'float32' | 'bfloat16' | 'float16' | 'int8'. backend: 'torch' (PyTorch attention and accept), 'triton'
-    (the Triton kernels; under TRITON_INTERPRET=1 on a CPU) or 'auto' (triton on CUDA, torch otherwise).
-    cpu_kernels (CPU only): the C++ extension's packed small-M matmul (cpu_linear) for every linear layer and
-    its attention (cpu_attention, with backend 'torch'); None uses them when they can be built here, True
-    requires them, False uses torch's F.linear and SDPA. With them, `dtype` is the storage of the linear
-    weights and activations stay float32 (half weights halve the bytes a decode step reads), and a verify row
-    equals the 1-row forward bit for bit; without them, the whole model runs in `dtype`. 'int8' (CPU kernels
-    only, opt-in) stores linear weights as int8 with one float32 scale per output row: a quarter of float32's
-    bytes per decode step, at the cost of quantization error (outputs can differ from float32's).
+    dtype: 'float32' | 'bfloat16' | 'float16' | 'int8'. backend: 'auto' (Triton on CUDA; on a CPU the C++
+    kernels when they can be built here, else PyTorch), 'cpu' (the C++ kernels, required), 'torch' (F.linear
+    and SDPA) or 'triton' (the Triton kernels; under TRITON_INTERPRET=1 on a CPU). cpu_kernels (CPU only):
+    None uses the C++ kernels when they run here, True requires them, False never uses them.
+    On the CPU kernels `dtype` is the storage of the linear weights and activations stay float32 (half weights
+    halve the bytes a decode step reads), and a verify row equals the 1-row forward bit for bit
+    (`Engine.row_invariant`; every other backend warns at load that it does not promise this). 'int8' (CPU
+    kernels only, opt-in) stores linear weights as int8 with one float32 scale per output row: a quarter of
+    float32's bytes per decode step, at the cost of quantization error (outputs can differ from float32's).
+    Elsewhere the whole model runs in `dtype`.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    int8 = dtype in ("int8", torch.int8)
-    torch_dtype = torch.int8 if int8 else parse_dtype(dtype)
     p = Path(path)
     if not p.is_dir():
         from .gguf import resolve  # GGUF files and named models convert once into a cache directory
 
         p = resolve(path)
     cfg = ModelConfig.from_hf_dir(p)
-    dev = torch.device(device)
-    if backend == "auto":
-        backend = "triton" if dev.type == "cuda" else "torch"
-    packed = dev.type == "cpu" and use_cpu_kernels(cpu_kernels)
-    if int8 and not packed:
-        raise ValueError("dtype 'int8' (weight-only) runs only on the CPU kernels: device 'cpu', cpu_kernels not False")
-    model_dtype = torch.float32 if packed else torch_dtype
-    state = to_runtime_state(load_hf_tensors(p, cfg, model_dtype), cfg)
-    if backend == "triton":
-        attend = attend_triton
-    elif packed and cfg.head_dim % 16 == 0:  # the CPU kernel's vector tiles need D % 16 == 0
-        attend = attend_cpu
-    else:
-        attend = attend_torch
+    be = select(device, backend, cpu_kernels, cfg, dtype)
+    state = to_runtime_state(load_hf_tensors(p, cfg, be.param_dtype), cfg)
     with torch.device("meta"):
-        model = Transformer(cfg, attend)
-    model.load_state_dict({k: v.to(dev) for k, v in state.items()}, strict=True, assign=True)
-    model.setup_rope(dev, model_dtype)
+        model = Transformer(cfg, be.attend)
+    model.load_state_dict({k: v.to(be.device) for k, v in state.items()}, strict=True, assign=True)
+    model.setup_rope(be.device, be.param_dtype)
     model.eval().requires_grad_(False)
-    if packed:
-        model.pack_linears(torch_dtype)
-        if attend is attend_cpu:
-            model.fuse_cpu()
+    be.prepare(model)
     tokenizer = None
     if (p / "tokenizer.json").is_file() or (p / "tokenizer.model").is_file():
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(p))
-    return Engine(model, tokenizer, backend, p)
-
-
-def use_cpu_kernels(choice: bool | None) -> bool:
-    """Resolve load()'s cpu_kernels: None -> when available (with a warning when not), True -> required."""
-    if choice is False:
-        return False
-    from . import cpu_linear
-
-    if cpu_linear.available():
-        return True
-    why = "needs x86-64 Linux with AVX2/FMA/F16C, a C++ compiler and ninja"
-    if choice:
-        raise ValueError(f"cpu_kernels=True but the packed CPU matmul cannot be built here: it {why}")
-    warnings.warn(f"specedit: packed CPU matmul unavailable ({why}); using torch F.linear, slower", stacklevel=3)
-    return False
+    return Engine(model, tokenizer, be, p)
 
 
 class Engine:
     """A model ready to decode. Build it with `specedit.load(...)`."""
 
-    def __init__(self, model: Transformer, tokenizer, backend: str, path: Path):
+    def __init__(self, model: Transformer, tokenizer, backend: Backend, path: Path):
         self.model, self.tokenizer, self.backend, self.path = model, tokenizer, backend, path
         self.cfg = model.cfg
         self._token_bytes: list[bytes] | None = None
@@ -121,6 +87,12 @@ class Engine:
         return ids
 
     @property
+    def row_invariant(self) -> bool:
+        """True when row i of a verify forward equals the 1-row decode step at that position bit for bit, so
+        greedy speculative output is exactly plain decoding's (the CPU kernels); see backend.why."""
+        return self.backend.row_invariant
+
+    @property
     def token_bytes(self) -> list[bytes]:
         """Bytes of every token id (special tokens map to bytes that never occur in text)."""
         if self._token_bytes is None:
@@ -136,16 +108,13 @@ class Engine:
         return self._text
 
     def _cache(self, length: int) -> KVCache:
-        dtype = self.model.embed.weight.dtype
-        return KVCache(self.cfg, 1, length, dtype, self.model.embed.weight.device)
+        return KVCache(self.cfg, 1, length, self.backend.param_dtype, self.backend.device)
 
     def _prepare(self, ids_or_text, max_new_tokens: int) -> tuple[list[int], int, KVCache]:
         prompt = self.encode(ids_or_text)
         if not prompt:
             raise ValueError("empty prompt: at least one token is needed")
-        limit = self.cfg.max_position
-        if self.backend == "triton" and self.cfg.sliding_window:
-            limit = min(limit, self.cfg.sliding_window)  # the kernel has no sliding-window mask
+        limit = engine_limit(self.backend, self.cfg)
         if len(prompt) >= limit:
             raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context of {limit} tokens")
         if max_new_tokens < 1:
@@ -162,22 +131,20 @@ class Engine:
 
     def _steps(self, ids_or_text, max_new_tokens, prediction, temperature, stop, seed, stats) -> Iterator[list[int]]:
         prompt, max_new, cache = self._prepare(ids_or_text, max_new_tokens)
-        stopper = Stopper(self.eos_ids, max_new, stop, self.token_bytes)
-        gen = torch.Generator(device=cache.buf.device).manual_seed(seed) if temperature > 0 else None
+        seq = SequenceState(
+            prompt, Stopper(self.eos_ids, max_new, stop, self.token_bytes), temperature,
+            torch.Generator(device=cache.buf.device).manual_seed(seed) if temperature > 0 else None, stats=stats,
+        )
         if prediction is None:
-            yield from plain_decode(self.model, cache, prompt, stopper, temperature, gen, stats)
+            yield from plain_decode(self.model, cache, seq)
         else:
-            from .kernels.accept import accept, accept_ref
-
-            drafter = Drafter(self.encode(prediction), self.token_bytes)
-            policy = ChunkPolicy(self.cost_model(), k_max=K_MAX)
-            lookup_policy = ChunkPolicy(self.cost_model(), k_max=K_MAX, prior=0.5)
-            accept_fn = accept if self.backend == "triton" else accept_ref
-            yield from speculative_decode(
-                self.model, cache, prompt, drafter, stopper, policy, accept_fn, temperature, gen, stats,
-                OutputLookup(), lookup_policy,
+            cost = self.cost_model()
+            seq.source = DraftSource(
+                Drafter(self.encode(prediction), self.token_bytes), ChunkPolicy(cost, k_max=K_MAX),
+                OutputLookup(), ChunkPolicy(cost, k_max=K_MAX, prior=0.5),
             )
-        stats.finish_reason = stopper.reason
+            yield from speculative_decode(self.model, cache, seq, self.backend.accept)
+        stats.finish_reason = seq.stopper.reason
 
     @torch.inference_mode()
     def stream(self, ids_or_text: str | Sequence[int], max_new_tokens: int = 256, prediction=None,

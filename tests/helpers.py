@@ -88,6 +88,6 @@ def verify_and_steps(eng, prompt: list[int], follow: list[int]):
         c = eng._cache(len(prompt) + len(follow) + 1)
         m(torch.tensor([prompt]), c)
         batched = m(torch.tensor([follow]), c, all_logits=True)[0]
-        c.lengths = [len(prompt)]
+        c.rollback(0, len(prompt))
         single = torch.stack([m(torch.tensor([[t]]), c)[0] for t in follow])
     return batched, single

@@ -1,4 +1,4 @@
-"""specedit.cpu_stack: every decoder layer in one C++ call, against the same layers run from Python.
+"""specedit.kernels.cpu.stack: every decoder layer in one C++ call, against the same layers run from Python.
 
 Both paths use the same packed matmul and attention kernels; they differ in how the norms, RoPE, SiLU and
 residuals are computed (C++ loops vs torch ops), so floats agree to ~1e-6 relative and greedy tokens exactly.
@@ -10,10 +10,10 @@ import torch
 
 import specedit
 from helpers import hf_model, make_checkpoint, verify_and_steps
-from specedit import cpu_linear
+from specedit.kernels.cpu import build
 from specedit.cache import KVCache
 
-pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="needs the CPU kernels")
+pytestmark = pytest.mark.skipif(not build.available(), reason="needs the CPU kernels")
 
 VARIANTS = {
     "llama": ("llama", {}),
@@ -32,17 +32,17 @@ def path(request, tmp_path_factory):
 
 
 def test_load_fuses_the_layers(path):
-    assert specedit.load(path).model.stack is not None
-    assert specedit.load(path, cpu_kernels=False).model.stack is None
+    assert specedit.load(path).model.fused_layers is not None
+    assert specedit.load(path, cpu_kernels=False).model.fused_layers is None
 
 
 def test_fused_equals_python_layers(path):
     eng = specedit.load(path, cpu_kernels=True)
-    fused = eng.logits(IDS)
-    stack, eng.model.stack = eng.model.stack, None  # the same packed layers, run one torch op at a time
+    fused_logits = eng.logits(IDS)
+    fused, eng.model.fused_layers = eng.model.fused_layers, None  # the same packed layers, run one torch op at a time
     layered = eng.logits(IDS)
-    eng.model.stack = stack
-    assert (fused - layered).abs().max().item() < 1e-5 * layered.abs().max().item()
+    eng.model.fused_layers = fused
+    assert (fused_logits - layered).abs().max().item() < 1e-5 * layered.abs().max().item()
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
@@ -61,7 +61,7 @@ def test_fused_matches_transformers_past_the_sliding_window(tmp_path):
 
 
 def test_isas_agree_bit_for_bit(path):
-    if cpu_linear.best_isa() != "avx512":
+    if build.best_isa() != "avx512":
         pytest.skip("only AVX2 on this CPU")
     eng = specedit.load(path)
     m = eng.model
@@ -69,7 +69,7 @@ def test_isas_agree_bit_for_bit(path):
     outs = []
     for isa in ("avx2", "avx512"):
         c = eng._cache(len(IDS))
-        outs.append((m.stack(x, c, [0], isa=isa), c.buf.clone()))
+        outs.append((m.fused_layers(x, c, [0], isa=isa), c.buf.clone()))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
@@ -81,14 +81,14 @@ def test_ragged_rows_write_their_own_cache_slots(path):
     starts = [9, 4]
     for b, s in enumerate(starts):
         one = KVCache(eng.cfg, 1, 64, torch.float32, "cpu")
-        m.stack(m.embed(torch.tensor([IDS[:s]])), one, [0])
+        m.fused_layers(m.embed(torch.tensor([IDS[:s]])), one, [0])
         both.buf[:, :, b] = one.buf[:, :, 0]
     x = m.embed(torch.tensor([IDS[20:25], IDS[30:35]]))
-    out = m.stack(x, both, starts)
+    out = m.fused_layers(x, both, starts)
     for b, s in enumerate(starts):
         one = KVCache(eng.cfg, 1, 64, torch.float32, "cpu")
-        m.stack(m.embed(torch.tensor([IDS[:s]])), one, [0])
-        alone = m.stack(x[b : b + 1], one, [s])
+        m.fused_layers(m.embed(torch.tensor([IDS[:s]])), one, [0])
+        alone = m.fused_layers(x[b : b + 1], one, [s])
         assert torch.equal(out[b], alone[0])
         assert torch.equal(both.buf[:, :, b, :, : s + 5], one.buf[:, :, 0, :, : s + 5])
 
@@ -118,4 +118,4 @@ def test_bad_input_names_the_problem(tmp_path, case, match):
     elif case == "overflow":
         starts = [60]
     with pytest.raises(ValueError, match=match):
-        m.stack(x, c, starts)
+        m.fused_layers(x, c, starts)

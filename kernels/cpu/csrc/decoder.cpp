@@ -32,7 +32,7 @@ void linear_cols(const float*, int64_t, int64_t, const void*, int, const float*,
 
 void linear_run(const float* x, int64_t M, const Packed& w, float* y, int64_t isa) {
   if (M == 0 || w.N == 0) return;
-  auto fn = isa == 2 ? avx512::linear_cols : avx2::linear_cols;
+  auto fn = isa == ISA_AVX512 ? avx512::linear_cols : avx2::linear_cols;
   const int64_t N = w.N, K = w.K, groups = (N + 31) / 32;
   // Threads split the columns in groups of 32; each streams its own contiguous slice of the weights.
   // A chunk should carry at least ~64K weights, so small layers are not split into slivers.

@@ -7,8 +7,8 @@
 
 namespace specedit_cpu {
 
-// A weight packed by specedit.cpu_linear.pack_weight: [ceil(N/32)][K][32] in f32 (dtype 0), f16 (1), bf16 (2)
-// or int8 (3, with scale [N]: W = scale[n] * q[n, k]); bias [N] float32 or null.
+// A weight packed by specedit.kernels.cpu.linear.pack_weight: [ceil(N/32)][K][32] in a WeightDtype (codes.h);
+// W_I8 comes with scale [N]: W = scale[n] * q[n, k]; bias [N] float32 or null.
 struct Packed {
   const void* data;
   int64_t N, K;
@@ -44,7 +44,7 @@ struct StackScratch {
   float *h, *qkv, *o, *gu, *a, *y;
 };
 
-// y[M, N] = x[M, K] @ W^T (+ bias), threads split the columns. isa: 1 = avx2, 2 = avx512.
+// y[M, N] = x[M, K] @ W^T (+ bias), threads split the columns. isa: ISA_AVX2 or ISA_AVX512 (codes.h).
 void linear_run(const float* x, int64_t M, const Packed& w, float* y, int64_t isa);
 
 void attention_run(AttnProblem P, int64_t isa);  // attention.cpp
