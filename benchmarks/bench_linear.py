@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
-from common import read_probe
+from common import interleaved, machine, read_probe
 from specedit.kernels.cpu import build
 from specedit.kernels.cpu.linear import PackedLinear, linear_ref
 
@@ -69,23 +68,6 @@ def wait_quiet(max_wait: float) -> None:
                 return
     except OSError:
         return
-
-
-def timeit(series: dict[str, list], reps: int) -> dict[str, list[float]]:
-    """Seconds per call for each named series of callables. The series are interleaved call by call, so
-    a change in the machine's memory bandwidth (shared host) hits all of them alike; within a series the
-    callables (one per weight copy) are used round-robin."""
-    for fns in series.values():
-        for f in fns[:3]:
-            f()
-    ts: dict[str, list[float]] = {name: [] for name in series}
-    for i in range(reps):
-        for name, fns in series.items():
-            f = fns[i % len(fns)]
-            t = time.perf_counter()
-            f()
-            ts[name].append(time.perf_counter() - t)
-    return ts
 
 
 def _in_order(calls):
@@ -167,11 +149,8 @@ def main() -> None:
     t = time.perf_counter()
     isa = args.isa or build.best_isa()
     build_s = time.perf_counter() - t
-    with open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
     print(
-        f"machine: {cpu}, {os.cpu_count()} cpus, {platform.machine()}; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, capability {torch.backends.cpu.get_cpu_capability()}; "
+        f"machine: {machine()}, {os.cpu_count()} cpus, capability {torch.backends.cpu.get_cpu_capability()}; "
         f"kernel isa {isa}; extension load {build_s:.1f} s (a first build includes compiling)"
     )
     print(
@@ -184,7 +163,7 @@ def main() -> None:
 
     wait_quiet(args.quiet_wait)
     probe, probe_bytes = read_probe()
-    bw_ts = timeit({"bw": [probe]}, 15)["bw"]
+    bw_ts = interleaved({"bw": [probe]}, 15)["bw"]
     bw = probe_bytes / statistics.median(bw_ts)
     print(
         f"read bandwidth (1 GiB in huge pages, prefetching read probe): median {bw / 1e9:.1f} GB/s, best "
@@ -202,7 +181,7 @@ def main() -> None:
         for M in ms:
             x = torch.randn(M, k)
             wait_quiet(args.quiet_wait)
-            ts = timeit({m: [bind(x) for bind, _ in prepared[m]] for m in methods}, args.reps)
+            ts = interleaved({m: [bind(x) for bind, _ in prepared[m]] for m in methods}, args.reps)
             cells = []
             for m in methods:
                 m_, nbytes = statistics.median(ts[m]), prepared[m][0][1]
@@ -239,7 +218,7 @@ def main() -> None:
             series[m] = [_in_order(calls)]
         series["probe"] = [probe]
         wait_quiet(args.quiet_wait)
-        ts = timeit(series, max(5, args.reps // 3))
+        ts = interleaved(series, max(5, args.reps // 3))
         bw_m = probe_bytes / statistics.median(ts["probe"])
         for m in methods:
             m_ = statistics.median(ts[m])

@@ -16,7 +16,10 @@ DATA = ROOT.parent / "shared" / "data" / "nofuneval"
 OUT = ROOT / "benchmarks" / "out"
 
 
-def machine() -> str:
+def machine(device: torch.device | None = None) -> str:
+    """The processor (or the CUDA device), torch version and thread count, for every table and CSV."""
+    if device is not None and device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     cpu = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):
@@ -28,16 +31,27 @@ def machine() -> str:
     return f"{cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+def interleaved(series: dict[str, list], reps: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Wall seconds per call for each named series of zero-argument callables. The series are interleaved
+    call by call, so a change in the machine's memory bandwidth (shared host) hits all of them alike; within a
+    series the callables are used round-robin. Each callable runs `warmup` times first."""
+    for fns in series.values():
+        for f in fns:
+            for _ in range(warmup):
+                f()
+    ts: dict[str, list[float]] = {name: [] for name in series}
+    for i in range(reps):
+        for name, fns in series.items():
+            f = fns[i % len(fns)]
+            t0 = time.perf_counter()
+            f()
+            ts[name].append(time.perf_counter() - t0)
+    return ts
+
+
 def timed(fn, reps: int = 5, warmup: int = 1) -> list[float]:
     """Wall seconds of `reps` calls of fn() after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+    return interleaved({"": [fn]}, reps, warmup)[""]
 
 
 def med(xs) -> float:

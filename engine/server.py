@@ -114,7 +114,7 @@ class Server:
 
 class Handler(BaseHTTPRequestHandler):
     server_version = "specedit"
-    app: Server  # set by serve()
+    app: Server  # bound by make_server()
 
     def log_message(self, fmt, *args):  # quiet by default; errors still reach the client
         pass

@@ -194,6 +194,10 @@ def test_errors_name_the_problem():
         PackedLinear(torch.full((4, 4), float("nan")), None, torch.int8)
     with pytest.raises(ValueError, match="isa"):
         p(x, isa="sse")
+    with pytest.raises(ValueError, match=r"weight must be a \[N, K\] tensor, got list"):
+        PackedLinear(w.tolist())
+    with pytest.raises(ValueError, match=r"x must be a \[\.\.\., 72\] tensor, got list"):
+        p(x.tolist())
     with pytest.raises(ValueError, match="overflows float16"):
         PackedLinear(torch.full((4, 4), 70000.0), None, torch.float16)
 

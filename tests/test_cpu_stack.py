@@ -101,6 +101,9 @@ def test_ragged_rows_write_their_own_cache_slots(path):
         ("rows", "5 rows for 2 sequences"),
         ("cache_shape", r"cache must be contiguous float32 \[2, 2, 1, 2, S, 16\]"),
         ("overflow", r"start 60 \+ 5 rows exceeds the cache \(64\)"),
+        ("x_list", r"x must be a \[B, T, dim\] tensor, got list"),
+        ("cache_list", r"cache must be a \[L, 2, B, H_kv, S_max, D\] tensor, got list"),
+        ("starts_tuple", r"starts must be a list of ints"),
     ],
 )
 def test_bad_input_names_the_problem(tmp_path, case, match):
@@ -117,5 +120,11 @@ def test_bad_input_names_the_problem(tmp_path, case, match):
         c.buf = torch.zeros(2, 2, 1, 2, 64, 8)
     elif case == "overflow":
         starts = [60]
+    elif case == "x_list":
+        x = x.tolist()
+    elif case == "cache_list":
+        c.buf = [c.buf]
+    elif case == "starts_tuple":
+        starts = (0,)
     with pytest.raises(ValueError, match=match):
         m.fused_layers(x, c, starts)

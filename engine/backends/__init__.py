@@ -110,7 +110,7 @@ def select(device: str | torch.device = "cpu", backend: str = "auto", cpu_kernel
     if backend == "cpu" and cpu_kernels is False:
         raise ValueError("backend 'cpu' is the C++ kernels, but cpu_kernels=False")
 
-    name = backend
+    name, fallback = backend, ""
     if backend == "auto":
         name = "triton" if dev.type == "cuda" else "torch" if cpu_kernels is False or dev.type != "cpu" else "cpu"
     if name == "cpu":
@@ -118,8 +118,7 @@ def select(device: str | torch.device = "cpu", backend: str = "auto", cpu_kernel
         if why is not None:
             if backend == "cpu" or cpu_kernels:
                 raise ValueError(f"the CPU kernels cannot run here: {why}")
-            warnings.warn(f"specedit: CPU kernels not used ({why}); running on PyTorch, slower", stacklevel=3)
-            name = "torch"
+            name, fallback = "torch", f"CPU kernels not used ({why}); running on PyTorch, slower; "
     if int8 and name != "cpu":
         raise ValueError("dtype 'int8' (weight-only) runs only on the CPU kernels: device 'cpu', backend 'auto' or "
                          "'cpu', cpu_kernels not False")
@@ -143,9 +142,9 @@ def select(device: str | torch.device = "cpu", backend: str = "auto", cpu_kernel
         be = Backend("triton", dev, attend_triton, accept, weight_dtype, weight_dtype, False,
                      "Triton verify attention and cuBLAS/PyTorch linears are not checked row-invariant",
                      max_context=window)
-    warnings.warn(f"specedit: backend {be.name!r}: verify rows may differ from 1-row decode steps in the last "
-                  f"bits ({be.why}); a greedy near-tie could then resolve differently than in plain decoding",
-                  stacklevel=3)
+    warnings.warn(f"specedit: {fallback or f'backend {be.name!r}: '}verify rows may differ from 1-row decode steps "
+                  f"in the last bits ({be.why}); a greedy near-tie could then resolve differently than in plain "
+                  "decoding", stacklevel=3)
     return be
 
 

@@ -89,6 +89,10 @@ class DecoderStack:
         """
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             raise ValueError(f"cpu stack: x must be a [B, T, dim] tensor, got {type(x).__name__}")
+        if not isinstance(cache, torch.Tensor):
+            raise ValueError(f"cpu stack: cache must be a [L, 2, B, H_kv, S_max, D] tensor, got {type(cache).__name__}")
+        if not isinstance(starts, list) or not all(type(s) is int for s in starts):
+            raise ValueError(f"cpu stack: starts must be a list of ints, got {starts!r}")
         B, T, dim = x.shape
         out = self._stack.forward(x.reshape(B * T, dim), cache, starts, build.isa_code(isa))
         return out.view(B, T, dim)
