@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from .decode import SequenceState, Stopper, plain_decode
 from .drafter import Drafter, OutputLookup, special_bytes, token_bytes_table
 from .model import Transformer
 from .results import EditResult, GenerateResult, Stats
+from .scheduler import Handle, Job, Scheduler, Service
 from .speculate import ChunkPolicy, CostModel, DraftSource, speculative_decode
 from .weights import load_hf_tensors, to_runtime_state
 
@@ -67,6 +69,8 @@ class Engine:
         self._token_bytes: list[bytes] | None = None
         self._text: list[bytes] | None = None
         self._cost: CostModel | None = None
+        self._service: Service | None = None
+        self._service_lock = threading.Lock()
         eos = set(self.cfg.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -129,20 +133,28 @@ class Engine:
         prompt, _, cache = self._prepare(ids, 1)
         return self.model(torch.tensor([prompt], device=cache.buf.device), cache, all_logits=True)[0]
 
-    def _steps(self, ids_or_text, max_new_tokens, prediction, temperature, stop, seed, stats) -> Iterator[list[int]]:
+    def _sequence(self, ids_or_text, max_new_tokens, prediction, temperature, stop, seed,
+                  stats: Stats | None = None) -> tuple[SequenceState, KVCache]:
+        """The loop state of one generation and a batch-1 cache sized for it."""
         prompt, max_new, cache = self._prepare(ids_or_text, max_new_tokens)
         seq = SequenceState(
             prompt, Stopper(self.eos_ids, max_new, stop, self.token_bytes), temperature,
-            torch.Generator(device=cache.buf.device).manual_seed(seed) if temperature > 0 else None, stats=stats,
+            torch.Generator(device=cache.buf.device).manual_seed(seed) if temperature > 0 else None,
+            stats=stats if stats is not None else Stats(),
         )
-        if prediction is None:
-            yield from plain_decode(self.model, cache, seq)
-        else:
+        if prediction is not None:
             cost = self.cost_model()
             seq.source = DraftSource(
                 Drafter(self.encode(prediction), self.token_bytes), ChunkPolicy(cost, k_max=K_MAX),
                 OutputLookup(), ChunkPolicy(cost, k_max=K_MAX, prior=0.5),
             )
+        return seq, cache
+
+    def _steps(self, ids_or_text, max_new_tokens, prediction, temperature, stop, seed, stats) -> Iterator[list[int]]:
+        seq, cache = self._sequence(ids_or_text, max_new_tokens, prediction, temperature, stop, seed, stats)
+        if seq.source is None:
+            yield from plain_decode(self.model, cache, seq)
+        else:
             yield from speculative_decode(self.model, cache, seq, self.backend.accept)
         stats.finish_reason = seq.stopper.reason
 
@@ -205,3 +217,50 @@ class Engine:
             with torch.inference_mode():
                 self._cost = CostModel.measure(self.model, self._cache, rows, prefix)
         return self._cost
+
+    # ---- many sequences ---------------------------------------------------------------------------------------
+    def submit(self, ids_or_text: str | Sequence[int], max_new_tokens: int = 256, prediction=None,
+               temperature: float = 0.0, stop: Sequence[str] = (), seed: int = 0) -> Handle:
+        """Queue one generation on the engine's batched scheduler; safe from any thread, any number of callers.
+
+        Arguments as in `generate`. Returns a Handle: `handle.tokens()` yields each step's tokens as they are
+        decided, `handle.wait()` returns them all, `handle.stats` fills as it runs, `handle.cancel()` drops it at
+        the next step boundary. Sequences submitted together share every forward (see specedit.scheduler);
+        each one's greedy output equals its own `generate`'s token for token on the CPU kernels.
+        """
+        with torch.inference_mode():
+            seq, cache = self._sequence(ids_or_text, max_new_tokens, prediction, temperature, stop, seed)
+        return self.service().submit(lambda emit, finish: Job(seq, cache, emit, finish))
+
+    def generate_batch(self, prompts_: Sequence[str | Sequence[int]], max_new_tokens: int = 256,
+                       prediction: Sequence | None = None, temperature: float = 0.0, stop: Sequence[str] = (),
+                       seed: int = 0) -> list[GenerateResult]:
+        """Decode several prompts together: one forward per step for all of them (ragged drafts padded).
+
+        prediction: None, or one prediction (text, ids or None) per prompt. Other arguments as in `generate`,
+        applied to every prompt. Returns one GenerateResult per prompt, in order; each equals that prompt's own
+        `generate(...)` token for token on the CPU kernels (row-invariant backends)."""
+        if isinstance(prompts_, (str, bytes)) or not isinstance(prompts_, Sequence):
+            raise TypeError(f"prompts must be a list of prompts (text or token ids), got {type(prompts_).__name__}")
+        preds = [None] * len(prompts_) if prediction is None else list(prediction)
+        if len(preds) != len(prompts_):
+            raise ValueError(f"prediction has {len(preds)} entries for {len(prompts_)} prompts")
+        handles = [self.submit(p, max_new_tokens, q, temperature, stop, seed) for p, q in zip(prompts_, preds)]
+        results = []
+        for h in handles:
+            tokens = h.wait()
+            text = prompts.TextStream(self._text_bytes(), stop)
+            results.append(GenerateResult(tokens, text.feed(tokens) + text.finish(), h.stats))
+        return results
+
+    def service(self, max_batch: int = 8) -> Service:
+        """The engine's batched scheduler thread (created on first use)."""
+        with self._service_lock:
+            if self._service is None:
+                cost = self.cost_model()
+                limit = engine_limit(self.backend, self.cfg)
+                make = lambda rows, length: KVCache(  # noqa: E731
+                    self.cfg, rows, length, self.backend.param_dtype, self.backend.device)
+                self._service = Service(Scheduler(self.model, self.backend.accept, cost, make, limit, K_MAX,
+                                                  max_batch))
+            return self._service

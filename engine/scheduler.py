@@ -1,0 +1,257 @@
+"""Many sequences per forward: the batched speculative loop, and a thread that runs it for many callers.
+
+Each step packs every active sequence's `[last] + draft` rows into ONE forward over a batched KV cache (one
+row per sequence; a sequence without a draft contributes its one row), accepts per row with the batched
+`accept`, rolls back per row and hands each sequence its tokens. Rows of one step have one length T, so
+shorter rows are padded; the padded positions are rolled back like rejected draft tokens, and with
+row-invariant kernels (the CPU backend) they change no other row's bits, so every sequence's greedy output is
+exactly its batch-1 `generate`'s.
+
+Sequences join at step boundaries: a new one is prefilled in a cache of its own, `prefill_chunk` tokens
+between two steps (a long prompt never stalls the others for its whole length), then copied into the batched
+cache. A finished or cancelled sequence leaves at the next boundary and frees its row. The batched cache is
+rebuilt (valid positions copied) whenever the set of sequences changes, so a forward only ever covers live
+rows.
+
+The rows per forward come from the measured cost model: the step budget is the largest row count a forward
+serves for at most twice the cost of one row (memory-bound), split evenly between the active sequences,
+each of which then picks its draft length within its share with its own chunk policy.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import KVCache
+from .decode import SequenceState, pick
+from .speculate import AcceptFn, CostModel, sampled_accept
+
+
+@dataclass
+class Job:
+    """A sequence in the scheduler. `emit(tokens)` receives the tokens decided at each step, `finish()` is
+    called once when it ends (seq.stopper.reason says why; "" if cancelled or failed, with `error` set)."""
+
+    seq: SequenceState
+    cache: KVCache  # its own batch-1 cache while it is prefilled; then the batched cache holds it
+    emit: Callable[[list[int]], None]
+    finish: Callable[[], None]
+    prefilled: int = 0
+    last: int = -1  # the last decided token: the first row of its next verify step
+    cancelled: bool = False
+    error: BaseException | None = None
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_first: float = 0.0
+
+
+class Scheduler:
+    """The batched loop over Jobs; single-threaded (see Service for many callers)."""
+
+    def __init__(self, model, accept: AcceptFn, cost: CostModel | None, make_cache: Callable[[int, int], KVCache],
+                 limit: int, k_max: int = 64, max_batch: int = 8, prefill_chunk: int = 256):
+        self.model, self.accept, self.make_cache, self.limit = model, accept, make_cache, limit
+        self.k_max, self.max_batch, self.prefill_chunk = k_max, max_batch, prefill_chunk
+        self.budget = k_max + 1
+        if cost is not None:  # rows a forward serves for at most twice the cost of one row
+            self.budget = max(r for r in range(1, k_max + 2) if r == 1 or cost(r) <= 2 * cost(1))
+        self.joining: deque[Job] = deque()
+        self.active: list[Job] = []  # row b of self.cache holds active[b]
+        self.cache: KVCache | None = None
+
+    def add(self, job: Job) -> None:
+        self.joining.append(job)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.joining or self.active)
+
+    def step(self) -> None:
+        """One boundary: drop cancelled jobs, advance one joining prefill by a chunk, one batched forward."""
+        for job in [j for j in self.joining if j.cancelled]:
+            self.joining.remove(job)
+            job.finish()
+        if any(j.cancelled for j in self.active):
+            self._regroup([j for j in self.active if not j.cancelled], [j for j in self.active if j.cancelled])
+        if self.joining and len(self.active) < self.max_batch:
+            self._prefill_chunk(self.joining[0])
+        if self.active:
+            self._decode_step()
+
+    def run(self) -> None:
+        """Step until every job has finished (for generate_batch)."""
+        while self.busy:
+            self.step()
+
+    # ---- joining ----------------------------------------------------------------------------------------------
+    def _prefill_chunk(self, job: Job) -> None:
+        seq = job.seq
+        chunk = seq.prompt[job.prefilled : job.prefilled + self.prefill_chunk]
+        t0 = time.perf_counter()
+        logits = self.model(torch.tensor([chunk], device=job.cache.buf.device), job.cache)  # [1, V]
+        seq.stats.prefill_s += time.perf_counter() - t0
+        job.prefilled += len(chunk)
+        if job.prefilled < len(seq.prompt):
+            return
+        self.joining.popleft()
+        seq.stats.prompt_tokens = len(seq.prompt)
+        job.t_first = time.perf_counter()
+        if self._push(job, [pick(logits[0], seq.temperature, seq.generator)]):
+            self._regroup(self.active + [job], [])
+        else:
+            job.finish()
+
+    def _regroup(self, keep: list[Job], leaving: list[Job]) -> None:
+        """Rebuild the batched cache for `keep` (rows copied from where each job's positions are now)."""
+        for job in leaving:
+            job.finish()
+        old_rows = {id(j): b for b, j in enumerate(self.active)}
+        if not keep:
+            self.active, self.cache = [], None
+            return
+        need = max(len(j.seq.prompt) + j.seq.stopper.max_new + self.k_max + 1 for j in keep)
+        cache = self.make_cache(len(keep), min(self.limit, need))
+        for b, job in enumerate(keep):
+            src, row = (self.cache, old_rows[id(job)]) if id(job) in old_rows else (job.cache, 0)
+            cache.copy_row(b, src, row)
+            job.cache = cache
+            job.seq.row = b
+        self.active, self.cache = keep, cache
+
+    # ---- decoding ---------------------------------------------------------------------------------------------
+    def _push(self, job: Job, new: list[int]) -> bool:
+        """Give `new` tokens to the job (cut at its stop); False when it has ended."""
+        seq = job.seq
+        for i, tok in enumerate(new):
+            if seq.stopper.push(tok):
+                seq.stats.new_tokens += i + 1
+                seq.stats.finish_reason = seq.stopper.reason
+                job.emit(new[: i + 1])
+                return False
+        seq.stats.new_tokens += len(new)
+        if seq.source is not None:
+            seq.source.observe(new)
+        job.emit(new)
+        job.last = new[-1]
+        return True
+
+    def _decode_step(self) -> None:
+        cache, jobs = self.cache, self.active
+        share = self.k_max if len(jobs) == 1 else max(0, self.budget // len(jobs) - 1)  # draft tokens per sequence
+        drafts = []
+        for b, job in enumerate(jobs):
+            seq = job.seq
+            room = min(seq.stopper.max_new - seq.stopper.count - 1, cache.max_len - cache.lengths[b] - 1, share,
+                       self.k_max)
+            drafts.append(seq.source.propose(room) if seq.source is not None else ([], True))
+        T = 1 + max(len(d) for d, _ in drafts)
+        rows = [[job.last] + d + [job.last] * (T - 1 - len(d)) for job, (d, _) in zip(jobs, drafts)]
+        device = cache.buf.device
+        logits = self.model(torch.tensor(rows, device=device), cache, all_logits=True)  # [B, T, V]
+        greedy = [b for b, job in enumerate(jobs) if job.seq.temperature <= 0]
+        decided: dict[int, tuple[int, int]] = {}
+        if greedy:
+            idx = torch.tensor(greedy, device=device)
+            lens = torch.tensor([len(drafts[b][0]) for b in greedy], dtype=torch.int32, device=device)
+            d = torch.tensor([r[1:] for r in (rows[b] for b in greedy)], dtype=torch.int32, device=device)
+            n, nxt, _ = self.accept(logits[idx], d.view(len(greedy), T - 1), lens)
+            for b, nb, tb in zip(greedy, n.tolist(), nxt.tolist()):
+                decided[b] = (nb, tb)
+        leaving = []
+        for b, job in enumerate(jobs):
+            seq, (draft, from_prediction) = job.seq, drafts[b]
+            if b not in decided:
+                if seq.source is None:
+                    decided[b] = (0, pick(logits[b, 0], seq.temperature, seq.generator))
+                else:
+                    decided[b] = sampled_accept(logits[b, : len(draft) + 1], draft, seq.temperature, seq.generator)
+            n, nxt = decided[b]
+            cache.rollback(b, cache.lengths[b] - (T - 1 - n))
+            seq.stats.forwards += 1
+            if seq.source is not None:
+                seq.source.update(len(draft), n, from_prediction, seq.stats)
+            if not self._push(job, draft[:n] + [nxt]):
+                leaving.append(job)
+            seq.stats.decode_s = time.perf_counter() - job.t_first
+        if leaving:
+            self._regroup([j for j in jobs if j not in leaving], leaving)
+
+
+class Handle:
+    """A submitted generation: iterate `tokens()` for each step's tokens as they are decided, or wait with
+    `wait()`; `cancel()` from any thread drops it at the next step boundary and frees its row."""
+
+    def __init__(self, job_factory: Callable[[Handle], Job]):
+        self._queue: queue.Queue = queue.Queue()
+        self.job = job_factory(self)
+
+    @property
+    def stats(self):
+        return self.job.seq.stats
+
+    def cancel(self) -> None:
+        self.job.cancelled = True
+
+    def tokens(self, timeout: float | None = None) -> Iterator[list[int]]:
+        """Each step's tokens until the sequence ends; raises the scheduler's error if it failed."""
+        while True:
+            item = self._queue.get(timeout=timeout)
+            if item is None:
+                if self.job.error is not None:
+                    raise self.job.error
+                return
+            yield item
+
+    def wait(self, timeout: float | None = None) -> list[int]:
+        """Every token of the output, once it has ended."""
+        return [t for step in self.tokens(timeout) for t in step]
+
+
+class Service:
+    """A Scheduler running in a daemon thread: `submit()` is safe from any thread and any number of callers.
+    The thread starts with the first submission and idles when nothing is queued."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+        self._incoming: deque[Job] = deque()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, make_job: Callable[[Callable[[list[int]], None], Callable[[], None]], Job]) -> Handle:
+        """make_job(emit, finish) -> Job; returns its Handle."""
+
+        def factory(handle: Handle) -> Job:
+            return make_job(handle._queue.put, lambda: handle._queue.put(None))
+
+        handle = Handle(factory)
+        with self._wake:
+            self._incoming.append(handle.job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="specedit-scheduler", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+        return handle
+
+    @torch.inference_mode()
+    def _loop(self) -> None:
+        s = self.scheduler
+        while True:
+            with self._wake:
+                while not self._incoming and not s.busy:
+                    self._wake.wait()
+                while self._incoming:
+                    s.add(self._incoming.popleft())
+            try:
+                s.step()
+            except BaseException as e:  # noqa: BLE001 - every waiting caller must hear of it
+                for job in list(s.joining) + s.active:
+                    job.error = e
+                    job.finish()
+                s.joining.clear()
+                s.active, s.cache = [], None
