@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--dtype", default="float32", help=DTYPE_HELP)
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request but /health")
 
     args = ap.parse_args(argv)
     try:
@@ -116,14 +117,11 @@ def run(args) -> int:
     import specedit
 
     if args.cmd == "serve":
-        from .server import make_server
+        from .server import serve
 
-        srv = make_server(specedit.load(args.model, dtype=args.dtype), args.host, args.port, args.model)
-        print(f"specedit serving {args.model} on http://{args.host}:{srv.server_address[1]}/v1", file=sys.stderr)
-        try:
-            srv.serve_forever()
-        except KeyboardInterrupt:
-            pass
+        eng = specedit.load(args.model, dtype=args.dtype)
+        print(f"specedit serving {args.model} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+        serve(eng, args.host, args.port, args.model, api_key=args.api_key)
         return 0
 
     source = read_source(args.file)

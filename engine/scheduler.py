@@ -20,6 +20,7 @@ each of which then picks its draft length within its share with its own chunk po
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
@@ -184,12 +185,24 @@ class Scheduler:
 
 
 class Handle:
-    """A submitted generation: iterate `tokens()` for each step's tokens as they are decided, or wait with
-    `wait()`; `cancel()` from any thread drops it at the next step boundary and frees its row."""
+    """A submitted generation: iterate `tokens()` (or `async for` over `atokens()`) for each step's tokens as
+    they are decided, or `wait()`; `cancel()` from any thread drops it at the next step boundary and frees its
+    row."""
 
     def __init__(self, job_factory: Callable[[Handle], Job]):
         self._queue: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._aqueue: asyncio.Queue | None = None
         self.job = job_factory(self)
+
+    def _put(self, item: list[int] | None) -> None:
+        """From the scheduler thread: one step's tokens, or None at the end."""
+        with self._lock:
+            if self._aqueue is not None:
+                self._loop.call_soon_threadsafe(self._aqueue.put_nowait, item)
+            else:
+                self._queue.put(item)
 
     @property
     def stats(self):
@@ -198,15 +211,25 @@ class Handle:
     def cancel(self) -> None:
         self.job.cancelled = True
 
+    def _end(self) -> None:
+        if self.job.error is not None:
+            raise self.job.error
+
     def tokens(self, timeout: float | None = None) -> Iterator[list[int]]:
         """Each step's tokens until the sequence ends; raises the scheduler's error if it failed."""
-        while True:
-            item = self._queue.get(timeout=timeout)
-            if item is None:
-                if self.job.error is not None:
-                    raise self.job.error
-                return
+        while (item := self._queue.get(timeout=timeout)) is not None:
             yield item
+        self._end()
+
+    async def atokens(self):
+        """`tokens()` for asyncio code: awaits each step without holding a thread."""
+        with self._lock:
+            self._loop, self._aqueue = asyncio.get_running_loop(), asyncio.Queue()
+            while not self._queue.empty():
+                self._aqueue.put_nowait(self._queue.get_nowait())
+        while (item := await self._aqueue.get()) is not None:
+            yield item
+        self._end()
 
     def wait(self, timeout: float | None = None) -> list[int]:
         """Every token of the output, once it has ended."""
@@ -227,7 +250,7 @@ class Service:
         """make_job(emit, finish) -> Job; returns its Handle."""
 
         def factory(handle: Handle) -> Job:
-            return make_job(handle._queue.put, lambda: handle._queue.put(None))
+            return make_job(handle._put, lambda: handle._put(None))
 
         handle = Handle(factory)
         with self._wake:
