@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request but /health")
 
     args = ap.parse_args(argv)
+    # A warning (a fallback from the CPU kernels, a failed extension build) is one line on stderr, not two.
+    warnings.formatwarning = lambda message, *_args, **_kw: f"{message}\n"
     try:
         return run(args)
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as e:
