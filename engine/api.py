@@ -111,8 +111,8 @@ class Engine:
             self._text = [b"" if b.startswith(b"\xff") else b for b in self.token_bytes]
         return self._text
 
-    def _cache(self, length: int) -> KVCache:
-        return KVCache(self.cfg, 1, length, self.backend.param_dtype, self.backend.device)
+    def _cache(self, length: int, rows: int = 1) -> KVCache:
+        return KVCache(self.cfg, rows, length, self.backend.param_dtype, self.backend.device)
 
     def _prepare(self, ids_or_text, max_new_tokens: int) -> tuple[list[int], int, KVCache]:
         prompt = self.encode(ids_or_text)
@@ -257,10 +257,8 @@ class Engine:
         """The engine's batched scheduler thread (created on first use)."""
         with self._service_lock:
             if self._service is None:
-                cost = self.cost_model()
-                limit = engine_limit(self.backend, self.cfg)
-                make = lambda rows, length: KVCache(  # noqa: E731
-                    self.cfg, rows, length, self.backend.param_dtype, self.backend.device)
-                self._service = Service(Scheduler(self.model, self.backend.accept, cost, make, limit, K_MAX,
-                                                  max_batch))
+                scheduler = Scheduler(self.model, self.backend.accept, self.cost_model(),
+                                      lambda rows, length: self._cache(length, rows),
+                                      engine_limit(self.backend, self.cfg), K_MAX, max_batch)
+                self._service = Service(scheduler)
             return self._service

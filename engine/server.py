@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from starlette.concurrency import run_in_threadpool
 
 from . import prompts
+from .backends import engine_limit
 from .results import Stats
 
 MAX_BODY = 16 * 2**20
@@ -108,7 +109,7 @@ def create_app(engine, model_name: str = "specedit", api_key: str | None = None,
     app = FastAPI(title="specedit", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, api_key=api_key, max_body=max_body)
     created = int(time.time())
-    limit = engine.backend.max_context or engine.cfg.max_position
+    limit = engine_limit(engine.backend, engine.cfg)
     max_chars = limit * max(len(b) for b in engine.token_bytes)  # more characters than this cannot fit
 
     @app.exception_handler(APIError)
