@@ -48,19 +48,22 @@ class KVCache:
     def v(self, layer: int) -> torch.Tensor:
         return self._views[layer][1]  # [B, H_kv, S_max, D]
 
-    def advance(self, t: int) -> list[int]:
-        """Append `t` positions to every row, for the forward about to write them; returns each row's start.
+    def advance(self, t: int | list[int]) -> list[int]:
+        """Append `t` positions to every row (or t[b] to row b), for the forward about to write them; returns
+        each row's start.
 
-        Raises ValueError if a row would overflow the buffer. Refreshes `positions` [B, t] (int64) and
-        `lengths_dev` [B] (int32) on the cache's device with one host-to-device copy."""
+        Raises ValueError if a row would overflow the buffer. Refreshes `positions` [B, max t] (int64; columns
+        past a row's own count are not its positions) and `lengths_dev` [B] (int32) on the cache's device with
+        one host-to-device copy."""
+        counts = [t] * len(self._lengths) if isinstance(t, int) else t
         starts = self._lengths
-        need = max(starts) + t
+        need = max(s + c for s, c in zip(starts, counts))
         if need > self.max_len:
             raise ValueError(f"sequence of {need} tokens exceeds the KV cache capacity of {self.max_len} positions")
-        self._lengths = [s + t for s in starts]
+        self._lengths = [s + c for s, c in zip(starts, counts)]
         self.starts_dev.copy_(torch.tensor(starts), non_blocking=True)
-        self.lengths_dev.copy_(self.starts_dev + t)
-        self.positions = self.starts_dev[:, None] + self._offsets[:t]
+        self.lengths_dev.copy_(torch.tensor(self._lengths), non_blocking=True)
+        self.positions = self.starts_dev[:, None] + self._offsets[: max(counts)]
         return starts
 
     def rollback(self, row: int, length: int) -> None:

@@ -20,8 +20,9 @@ from .config import ModelConfig
 # attend(q [B, T, H, D], cache, layer, scale) -> [B, T, H, D]; the cache already holds the T new rows
 # (cache.lengths_dev and cache.positions describe them).
 AttendFn = Callable[[torch.Tensor, KVCache, int, float], torch.Tensor]
-# fused_layers(x [B, T, dim], cache, starts) -> [B, T, dim]: every block at once, the new K/V rows written.
-FusedLayersFn = Callable[[torch.Tensor, KVCache, list[int]], torch.Tensor]
+# fused_layers(x [B, T, dim], cache, starts) -> [B, T, dim]: every block at once, the new K/V rows written;
+# fused_layers(x [M, dim], cache, starts, counts) -> [M, dim]: the same with counts[b] rows for cache row b.
+FusedLayersFn = Callable[..., torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -124,9 +125,7 @@ class Transformer(nn.Module):
         (prefill and plain decoding). Every row of the cache advances by T.
         """
         B, T = tokens.shape
-        end = max(cache.lengths) + T
-        if end > self.cfg.max_position:
-            raise ValueError(f"position {end} exceeds the model's max_position_embeddings {self.cfg.max_position}")
+        self._check_room(cache, [T] * B)
         starts = cache.advance(T)
         x = self.embed(tokens)  # [B, T, dim]
         if self.fused_layers is not None:
@@ -138,3 +137,28 @@ class Transformer(nn.Module):
         if not all_logits:
             x = x[:, -1]  # [B, dim]
         return self.lm_head(self.norm(x)).float()
+
+    def forward_rows(self, rows: list[list[int]], cache: KVCache) -> torch.Tensor:
+        """Append rows[b] (at least one token each; the counts may differ) to cache row b in one forward.
+
+        Returns float32 logits [M, V] of every new row, sequence after sequence (M = total tokens). The fused
+        layers take the rows ragged; the per-layer path pads every row to the longest with its last token and
+        rolls the padding back, which changes no other row's logits where rows are computed independently.
+        """
+        counts = [len(r) for r in rows]
+        device = self.embed.weight.device
+        if self.fused_layers is None:
+            T = max(counts)
+            logits = self(torch.tensor([r + r[-1:] * (T - len(r)) for r in rows], device=device), cache, True)
+            for b, n in enumerate(counts):
+                cache.rollback(b, cache.lengths[b] - (T - n))
+            return torch.cat([logits[b, :n] for b, n in enumerate(counts)])  # [M, V]
+        self._check_room(cache, counts)
+        starts = cache.advance(counts)
+        x = self.embed(torch.tensor([t for r in rows for t in r], device=device))  # [M, dim]
+        return self.lm_head(self.norm(self.fused_layers(x, cache, starts, counts))).float()
+
+    def _check_room(self, cache: KVCache, counts: list[int]) -> None:
+        end = max(n + c for n, c in zip(cache.lengths, counts))
+        if end > self.cfg.max_position:
+            raise ValueError(f"position {end} exceeds the model's max_position_embeddings {self.cfg.max_position}")

@@ -1,11 +1,11 @@
 """Many sequences per forward: the batched speculative loop, and a thread that runs it for many callers.
 
 Each step packs every active sequence's `[last] + draft` rows into ONE forward over a batched KV cache (one
-row per sequence; a sequence without a draft contributes its one row), accepts per row with the batched
-`accept`, rolls back per row and hands each sequence its tokens. Rows of one step have one length T, so
-shorter rows are padded; the padded positions are rolled back like rejected draft tokens, and with
-row-invariant kernels (the CPU backend) they change no other row's bits, so every sequence's greedy output is
-exactly its batch-1 `generate`'s.
+cache row per sequence; ragged: a sequence without a draft contributes its one row), accepts every sequence
+with one batched `accept`, rolls back per row and hands each sequence its tokens. With row-invariant kernels
+(the CPU backend) a row's logits do not depend on the other rows, so every sequence's greedy output is exactly
+its batch-1 `generate`'s. (Backends without ragged fused layers pad the rows to the longest and roll the
+padding back.)
 
 Sequences join at step boundaries: a new one is prefilled in a cache of its own, `prefill_chunk` tokens
 between two steps (a long prompt never stalls the others for its whole length), then copied into the batched
@@ -13,9 +13,9 @@ cache. A finished or cancelled sequence leaves at the next boundary and frees it
 rebuilt (valid positions copied) whenever the set of sequences changes, so a forward only ever covers live
 rows.
 
-The rows per forward come from the measured cost model: the step budget is the largest row count a forward
-serves for at most twice the cost of one row (memory-bound), split evenly between the active sequences,
-each of which then picks its draft length within its share with its own chunk policy.
+The rows per forward come from the measured cost model (speculate.plan_drafts): draft tokens are handed out
+where they are most likely to be accepted (each sequence's own acceptance estimate) for as long as the
+expected tokens per second of the forward still grow.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 
 from .cache import KVCache
 from .decode import SequenceState, pick
-from .speculate import AcceptFn, CostModel, sampled_accept
+from .speculate import AcceptFn, CostModel, plan_drafts, sampled_accept
 
 
 @dataclass
@@ -59,9 +59,7 @@ class Scheduler:
                  limit: int, k_max: int = 64, max_batch: int = 8, prefill_chunk: int = 256):
         self.model, self.accept, self.make_cache, self.limit = model, accept, make_cache, limit
         self.k_max, self.max_batch, self.prefill_chunk = k_max, max_batch, prefill_chunk
-        self.budget = k_max + 1
-        if cost is not None:  # rows a forward serves for at most twice the cost of one row
-            self.budget = max(r for r in range(1, k_max + 2) if r == 1 or cost(r) <= 2 * cost(1))
+        self.cost = cost
         self.joining: deque[Job] = deque()
         self.active: list[Job] = []  # row b of self.cache holds active[b]
         self.cache: KVCache | None = None
@@ -144,36 +142,31 @@ class Scheduler:
 
     def _decode_step(self) -> None:
         cache, jobs = self.cache, self.active
-        share = self.k_max if len(jobs) == 1 else max(0, self.budget // len(jobs) - 1)  # draft tokens per sequence
-        drafts = []
+        rooms, acceptance = [], []
         for b, job in enumerate(jobs):
             seq = job.seq
-            room = min(seq.stopper.max_new - seq.stopper.count - 1, cache.max_len - cache.lengths[b] - 1, share,
-                       self.k_max)
-            drafts.append(seq.source.propose(room) if seq.source is not None else ([], True))
-        T = 1 + max(len(d) for d, _ in drafts)
-        rows = [[job.last] + d + [job.last] * (T - 1 - len(d)) for job, (d, _) in zip(jobs, drafts)]
-        device = cache.buf.device
-        logits = self.model(torch.tensor(rows, device=device), cache, all_logits=True)  # [B, T, V]
-        greedy = [b for b, job in enumerate(jobs) if job.seq.temperature <= 0]
-        decided: dict[int, tuple[int, int]] = {}
-        if greedy:
-            idx = torch.tensor(greedy, device=device)
-            lens = torch.tensor([len(drafts[b][0]) for b in greedy], dtype=torch.int32, device=device)
-            d = torch.tensor([r[1:] for r in (rows[b] for b in greedy)], dtype=torch.int32, device=device)
-            n, nxt, _ = self.accept(logits[idx], d.view(len(greedy), T - 1), lens)
-            for b, nb, tb in zip(greedy, n.tolist(), nxt.tolist()):
-                decided[b] = (nb, tb)
+            room = min(seq.stopper.max_new - seq.stopper.count - 1, cache.max_len - cache.lengths[b] - 1, self.k_max)
+            rooms.append(max(0, room) if seq.source is not None else 0)
+            acceptance.append(seq.source.acceptance() if seq.source is not None else 0.0)
+        ks = plan_drafts(self.cost, acceptance, rooms) if self.cost is not None else rooms
+        drafts = [job.seq.source.draft(k) if job.seq.source is not None else ([], True) for job, k in zip(jobs, ks)]
+        rows = [[job.last] + d for job, (d, _) in zip(jobs, drafts)]
+        logits = self.model.forward_rows(rows, cache)  # [M, V], sequence after sequence
+        first = [0]
+        for r in rows:
+            first.append(first[-1] + len(r))
+        decided = self._accept_greedy(jobs, rows, first, logits)
         leaving = []
         for b, job in enumerate(jobs):
             seq, (draft, from_prediction) = job.seq, drafts[b]
             if b not in decided:
+                mine = logits[first[b] : first[b + 1]]  # [K+1, V]
                 if seq.source is None:
-                    decided[b] = (0, pick(logits[b, 0], seq.temperature, seq.generator))
+                    decided[b] = (0, pick(mine[0], seq.temperature, seq.generator))
                 else:
-                    decided[b] = sampled_accept(logits[b, : len(draft) + 1], draft, seq.temperature, seq.generator)
+                    decided[b] = sampled_accept(mine, draft, seq.temperature, seq.generator)
             n, nxt = decided[b]
-            cache.rollback(b, cache.lengths[b] - (T - 1 - n))
+            cache.rollback(b, cache.lengths[b] - (len(draft) - n))
             seq.stats.forwards += 1
             if seq.source is not None:
                 seq.source.update(len(draft), n, from_prediction, seq.stats)
@@ -182,6 +175,21 @@ class Scheduler:
             seq.stats.decode_s = time.perf_counter() - job.t_first
         if leaving:
             self._regroup([j for j in jobs if j not in leaving], leaving)
+
+    def _accept_greedy(self, jobs, rows, first, logits) -> dict[int, tuple[int, int]]:
+        """(accepted count, next token) of every greedy sequence, in one batched accept: the ragged logits are
+        gathered into [G, T, V] (a short sequence repeats its last row, past its draft length)."""
+        greedy = [b for b, job in enumerate(jobs) if job.seq.temperature <= 0]
+        if not greedy:
+            return {}
+        T = max(len(rows[b]) for b in greedy)
+        device = logits.device
+        idx = torch.tensor([[first[b] + min(t, len(rows[b]) - 1) for t in range(T)] for b in greedy], device=device)
+        draft = torch.tensor([rows[b][1:] + [0] * (T - len(rows[b])) for b in greedy], dtype=torch.int32,
+                             device=device).view(len(greedy), T - 1)
+        lens = torch.tensor([len(rows[b]) - 1 for b in greedy], dtype=torch.int32, device=device)
+        n, nxt, _ = self.accept(logits[idx], draft, lens)
+        return {b: (nb, tb) for b, nb, tb in zip(greedy, n.tolist(), nxt.tolist())}
 
 
 class Handle:

@@ -128,3 +128,44 @@ def test_bad_input_names_the_problem(tmp_path, case, match):
         starts = (0,)
     with pytest.raises(ValueError, match=match):
         m.fused_layers(x, c, starts)
+
+
+def test_ragged_rows_equal_each_sequence_alone(path):
+    """Sequences sending 1, 5 and 3 rows in one call (ragged): each equals its own call, bit for bit."""
+    eng = specedit.load(path)
+    m = eng.model
+    starts, counts = [9, 4, 12], [1, 5, 3]
+    both = KVCache(eng.cfg, 3, 64, torch.float32, "cpu")
+    for b, s in enumerate(starts):
+        one = KVCache(eng.cfg, 1, 64, torch.float32, "cpu")
+        m.fused_layers(m.embed(torch.tensor([IDS[:s]])), one, [0])
+        both.buf[:, :, b] = one.buf[:, :, 0]
+    rows = [IDS[30 + 10 * b : 30 + 10 * b + c] for b, c in enumerate(counts)]
+    out = m.fused_layers(m.embed(torch.tensor([t for r in rows for t in r])), both, starts, counts)
+    at = 0
+    for b, (s, c) in enumerate(zip(starts, counts)):
+        one = KVCache(eng.cfg, 1, 64, torch.float32, "cpu")
+        m.fused_layers(m.embed(torch.tensor([IDS[:s]])), one, [0])
+        alone = m.fused_layers(m.embed(torch.tensor([rows[b]])), one, [s])[0]
+        assert torch.equal(out[at : at + c], alone)
+        assert torch.equal(both.buf[:, :, b, :, : s + c], one.buf[:, :, 0, :, : s + c])
+        at += c
+    with pytest.raises(ValueError, match="row counts add up to 9 but x has 8 rows"):
+        m.fused_layers(torch.zeros(8, eng.cfg.dim), both, starts, counts)
+
+
+def test_forward_rows_pads_where_the_layers_are_not_fused(path):
+    """The per-layer path pads ragged rows and rolls the padding back: same logits as each row alone."""
+    eng = specedit.load(path)
+    m = eng.model
+    rows = [IDS[:3], IDS[10:17], IDS[20:21]]
+    fused = m.forward_rows(rows, eng._cache(32, rows=3))
+    m.fused_layers, saved = None, m.fused_layers
+    try:
+        cache = eng._cache(32, rows=3)
+        layered = m.forward_rows(rows, cache)
+        assert cache.lengths == (3, 7, 1)
+    finally:
+        m.fused_layers = saved
+    assert fused.shape == layered.shape == (11, eng.cfg.vocab_size)
+    assert (fused - layered).abs().max().item() < 1e-5 * layered.abs().max().item()

@@ -24,9 +24,11 @@ class FusedLayers:
     def __init__(self, stack: DecoderStack):
         self.stack = stack
 
-    def __call__(self, x: torch.Tensor, cache: KVCache, starts: list[int], isa: str | None = None) -> torch.Tensor:
-        """x [B, T, dim] float32 -> [B, T, dim]; starts: each row's length before this forward."""
-        return self.stack(x, cache.buf, starts, isa)
+    def __call__(self, x: torch.Tensor, cache: KVCache, starts: list[int], counts: list[int] | None = None,
+                 isa: str | None = None) -> torch.Tensor:
+        """x [B, T, dim] float32 -> [B, T, dim], or ragged x [M, dim] with counts[b] rows for row b -> [M, dim];
+        starts: each row's length before this forward."""
+        return self.stack(x, cache.buf, starts, counts, isa)
 
 
 def stack_dims(cfg) -> StackDims:

@@ -80,13 +80,21 @@ class DecoderStack:
             dims.intermediate_size, dims.norm_eps, dims.head_dim**-0.5, dims.sliding_window or 0, codes.pop(),
         )
 
-    def __call__(self, x: torch.Tensor, cache: torch.Tensor, starts: list[int], isa: str | None = None) -> torch.Tensor:
-        """x [B, T, dim] float32 (embeddings) -> hidden states [B, T, dim] after the last layer.
+    def __call__(self, x: torch.Tensor, cache: torch.Tensor, starts: list[int], counts: list[int] | None = None,
+                 isa: str | None = None) -> torch.Tensor:
+        """x [B, T, dim] float32 (embeddings) -> hidden states [B, T, dim] after the last layer; or, ragged,
+        x [M, dim] with counts[b] consecutive rows for sequence b (M = sum of counts) -> [M, dim].
 
         cache: [L, 2, B, H_kv, S_max, D] float32, contiguous. starts: positions each cache row held before this
-        call; the T new K/V rows are written at starts[b] + t and row t attends to keys 0 .. starts[b] + t.
+        call; sequence b's t-th new K/V row is written at starts[b] + t and attends to keys 0 .. starts[b] + t.
         isa: None/'auto', 'avx2' or 'avx512'.
         """
+        if counts is not None:
+            if not isinstance(x, torch.Tensor) or x.dim() != 2:
+                raise ValueError(f"cpu stack: ragged x must be an [M, dim] tensor, got {type(x).__name__}")
+            if not isinstance(counts, list) or not all(type(c) is int for c in counts):
+                raise ValueError(f"cpu stack: counts must be a list of ints, got {counts!r}")
+            return self._stack.forward(x, cache, starts, counts, build.isa_code(isa))
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             raise ValueError(f"cpu stack: x must be a [B, T, dim] tensor, got {type(x).__name__}")
         if not isinstance(cache, torch.Tensor):
@@ -94,5 +102,5 @@ class DecoderStack:
         if not isinstance(starts, list) or not all(type(s) is int for s in starts):
             raise ValueError(f"cpu stack: starts must be a list of ints, got {starts!r}")
         B, T, dim = x.shape
-        out = self._stack.forward(x.reshape(B * T, dim), cache, starts, build.isa_code(isa))
+        out = self._stack.forward(x.reshape(B * T, dim), cache, starts, [], build.isa_code(isa))
         return out.view(B, T, dim)

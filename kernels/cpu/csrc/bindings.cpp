@@ -172,29 +172,40 @@ class Stack {
     }
   }
 
-  // x [B * T, dim] float32 (row b * T + t), cache [L, 2, B, Hkv, S, D] float32 contiguous, starts: B ints
-  // (positions held before this call). Writes the new K/V rows at starts[b] + t and returns the hidden
-  // states after the last layer, [B * T, dim]. isa an IsaCode.
+  // x [M, dim] float32: sequence b's counts[b] rows one after another (empty counts: M / B rows each),
+  // cache [L, 2, B, Hkv, S, D] float32 contiguous, starts: B ints (positions held before this call). Writes
+  // sequence b's new K/V rows at starts[b] + t and returns the hidden states after the last layer, [M, dim].
+  // isa an IsaCode.
   at::Tensor forward(const at::Tensor& x_, const at::Tensor& cache, const std::vector<int64_t>& starts,
-                     int64_t isa) {
+                     std::vector<int64_t> counts, int64_t isa) {
     const auto& d = dims_;
     const int64_t B = (int64_t)starts.size();
     TORCH_CHECK_VALUE(x_.device().is_cpu() && x_.scalar_type() == at::kFloat && x_.dim() == 2 && x_.size(1) == d.dim,
                       "cpu stack: x must be float32 [rows, ", d.dim, "] on the CPU, got ", x_.scalar_type(), " ",
                       x_.sizes());
-    TORCH_CHECK_VALUE(B > 0 && x_.size(0) % B == 0, "cpu stack: ", x_.size(0), " rows for ", B, " sequences");
-    const int64_t T = x_.size(0) / B;
+    if (counts.empty()) {
+      TORCH_CHECK_VALUE(B > 0 && x_.size(0) % B == 0, "cpu stack: ", x_.size(0), " rows for ", B, " sequences");
+      counts.assign(B, x_.size(0) / B);
+    }
+    TORCH_CHECK_VALUE((int64_t)counts.size() == B, "cpu stack: ", counts.size(), " row counts for ", B, " sequences");
+    int64_t M = 0;
+    for (int64_t c : counts) {
+      TORCH_CHECK_VALUE(c >= 0, "cpu stack: row counts must be >= 0, got ", c);
+      M += c;
+    }
+    TORCH_CHECK_VALUE(M == x_.size(0), "cpu stack: row counts add up to ", M, " but x has ", x_.size(0), " rows");
     TORCH_CHECK_VALUE(cache.device().is_cpu() && cache.scalar_type() == at::kFloat && cache.is_contiguous() &&
                           cache.dim() == 6 && cache.size(0) == d.n_layers && cache.size(1) == 2 &&
                           cache.size(2) == B && cache.size(3) == d.Hkv && cache.size(5) == d.D,
                       "cpu stack: cache must be contiguous float32 [", d.n_layers, ", 2, ", B, ", ", d.Hkv,
                       ", S, ", d.D, "], got ", cache.scalar_type(), " ", cache.sizes());
     const int64_t S = cache.size(4);
-    for (int64_t s : starts)
-      TORCH_CHECK_VALUE(s >= 0 && s + T <= S && s + T <= max_pos_, "cpu stack: start ", s, " + ", T,
-                        " rows exceeds the cache (", S, ") or the rope table (", max_pos_, ")");
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK_VALUE(starts[b] >= 0 && starts[b] + counts[b] <= S && starts[b] + counts[b] <= max_pos_,
+                        "cpu stack: start ", starts[b], " + ", counts[b], " rows exceeds the cache (", S,
+                        ") or the rope table (", max_pos_, ")");
     isa = resolve_isa(isa, "cpu stack");
-    const int64_t M = B * T, nqkv = (d.H + 2 * d.Hkv) * d.D;
+    const int64_t nqkv = (d.H + 2 * d.Hkv) * d.D;
     at::Tensor x = x_.clone(at::MemoryFormat::Contiguous);
     at::Tensor work = at::empty({M * (2 * d.dim + nqkv + d.H * d.D + 3 * d.I)}, x.options());
     float* w = work.data_ptr<float>();
@@ -205,7 +216,7 @@ class Stack {
     s.gu = w, w += M * 2 * d.I;
     s.a = w, w += M * d.I;
     s.y = w;
-    specedit_cpu::stack_forward(d, layers_.data(), x.data_ptr<float>(), B, T, starts.data(),
+    specedit_cpu::stack_forward(d, layers_.data(), x.data_ptr<float>(), B, counts.data(), starts.data(),
                                 cache.data_ptr<float>(), S, s, isa);
     return x;
   }

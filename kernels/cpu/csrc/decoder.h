@@ -49,9 +49,11 @@ void linear_run(const float* x, int64_t M, const Packed& w, float* y, int64_t is
 
 void attention_run(AttnProblem P, int64_t isa);  // attention.cpp
 
-// Runs x [B * T, dim] (row b * T + t) through every layer in place. cache: [L, 2, B, Hkv, S, D] float32,
-// contiguous; starts[b]: positions row b holds before this call (the T new K/V rows go to starts[b] + t).
-void stack_forward(const StackDims& dims, const Layer* layers, float* x, int64_t B, int64_t T,
+// Runs x [M, dim] through every layer in place: sequence b owns counts[b] consecutive rows (ragged: a
+// sequence may send one row while another sends a whole draft; M = sum of counts). cache: [L, 2, B, Hkv, S, D]
+// float32, contiguous; starts[b]: positions sequence b holds before this call (its t-th new K/V row goes to
+// starts[b] + t).
+void stack_forward(const StackDims& dims, const Layer* layers, float* x, int64_t B, const int64_t* counts,
                    const int64_t* starts, float* cache, int64_t S, const StackScratch& s, int64_t isa);
 
 }  // namespace specedit_cpu
