@@ -6,7 +6,14 @@
     print(e.diff, e.stats.tokens_per_s)
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from .api import Engine, load
 from .results import EditResult, GenerateResult, Stats
 
-__all__ = ["load", "Engine", "GenerateResult", "EditResult", "Stats"]
+try:
+    __version__ = version("specedit")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["load", "Engine", "GenerateResult", "EditResult", "Stats", "__version__"]

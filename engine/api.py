@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
-from . import prompts
-from .backends import Backend, engine_limit, select
+from . import checks, prompts
+from .backends import CHOICES, Backend, engine_limit, select
 from .cache import KVCache
 from .config import ModelConfig
 from .decode import SequenceState, Stopper, plain_decode
@@ -18,7 +19,7 @@ from .model import Transformer
 from .results import EditResult, GenerateResult, Stats
 from .scheduler import Handle, Job, Scheduler, Service
 from .speculate import ChunkPolicy, CostModel, DraftSource, speculative_decode
-from .weights import load_hf_tensors, to_runtime_state
+from .weights import load_hf_tensors, parse_dtype, to_runtime_state
 
 K_MAX = 64  # largest draft verified in one forward
 
@@ -38,6 +39,7 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu", backend:
     float32's bytes per decode step, at the cost of quantization error (outputs can differ from float32's).
     Elsewhere the whole model runs in `dtype`.
     """
+    check_load_args(path, dtype, device, backend, cpu_kernels)
     p = Path(path)
     if not p.is_dir():
         from .gguf import resolve  # GGUF files and named models convert once into a cache directory
@@ -60,6 +62,18 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu", backend:
     return Engine(model, tokenizer, be, p)
 
 
+def check_load_args(path, dtype, device, backend, cpu_kernels) -> None:
+    """load()'s argument checks, before anything is read: TypeError / ValueError naming the argument."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike (an HF directory, a .gguf file or a model name), "
+                        f"got {type(path).__name__}")
+    if dtype not in ("int8", torch.int8):
+        parse_dtype(dtype)
+    checks.device(device)
+    checks.choice("backend", backend, CHOICES)
+    checks.cpu_kernels(cpu_kernels)
+
+
 class Engine:
     """A model ready to decode. Build it with `specedit.load(...)`."""
 
@@ -80,6 +94,7 @@ class Engine:
     def encode(self, ids_or_text: str | Sequence[int]) -> list[int]:
         """Token ids of a prompt or prediction given as text (the model's tokenizer, no special tokens added)
         or as ids (checked against the vocabulary)."""
+        checks.text_or_ids("ids_or_text", ids_or_text)
         if isinstance(ids_or_text, str):
             if self.tokenizer is None:
                 raise ValueError(f"{self.path}: no tokenizer in the model directory; pass token ids")
@@ -130,6 +145,7 @@ class Engine:
     @torch.inference_mode()
     def logits(self, ids: str | Sequence[int]) -> torch.Tensor:
         """Float32 logits [T, V] of a fresh prefill of `ids` (row t predicts token t + 1)."""
+        checks.text_or_ids("ids", ids)
         prompt, _, cache = self._prepare(ids, 1)
         return self.model(torch.tensor([prompt], device=cache.buf.device), cache, all_logits=True)[0]
 
@@ -158,11 +174,19 @@ class Engine:
             yield from speculative_decode(self.model, cache, seq, self.backend.accept)
         stats.finish_reason = seq.stopper.reason
 
-    @torch.inference_mode()
     def stream(self, ids_or_text: str | Sequence[int], max_new_tokens: int = 256, prediction=None,
                temperature: float = 0.0, stop: Sequence[str] = (), seed: int = 0,
                stats: Stats | None = None) -> Iterator[str]:
-        """Yield text deltas (whole UTF-8 characters) as tokens are decided; arguments as in `generate`."""
+        """Yield text deltas (whole UTF-8 characters) as tokens are decided; arguments as in `generate`.
+        `stats`, when given, is filled as decoding goes (finish_reason once the iterator is exhausted).
+        Arguments are checked when stream() is called, before the first delta is asked for."""
+        stop = self._check_gen_args(ids_or_text, max_new_tokens, prediction, temperature, stop, seed)
+        if stats is not None and not isinstance(stats, Stats):
+            raise TypeError(f"stats must be a specedit.Stats or None, got {type(stats).__name__}")
+        return self._stream(ids_or_text, max_new_tokens, prediction, temperature, stop, seed, stats)
+
+    @torch.inference_mode()
+    def _stream(self, ids_or_text, max_new_tokens, prediction, temperature, stop, seed, stats) -> Iterator[str]:
         text = prompts.TextStream(self._text_bytes(), stop)
         stats = stats if stats is not None else Stats()
         for new in self._steps(ids_or_text, max_new_tokens, prediction, temperature, stop, seed, stats):
@@ -181,7 +205,11 @@ class Engine:
         prediction: expected output (text or ids), e.g. the original file; verified in chunks, never changes
         greedy output. Stops at EOS (kept in token_ids), at a `stop` string (tokens kept, text cut before it),
         or at the context limit. temperature 0 is greedy; > 0 samples (seeded by `seed`).
+
+        `stats.finish_reason` says why it ended: "stop" (EOS or a stop string) or "length" (`max_new_tokens`
+        or the model's context). Raises TypeError / ValueError naming a bad argument.
         """
+        stop = self._check_gen_args(ids_or_text, max_new_tokens, prediction, temperature, stop, seed)
         stats = Stats()
         tokens: list[int] = []
         text = prompts.TextStream(self._text_bytes(), stop)
@@ -192,13 +220,42 @@ class Engine:
         out.append(text.finish())
         return GenerateResult(tokens, "".join(out), stats)
 
+    def chat(self, messages: Sequence[dict], max_new_tokens: int = 256, prediction=None, temperature: float = 0.0,
+             stop: Sequence[str] = (), seed: int = 0) -> GenerateResult:
+        """`generate` on OpenAI-style messages ([{"role": "user", "content": "..."}, ...]; content a str or a
+        list of {"type": "text", "text": ...} parts) put through the model's chat template with the assistant's
+        turn opened. Other arguments as in `generate`; `prediction` is the expected answer (e.g. the file)."""
+        msgs = checks.messages(messages)
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"{self.path}: the model has no chat template; use generate() with a prompt")
+        prompt = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return self.generate(prompt, max_new_tokens, prediction, temperature, stop, seed)
+
+    def _check_gen_args(self, ids_or_text, max_new_tokens, prediction, temperature, stop, seed) -> list[str]:
+        checks.text_or_ids("ids_or_text", ids_or_text)
+        checks.positive_int("max_new_tokens", max_new_tokens)
+        checks.text_or_ids("prediction", prediction, optional=True)
+        checks.temperature(temperature)
+        checks.integer("seed", seed)
+        return checks.stop_strings(stop)
+
     def edit(self, original: str, instruction: str, language: str | None = None, max_new_tokens: int | None = None,
              speculate: bool = True) -> EditResult:
         """Rewrite `original` following `instruction`, with the original as the prediction.
 
-        Returns EditResult(text, diff, stats, token_ids). max_new_tokens defaults to twice the original's token
-        count plus 256. speculate=False decodes plainly (same output, for comparisons).
+        Returns EditResult(text, diff, stats, token_ids, complete). max_new_tokens defaults to twice the
+        original's token count plus 256. speculate=False decodes plainly (same output, for comparisons).
+        `complete` is True only when the answer ended at its closing code fence; an answer cut by
+        max_new_tokens or the context ("length"), or ended by EOS before the fence, is not complete and should
+        not be written over a file.
         """
+        checks.text("original", original)
+        checks.text("instruction", instruction, blank_ok=False)
+        if language is not None:
+            checks.text("language", language)
+        checks.positive_int("max_new_tokens", max_new_tokens, optional=True)
+        if not isinstance(speculate, bool):
+            raise TypeError(f"speculate must be True or False, got {speculate!r}")
         if self.tokenizer is None:
             raise ValueError(f"{self.path}: edit() needs a tokenizer in the model directory")
         prompt, prediction = prompts.build_edit_prompt(self.tokenizer, original, instruction, language)
@@ -207,15 +264,24 @@ class Engine:
             max_new_tokens = 2 * len(pred_ids) + 256
         r = self.generate(prompt, max_new_tokens, prediction=pred_ids if speculate else None, stop=[prompts.FENCE])
         edited = prompts.extract_code(r.text, original)
-        return EditResult(edited, prompts.unified_diff(original, edited), r.stats, r.token_ids)
+        at_fence = r.stats.finish_reason == "stop" and not (r.token_ids and r.token_ids[-1] in self.eos_ids)
+        return EditResult(edited, prompts.unified_diff(original, edited), r.stats, r.token_ids, at_fence)
 
     def cost_model(self) -> CostModel:
-        """Forward time vs rows on this machine (measured once per engine, ~0.1-1 s)."""
+        """Forward time vs rows on this machine: measured once per machine, model shape and weight format
+        (~0.1-1 s) and kept under $SPECEDIT_CACHE/cost, so a fresh engine's first speculative call doesn't pay
+        for it."""
         if self._cost is None:
-            prefix = min(128, self.cfg.max_position // 2)
-            rows = [r for r in (1, 2, 4, 8, 16, 32, K_MAX + 1) if prefix + r <= self.cfg.max_position]
-            with torch.inference_mode():
-                self._cost = CostModel.measure(self.model, self._cache, rows, prefix)
+            from . import costcache
+
+            key = costcache.key(self.model, self.backend.name)
+            self._cost = costcache.load(key)
+            if self._cost is None:
+                prefix = min(128, self.cfg.max_position // 2)
+                rows = [r for r in (1, 2, 4, 8, 16, 32, K_MAX + 1) if prefix + r <= self.cfg.max_position]
+                with torch.inference_mode():
+                    self._cost = CostModel.measure(self.model, self._cache, rows, prefix)
+                costcache.save(key, self._cost)
         return self._cost
 
     # ---- many sequences ---------------------------------------------------------------------------------------

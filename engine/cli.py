@@ -1,9 +1,20 @@
-"""`specedit apply | convert | bench | serve`: the command-line surface."""
+"""`specedit apply | convert | bench | serve`: the command-line surface.
+
+Exit codes: 0 done (for `apply`: the file was written, or printed); 1 nothing written (an incomplete or empty
+answer) or a runtime error; 2 a usage error (bad arguments, a missing, empty, binary or too-long file, an
+unwritable output, a missing model), always found before the model's weights load; 130 interrupted (Ctrl-C),
+nothing written.
+
+`apply` never writes a cut-off answer over a file: it writes only when the model's answer ended at its closing
+code fence (finish_reason "stop") and is non-empty (unless the instruction asks to delete everything, or
+--allow-empty), atomically, keeping the file's mode and writing through a symlink to its target.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -15,32 +26,254 @@ LANGUAGES = {
     ".kt": "kotlin", ".js": "javascript", ".jsx": "jsx", ".ts": "typescript", ".tsx": "tsx", ".go": "go",
     ".rs": "rust", ".rb": "ruby", ".scala": "scala", ".sh": "bash", ".cs": "csharp", ".swift": "swift",
 }
+# an instruction that asks for an empty result: "Delete everything.", "Empty the file", "remove all the code",
+# "delete the whole file"; not "Remove all comments" or "Delete the file header"
+_END = r"\s*[.!]?\s*$"
+DELETE_ALL = re.compile(
+    r"\b(delete|remove|erase|clear|empty|wipe|truncate|blank)\s+(out\s+)?("
+    rf"everything(\s+in\s+(it|the\s+file|this\s+file))?{_END}"
+    rf"|all(\s+of\s+it|\s+(the\s+)?(code|contents?|lines|text))?{_END}"
+    r"|(the\s+)?(whole|entire)\s+(file|code|contents?|thing)\b"
+    rf"|(the|this)\s+file('s)?(\s+contents?)?{_END}|(the|its)\s+(code|contents?){_END})",
+    re.IGNORECASE,
+)
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for, found before any work is done: exit 2."""
+
+
+class NotWritten(Exception):
+    """The answer is not safe to write (cut off, empty): exit 1, nothing written."""
 
 
 def read_source(path: Path) -> str:
-    """The file's text; ValueError when it is not UTF-8, FileNotFoundError when absent."""
+    """The file's text. UsageError (one line naming the file) when it is missing, not a regular file, empty or
+    blank, binary (a NUL byte) or not UTF-8."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such file") from None
+        raise UsageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory, not a file") from None
+    except PermissionError:
+        raise UsageError(f"{path}: permission denied (cannot read it)") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read it ({e.strerror})") from None
+    if not data.strip():
+        raise UsageError(f"{path}: the file is {'empty' if not data else 'blank'}; there is nothing to edit")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise UsageError(f"{path}: not a text file (a NUL byte at offset {nul}: binary data)")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
+        raise UsageError(f"{path}: not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
+
+
+def check_instruction(instruction: str) -> str:
+    if not instruction.strip():
+        raise UsageError('the instruction is empty; say what to change, e.g. "Add type hints."')
+    return instruction
+
+
+def check_writable(path: Path, what: str) -> Path:
+    """The real file `path` names (through symlinks), checked writable before any work: UsageError otherwise."""
+    real = Path(os.path.realpath(path))
+    if real.is_dir():
+        raise UsageError(f"{what} {path}: is a directory")
+    if real.exists():
+        if not real.is_file():
+            raise UsageError(f"{what} {path}: not a regular file")
+        if not os.access(real, os.W_OK):
+            raise UsageError(f"{what} {path}: permission denied (not writable)")
+    parent = real.parent
+    if not parent.is_dir():
+        raise UsageError(f"{what} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path}: cannot create files in {parent} (permission denied)")
+    return real
+
+
+def same_file(a: Path, b: Path) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b) or (a.exists() and b.exists() and os.path.samefile(a, b))
+
+
+def _umask() -> int:
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temp file in the same directory, so a failure never leaves it half-written."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write `text` to the file `path` names, through a temp file in the same directory and a rename, so a
+    failure or Ctrl-C never leaves it half-written. A symlink stays a link (its target is written); an existing
+    file keeps its mode; a new file gets 0o666 minus the umask."""
+    real = Path(os.path.realpath(path))
+    mode = real.stat().st_mode & 0o7777 if real.exists() else 0o666 & ~_umask()
+    fd, tmp = tempfile.mkstemp(dir=real.parent, prefix=f".{real.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o7777)
-        os.replace(tmp, path)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, real)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def diff_name(path: Path) -> str:
+    """The path a diff names (after a/ and b/) so `patch -p1` and `git apply` run from the current directory
+    find the file: relative to it, or the absolute path without its leading '/' (`patch -p1 -d /`)."""
+    rel = os.path.relpath(os.path.abspath(path))
+    return rel if not rel.startswith("..") else os.path.abspath(path).lstrip("/")
+
+
+def resolve_model(model: str) -> Path:
+    """The model's HF directory (a GGUF or a named model converts once into the cache); UsageError when absent."""
+    from .gguf import resolve
+
+    try:
+        return resolve(model)
+    except (FileNotFoundError, ModuleNotFoundError, ValueError) as e:
+        raise UsageError(f"model {model!r}: {e}") from None
+
+
+def check_fits(model_dir: Path, path: Path, source: str, instruction: str, language: str | None) -> tuple[int, int]:
+    """Count the edit's tokens with the model's tokenizer alone (no weights) and check that the prompt plus an
+    answer as long as the file fit the context. Returns (prompt tokens, file tokens incl. the closing fence)."""
+    from . import prompts
+    from .config import ModelConfig
+
+    try:
+        cfg = ModelConfig.from_hf_dir(model_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    if not ((model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer.model").is_file()):
+        raise UsageError(f"model {model_dir}: no tokenizer in the model directory; apply needs one")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok.model_max_length = 2**62  # counting only: no "sequence longer than the model" warning
+    prompt, prediction = prompts.build_edit_prompt(tok, source, instruction, language)
+    n_prompt = len(tok.encode(prompt, add_special_tokens=False))
+    n_file = len(tok.encode(prediction, add_special_tokens=False))
+    if n_prompt + n_file > cfg.max_position:
+        raise UsageError(
+            f"{path}: too long for the model: the prompt ({n_prompt:,} tokens, the file included) plus an answer "
+            f"as long as the file ({n_file:,}) need {n_prompt + n_file:,} tokens; the context is "
+            f"{cfg.max_position:,}"
+        )
+    return n_prompt, n_file
+
+
+def why_not_complete(e, max_new: int, context: int, n_prompt: int, instruction: str, allow_empty: bool) -> str | None:
+    """None when the edit may be written; otherwise one line saying why not."""
+    s = e.stats
+    if s.finish_reason == "length":
+        if s.new_tokens >= max_new:
+            return f"stopped at the {max_new}-token limit; nothing written; raise --max-new-tokens"
+        return (f"stopped at the model's context of {context} tokens ({n_prompt} of prompt + {s.new_tokens} "
+                "generated); nothing written; the file is too long for this model")
+    if not e.complete:
+        return ("the model ended its answer (end of sequence) before closing the code block; nothing written; "
+                "the answer may be cut short (see it with --partial-output)")
+    if not e.text.strip() and not (allow_empty or DELETE_ALL.search(instruction)):
+        return ("the model's answer is empty; nothing written (if the instruction is to delete everything, "
+                "pass --allow-empty)")
+    return None
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: X)' after every option that has a meaningful default."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    DTYPES = ["float32", "bfloat16", "float16", "int8"]
+    DTYPE_HELP = "weight storage (int8: CPU kernels only, lossy)"
+    MODEL_HELP = "an HF model directory, a .gguf file, or smollm2-135m-instruct"
+    ap = argparse.ArgumentParser(prog="specedit", description="Speculative edits: fast, lossless code rewriting.",
+                                 formatter_class=Help,
+                                 epilog="exit codes: 0 done, 1 nothing written or runtime error, 2 usage error, "
+                                        "130 interrupted")
+    ap.add_argument("--version", action="version", version=f"specedit {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{apply,convert,bench,serve}")
+
+    a = sub.add_parser("apply", formatter_class=Help, help="edit a file with an instruction",
+                       description="Edit FILE following INSTRUCTION. Prints the edited file (or its diff), or writes "
+                                   "it with --in-place / -o only when the answer is complete: ended at its closing "
+                                   "code fence, and not empty unless asked. Otherwise nothing is written, one line "
+                                   "says why, and the exit code is 1.")
+    a.add_argument("file", type=Path, help="the UTF-8 text file to edit")
+    a.add_argument("instruction", help='what to change, e.g. "Add type hints."')
+    a.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    a.add_argument("--dtype", default="float32", choices=DTYPES, help=DTYPE_HELP)
+    a.add_argument("--language", help="code fence language (default: from the file extension)")
+    out = a.add_mutually_exclusive_group()
+    out.add_argument("--in-place", action="store_true",
+                     help="overwrite FILE atomically, keeping its mode (a symlink's target is written)")
+    out.add_argument("-o", "--output", type=Path,
+                     help="write the edited file here atomically (default: print it to stdout)")
+    a.add_argument("--diff", action="store_true",
+                   help="print a unified diff (a/PATH b/PATH, for patch -p1 / git apply) instead of the file")
+    a.add_argument("--plain", action="store_true", help="plain decoding, no speculation (same output, slower)")
+    a.add_argument("--max-new-tokens", type=int,
+                   help="stop generating after this many tokens (default: 2 x the file's tokens + 256)")
+    a.add_argument("--allow-empty", action="store_true",
+                   help="accept an empty answer (the file is emptied); also implied by an instruction such as "
+                        '"delete everything"')
+    a.add_argument("--partial-output", type=Path, metavar="PATH",
+                   help="when the answer is incomplete, write what came back here (never over FILE); exit 1")
+
+    c = sub.add_parser("convert", formatter_class=Help, help="convert a GGUF file into an HF directory")
+    c.add_argument("gguf", type=Path, help="the .gguf file (llama, mistral, qwen2, qwen3)")
+    c.add_argument("out_dir", type=Path, help="the directory to create (must not exist or be empty)")
+    c.add_argument("--dtype", default="float32", choices=DTYPES[:3], help="storage of the written safetensors")
+
+    b = sub.add_parser("bench", formatter_class=Help, help="time one edit plainly and speculatively, outputs compared")
+    b.add_argument("file", type=Path, help="the UTF-8 text file to edit (it is not written)")
+    b.add_argument("instruction", help="what to change")
+    b.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    b.add_argument("--dtype", default="float32", choices=DTYPES, help=DTYPE_HELP)
+    b.add_argument("--language", help="code fence language (default: from the file extension)")
+
+    v = sub.add_parser("serve", formatter_class=Help, help="OpenAI-compatible server with predicted outputs")
+    v.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    v.add_argument("--dtype", default="float32", choices=DTYPES, help=DTYPE_HELP)
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    v.add_argument("--port", type=int, default=8000, help="port to listen on")
+    v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request but /health")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # A warning (a fallback from the CPU kernels, a failed extension build) is one line on stderr, not two.
+    warnings.formatwarning = lambda message, *_args, **_kw: f"{message}\n"
+    try:
+        return run(args)
+    except UsageError as e:
+        print(f"specedit {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except NotWritten as e:
+        print(f"specedit {args.cmd}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"specedit {args.cmd}: interrupted" + ("; nothing written" if args.cmd == "apply" else ""),
+              file=sys.stderr)
+        return 130
+    except Exception as e:  # a runtime failure: one line, not a trace
+        print(f"specedit {args.cmd}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 
 def speed_report(eng, original: str, instruction: str, language: str | None) -> tuple[str, bool]:
@@ -63,58 +296,14 @@ def speed_report(eng, original: str, instruction: str, language: str | None) -> 
     return "\n".join(lines), same
 
 
-def main(argv: list[str] | None = None) -> int:
-    DTYPE_HELP = "float32 | bfloat16 | float16 | int8 (weight storage on the CPU kernels; int8 is lossy)"
-    ap = argparse.ArgumentParser(prog="specedit", description="Speculative edits: fast, lossless code rewriting.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-
-    a = sub.add_parser("apply", help="edit a file with an instruction")
-    a.add_argument("file", type=Path)
-    a.add_argument("instruction")
-    a.add_argument("--model", default=DEFAULT_MODEL)
-    a.add_argument("--dtype", default="float32", help=DTYPE_HELP)
-    a.add_argument("--language", help="code fence language (default: from the file extension)")
-    out = a.add_mutually_exclusive_group()
-    out.add_argument("--in-place", action="store_true", help="overwrite FILE (atomically)")
-    out.add_argument("-o", "--output", type=Path, help="write the edited file here (atomically)")
-    a.add_argument("--diff", action="store_true", help="print a unified diff instead of the file")
-    a.add_argument("--plain", action="store_true", help="plain decoding (no speculation)")
-    a.add_argument("--max-new-tokens", type=int)
-
-    c = sub.add_parser("convert", help="convert a GGUF file into an HF directory")
-    c.add_argument("gguf", type=Path)
-    c.add_argument("out_dir", type=Path)
-    c.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16: storage of the safetensors")
-
-    b = sub.add_parser("bench", help="time one edit plainly and speculatively, outputs compared")
-    b.add_argument("file", type=Path)
-    b.add_argument("instruction")
-    b.add_argument("--model", default=DEFAULT_MODEL)
-    b.add_argument("--dtype", default="float32", help=DTYPE_HELP)
-    b.add_argument("--language")
-
-    v = sub.add_parser("serve", help="OpenAI-compatible server with predicted outputs")
-    v.add_argument("--model", default=DEFAULT_MODEL)
-    v.add_argument("--dtype", default="float32", help=DTYPE_HELP)
-    v.add_argument("--host", default="127.0.0.1")
-    v.add_argument("--port", type=int, default=8000)
-    v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request but /health")
-
-    args = ap.parse_args(argv)
-    # A warning (a fallback from the CPU kernels, a failed extension build) is one line on stderr, not two.
-    warnings.formatwarning = lambda message, *_args, **_kw: f"{message}\n"
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, OSError) as e:
-        print(f"specedit {args.cmd}: error: {e}", file=sys.stderr)
-        return 2
-
-
 def run(args) -> int:
     if args.cmd == "convert":
         from .gguf import convert
 
-        print(convert(args.gguf, args.out_dir, dtype=args.dtype))
+        try:
+            print(convert(args.gguf, args.out_dir, dtype=args.dtype))
+        except (ValueError, FileNotFoundError, FileExistsError) as e:
+            raise UsageError(str(e)) from None
         return 0
 
     import specedit
@@ -122,27 +311,58 @@ def run(args) -> int:
     if args.cmd == "serve":
         from .server import serve
 
-        eng = specedit.load(args.model, dtype=args.dtype)
+        if not 0 <= args.port <= 65535:
+            raise UsageError(f"--port must be 0..65535, got {args.port}")
+        eng = specedit.load(resolve_model(args.model), dtype=args.dtype)
         print(f"specedit serving {args.model} on http://{args.host}:{args.port}/v1", file=sys.stderr)
         serve(eng, args.host, args.port, args.model, api_key=args.api_key)
         return 0
 
+    # apply / bench: every check that needs no weights comes first
+    check_instruction(args.instruction)
     source = read_source(args.file)
     language = args.language or LANGUAGES.get(args.file.suffix.lower())
-    eng = specedit.load(args.model, dtype=args.dtype)
+    if args.cmd == "apply":
+        if args.max_new_tokens is not None and args.max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        if args.in_place:
+            check_writable(args.file, "FILE")
+        if args.output:
+            check_writable(args.output, "-o")
+        if args.partial_output:
+            check_writable(args.partial_output, "--partial-output")
+            if same_file(args.partial_output, args.file):
+                raise UsageError(f"--partial-output {args.partial_output}: is FILE itself; a partial answer is "
+                                 "never written over the input")
+    model_dir = resolve_model(args.model)
+    n_prompt, n_file = check_fits(model_dir, args.file, source, args.instruction, language)
+    try:
+        eng = specedit.load(model_dir, dtype=args.dtype)
+    except ValueError as e:  # a bad dtype for this machine, a bad checkpoint
+        raise UsageError(str(e)) from None
     if args.cmd == "bench":
         table, same = speed_report(eng, source, args.instruction, language)
         print(table)
         return 0 if same else 1
 
-    e = eng.edit(source, args.instruction, language, max_new_tokens=args.max_new_tokens, speculate=not args.plain)
+    max_new = args.max_new_tokens or 2 * n_file + 256
+    e = eng.edit(source, args.instruction, language, max_new_tokens=max_new, speculate=not args.plain)
     s = e.stats
-    print(f"{s.new_tokens} tokens in {s.forwards + 1} forwards, {s.tokens_per_s:.1f} tok/s, "
-          f"prediction tokens accepted {s.accepted_prediction_tokens}", file=sys.stderr)
+    ending = "closing fence" if e.complete else ("EOS" if s.finish_reason == "stop" else "token limit")
+    print(f"{s.new_tokens} tokens in {s.forwards + 1} forwards, {s.tokens_per_s:.1f} tok/s, prediction tokens "
+          f"accepted {s.accepted_prediction_tokens}, finish_reason {s.finish_reason} ({ending})", file=sys.stderr)
+    problem = why_not_complete(e, max_new, eng.cfg.max_position, n_prompt, args.instruction, args.allow_empty)
+    if problem:
+        if args.partial_output:
+            write_atomic(args.partial_output, e.text)
+            problem += f"; the partial answer is in {args.partial_output}"
+        raise NotWritten(f"{args.file}: {problem}")
     if args.in_place or args.output:
         write_atomic(args.file if args.in_place else args.output, e.text)
     if args.diff:
-        sys.stdout.write(e.diff)
+        from .prompts import unified_diff
+
+        sys.stdout.write(unified_diff(source, e.text, diff_name(args.file)))
     elif not (args.in_place or args.output):
         sys.stdout.write(e.text)
     return 0

@@ -70,3 +70,9 @@ class EditResult:
     diff: str  # unified diff original -> edited
     stats: Stats = field(default_factory=Stats)
     token_ids: list[int] = field(default_factory=list)
+    complete: bool = False  # the answer ended at its closing code fence: safe to write over the file
+
+    @property
+    def finish_reason(self) -> str:
+        """"stop" (the closing fence, or EOS) or "length" (max_new_tokens or the context: the text is cut)."""
+        return self.stats.finish_reason

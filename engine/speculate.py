@@ -45,18 +45,32 @@ class CostModel:
                 return s[i - 1] + w * (s[i] - s[i - 1])
         return s[-1] + (t - r[-1]) * (s[-1] - s[-2]) / (r[-1] - r[-2])
 
+    def to_dict(self) -> dict:
+        return {"rows": self.rows, "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CostModel:
+        """Inverse of to_dict; ValueError when `d` is not a cost model (rows increasing, seconds > 0)."""
+        rows, seconds = d.get("rows"), d.get("seconds")
+        ok = (isinstance(rows, list) and isinstance(seconds, list) and len(rows) == len(seconds) >= 2
+              and all(isinstance(r, int) and r > 0 for r in rows) and rows == sorted(set(rows))
+              and all(isinstance(x, (int, float)) and 0 < x < 1e3 for x in seconds))
+        if not ok:
+            raise ValueError(f"not a cost model: {d!r:.200}")
+        return cls(rows, [float(x) for x in seconds])
+
     @classmethod
     def measure(cls, model, make_cache: Callable[[int], KVCache], rows=(1, 2, 4, 8, 16, 32, 64), prefix=128,
                 reps=3) -> CostModel:
-        """Time forwards of T rows after a `prefix`-token context (min over `reps` after a warmup per T)."""
+        """Time forwards of T rows after a `prefix`-token context: one warmup per T, then `reps` rounds that
+        each time every T once (a burst of load from elsewhere hits all T alike), min per T."""
         device = model.embed.weight.device
         cache = make_cache(prefix + max(rows))
         model(torch.zeros(1, prefix, dtype=torch.long, device=device), cache)
-        seconds = []
-        for t in rows:
-            x = torch.zeros(1, t, dtype=torch.long, device=device)
-            best = float("inf")
-            for rep in range(reps + 1):
+        xs = [torch.zeros(1, t, dtype=torch.long, device=device) for t in rows]
+        best = [float("inf")] * len(rows)
+        for rep in range(reps + 1):
+            for i, x in enumerate(xs):
                 cache.rollback(0, prefix)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -65,9 +79,8 @@ class CostModel:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 if rep:  # the first call of a shape may build kernels or caches
-                    best = min(best, time.perf_counter() - t0)
-            seconds.append(best)
-        return cls(rows, seconds)
+                    best[i] = min(best[i], time.perf_counter() - t0)
+        return cls(rows, best)
 
 
 def plan_drafts(cost: CostModel, acceptance: Sequence[float], rooms: Sequence[int]) -> list[int]:

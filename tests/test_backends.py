@@ -60,22 +60,23 @@ def test_failed_build_falls_back_with_one_line(path, monkeypatch):
 @pytest.mark.parametrize(
     "kw, match",
     [
-        (dict(backend="cuda"), "unknown backend 'cuda'; choose one of auto, cpu, torch, triton"),
+        (dict(backend="cuda"), "backend must be one of 'auto', 'cpu', 'torch', 'triton'; got 'cuda'"),
         (dict(backend="cpu", cpu_kernels=False), "backend 'cpu' is the C\\+\\+ kernels"),
         (dict(backend="torch", cpu_kernels=True), "cpu_kernels=True asks for the C\\+\\+ kernels"),
-        (dict(cpu_kernels="yes"), "cpu_kernels must be None, True or False"),
-        (dict(device="tpu"), r"device 'tpu' is not a device name; use one of \['cpu'"),
+        (dict(device="tpu"), r"device 'tpu' is not a device name; this torch build .* can use: cpu"),
         (dict(dtype="int8", backend="torch"), "int8.*runs only on the CPU kernels"),
     ],
 )
 def test_bad_combinations_name_the_problem(path, kw, match):
     with pytest.raises(ValueError, match=match):
         select(**{"device": "cpu", "cfg": ModelConfig.from_hf_dir(path), **kw})
+    with pytest.raises(TypeError, match="cpu_kernels must be None, True or False"):
+        select("cpu", cpu_kernels="yes", cfg=ModelConfig.from_hf_dir(path))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_without_cuda_names_the_devices_here(path):
-    with pytest.raises(ValueError, match=r"device 'cuda' is not available here; use one of \['cpu'"):
+    with pytest.raises(ValueError, match=r"device 'cuda' is not available with this torch build .*usable here: cpu"):
         specedit.load(path, device="cuda")
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import checks
 from ..config import ModelConfig
 from ..model import AttendFn
 from ..speculate import AcceptFn
@@ -45,29 +46,6 @@ class Backend:
             pack_model(model, self.weight_dtype)
 
 
-def devices_here() -> list[str]:
-    """The device types this torch build can use on this machine."""
-    found = ["cpu"]
-    if torch.cuda.is_available():
-        found.append("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        found.append("mps")
-    return found
-
-
-def parse_device(device: str | torch.device) -> torch.device:
-    """A usable torch.device; ValueError naming the devices this torch build can use."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device {device!r} is not a device name; use one of {devices_here()}") from None
-    if dev.type not in devices_here():
-        raise ValueError(f"device {str(dev)!r} is not available here; use one of {devices_here()}")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device {str(dev)!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return dev
-
-
 def _cpu_kernels_problem(cfg: ModelConfig) -> str | None:
     """None when the CPU kernels can run `cfg` here (building them if needed), else why not."""
     from ..kernels.cpu import build
@@ -94,11 +72,9 @@ def select(device: str | torch.device = "cpu", backend: str = "auto", cpu_kernel
     (weight-only, CPU kernels only). Raises ValueError for a combination that cannot run; warns when a load
     loses the row-invariance guarantee (greedy speculative output could then differ from plain decoding at a
     near-tie)."""
-    if backend not in CHOICES:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(CHOICES)}")
-    if cpu_kernels not in (None, True, False):
-        raise ValueError(f"cpu_kernels must be None, True or False, got {cpu_kernels!r}")
-    dev = parse_device(device)
+    checks.choice("backend", backend, CHOICES)
+    checks.cpu_kernels(cpu_kernels)
+    dev = checks.device(device)
     int8 = dtype in ("int8", torch.int8)
     weight_dtype = torch.int8 if int8 else parse_dtype(dtype)
     if cpu_kernels is not None and dev.type != "cpu":
