@@ -83,11 +83,6 @@ class Scheduler:
         if self.active:
             self._decode_step()
 
-    def run(self) -> None:
-        """Step until every job has finished (for generate_batch)."""
-        while self.busy:
-            self.step()
-
     # ---- joining ----------------------------------------------------------------------------------------------
     def _prefill_chunk(self, job: Job) -> None:
         seq = job.seq
