@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
-import platform
 import statistics
 import sys
-import time
 
 import torch
+from common import machine, timed
 
 # Shapes of real models: attention heads (H, H_kv, D) and vocabularies.
 ATTN_MODELS = {"SmolLM2-135M": (9, 3, 64), "Llama-3-8B": (32, 8, 128)}
@@ -46,12 +44,7 @@ def sdpa_peer(q, k_cache, v_cache, L):
 
 
 def cpu_time(fn, runs):
-    fn()  # warm up
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
+    ts = timed(fn, reps=runs)
     return statistics.median(ts) * 1e6, min(ts) * 1e6, max(ts) * 1e6
 
 
@@ -68,12 +61,6 @@ def copy_bandwidth(device):
     y = torch.empty_like(x)
     us, _, _ = gpu_time(lambda: y.copy_(x))
     return 2 * x.numel() / (us * 1e-6) / 1e9
-
-
-def machine(device):
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
 
 
 def main(argv=None):

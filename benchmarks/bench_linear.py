@@ -1,4 +1,4 @@
-"""Small-M linear on CPU: specedit.cpu_linear vs torch F.linear, on SmolLM2-135M's shapes.
+"""Small-M linear on CPU: specedit.kernels.cpu.linear vs torch F.linear, on SmolLM2-135M's shapes.
 
 Decoding at batch 1 reads every weight once per forward, and a speculative verify pass of K+1 rows should
 cost about the same as one row. For each linear of SmolLM2-135M (hidden 576, 30 layers) and each M, this
@@ -22,14 +22,14 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
-from common import read_probe
-from specedit import cpu_linear
+from common import interleaved, machine, read_probe
+from specedit.kernels.cpu import build
+from specedit.kernels.cpu.linear import PackedLinear, linear_ref
 
 HIDDEN, INTER, LAYERS, VOCAB = 576, 1536, 30, 49152
 SHAPES = {  # name: (N, K, count per forward)
@@ -70,23 +70,6 @@ def wait_quiet(max_wait: float) -> None:
         return
 
 
-def timeit(series: dict[str, list], reps: int) -> dict[str, list[float]]:
-    """Seconds per call for each named series of callables. The series are interleaved call by call, so
-    a change in the machine's memory bandwidth (shared host) hits all of them alike; within a series the
-    callables (one per weight copy) are used round-robin."""
-    for fns in series.values():
-        for f in fns[:3]:
-            f()
-    ts: dict[str, list[float]] = {name: [] for name in series}
-    for i in range(reps):
-        for name, fns in series.items():
-            f = fns[i % len(fns)]
-            t = time.perf_counter()
-            f()
-            ts[name].append(time.perf_counter() - t)
-    return ts
-
-
 def _in_order(calls):
     def forward():
         for f in calls:
@@ -108,7 +91,7 @@ def prepare(method: str, w: torch.Tensor):
 
         return bind, w.numel() * 2
     dtype = {"ours_f32": torch.float32, "ours_f16": torch.float16, "ours_bf16": torch.bfloat16}[method]
-    p = cpu_linear.pack(w, dtype)
+    p = PackedLinear(w, None, dtype)
     if ISA:
         return (lambda x: lambda: p(x, isa=ISA)), p.weight_bytes
     return (lambda x: lambda: p(x)), p.weight_bytes
@@ -135,9 +118,9 @@ def check(name: str, n: int, k: int) -> None:
     w = torch.randn(n, k, generator=g) / k**0.5
     x = torch.randn(17, k, generator=g)
     for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 1e-4), (torch.bfloat16, 1e-4)):
-        p = cpu_linear.pack(w, dtype)
+        p = PackedLinear(w, None, dtype)
         y = p(x)
-        ref = cpu_linear.linear_ref(x, w, dtype)
+        ref = linear_ref(x, w, dtype)
         err = (y - ref).abs().max().item()
         assert err < tol, f"{name} {dtype}: max error {err} vs reference"
         for i in (0, 5, 16):
@@ -161,16 +144,13 @@ def main() -> None:
     ms = [int(v) for v in args.m.split(",")]
     methods = args.methods.split(",")
 
-    if not cpu_linear.available():
-        raise SystemExit("specedit.cpu_linear is not available here (needs x86-64 avx2/fma/f16c, c++, ninja)")
+    if not build.available():
+        raise SystemExit(f"the CPU kernels cannot run here: {build.unavailable_reason()}")
     t = time.perf_counter()
-    isa = args.isa or cpu_linear.best_isa()
+    isa = args.isa or build.best_isa()
     build_s = time.perf_counter() - t
-    with open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
     print(
-        f"machine: {cpu}, {os.cpu_count()} cpus, {platform.machine()}; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, capability {torch.backends.cpu.get_cpu_capability()}; "
+        f"machine: {machine()}, {os.cpu_count()} cpus, capability {torch.backends.cpu.get_cpu_capability()}; "
         f"kernel isa {isa}; extension load {build_s:.1f} s (a first build includes compiling)"
     )
     print(
@@ -183,7 +163,7 @@ def main() -> None:
 
     wait_quiet(args.quiet_wait)
     probe, probe_bytes = read_probe()
-    bw_ts = timeit({"bw": [probe]}, 15)["bw"]
+    bw_ts = interleaved({"bw": [probe]}, 15)["bw"]
     bw = probe_bytes / statistics.median(bw_ts)
     print(
         f"read bandwidth (1 GiB in huge pages, prefetching read probe): median {bw / 1e9:.1f} GB/s, best "
@@ -201,7 +181,7 @@ def main() -> None:
         for M in ms:
             x = torch.randn(M, k)
             wait_quiet(args.quiet_wait)
-            ts = timeit({m: [bind(x) for bind, _ in prepared[m]] for m in methods}, args.reps)
+            ts = interleaved({m: [bind(x) for bind, _ in prepared[m]] for m in methods}, args.reps)
             cells = []
             for m in methods:
                 m_, nbytes = statistics.median(ts[m]), prepared[m][0][1]
@@ -238,7 +218,7 @@ def main() -> None:
             series[m] = [_in_order(calls)]
         series["probe"] = [probe]
         wait_quiet(args.quiet_wait)
-        ts = timeit(series, max(5, args.reps // 3))
+        ts = interleaved(series, max(5, args.reps // 3))
         bw_m = probe_bytes / statistics.median(ts["probe"])
         for m in methods:
             m_ = statistics.median(ts[m])

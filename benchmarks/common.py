@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -15,7 +16,10 @@ DATA = ROOT.parent / "shared" / "data" / "nofuneval"
 OUT = ROOT / "benchmarks" / "out"
 
 
-def machine() -> str:
+def machine(device: torch.device | None = None) -> str:
+    """The processor (or the CUDA device), torch version and thread count, for every table and CSV."""
+    if device is not None and device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     cpu = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):
@@ -27,16 +31,27 @@ def machine() -> str:
     return f"{cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+def interleaved(series: dict[str, list], reps: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Wall seconds per call for each named series of zero-argument callables. The series are interleaved
+    call by call, so a change in the machine's memory bandwidth (shared host) hits all of them alike; within a
+    series the callables are used round-robin. Each callable runs `warmup` times first."""
+    for fns in series.values():
+        for f in fns:
+            for _ in range(warmup):
+                f()
+    ts: dict[str, list[float]] = {name: [] for name in series}
+    for i in range(reps):
+        for name, fns in series.items():
+            f = fns[i % len(fns)]
+            t0 = time.perf_counter()
+            f()
+            ts[name].append(time.perf_counter() - t0)
+    return ts
+
+
 def timed(fn, reps: int = 5, warmup: int = 1) -> list[float]:
     """Wall seconds of `reps` calls of fn() after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+    return interleaved({"": [fn]}, reps, warmup)[""]
 
 
 def med(xs) -> float:
@@ -51,32 +66,46 @@ def spread(xs) -> str:
 _PROBE: torch.Tensor | None = None
 
 
+def _probe_module():
+    """benchmarks/read_probe.cpp compiled once (None where the CPU kernels cannot be built). This is a
+    benchmark process, so it may put ninja on its own PATH for torch's builder."""
+    from specedit.kernels.cpu import build
+
+    if not build.available():
+        return None
+    from torch.utils.cpp_extension import load
+
+    os.environ["PATH"] = build._ninja_dir() + os.pathsep + os.environ.get("PATH", "")
+    out = build.cache_root() / "ext" / "bench_read_probe"
+    out.mkdir(parents=True, exist_ok=True)
+    return load(name="bench_read_probe", sources=[str(ROOT / "benchmarks" / "read_probe.cpp")],
+                extra_cflags=["-O3", "-mavx2", "-fopenmp"], extra_ldflags=["-fopenmp"], build_directory=str(out))
+
+
 def _probe_buffer() -> torch.Tensor:
     """1 GiB of float32 ones, in huge pages as the packed weights are (4 KB pages read ~7% slower here) when
-    the CPU extension is available; allocated once."""
+    the CPU kernels run here; allocated once."""
     global _PROBE
     if _PROBE is None:
-        try:
-            from specedit import cpu_linear
+        from specedit.kernels.cpu import build
 
-            cpu_linear._load()
-            _PROBE = cpu_linear._map(2**30).view(torch.float32).fill_(1.0)
-        except RuntimeError:  # no CPU extension here
+        if build.available():
+            from specedit.kernels.cpu.linear import map_huge
+
+            _PROBE = map_huge(2**30).view(torch.float32).fill_(1.0)
+        else:
             _PROBE = torch.ones(2**28)
     return _PROBE
 
 
 def read_probe():
-    """(fn, bytes): fn() reads the 1 GiB probe buffer once with the CPU extension's read probe, which
-    prefetches like the matmul does (torch's sum without the extension): the read-bandwidth yardstick."""
+    """(fn, bytes): fn() reads the 1 GiB probe buffer once with read_probe.cpp, which prefetches like the
+    matmul does (torch's sum where it cannot be built): the read-bandwidth yardstick."""
     x = _probe_buffer()
-    try:
-        from specedit import cpu_linear
-
-        probe = cpu_linear._load().read_probe
-        return (lambda: probe(x)), x.numel() * 4
-    except RuntimeError:
+    module = _probe_module()
+    if module is None:
         return (lambda: x.sum()), x.numel() * 4
+    return (lambda: module.read_probe(x)), x.numel() * 4
 
 
 def read_bandwidth(reps: int = 5) -> float:
@@ -90,7 +119,7 @@ def read_bandwidth(reps: int = 5) -> float:
 def weight_bytes_per_token(model) -> int:
     """Bytes of weights one decode step reads: every parameter except the embedding table (one row of it is
     read); a tied lm_head counts once, as the lm_head."""
-    from specedit.cpu_linear import PackedLinear
+    from specedit.kernels.cpu.linear import PackedLinear
 
     seen, total = set(), 0
     for name, p in model.named_parameters(remove_duplicate=False):

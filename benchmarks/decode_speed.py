@@ -122,7 +122,7 @@ def main():
             x = torch.zeros(1, t, dtype=torch.long)
 
             def fwd(x=x):
-                cache.lengths = [base]
+                cache.rollback(0, base)
                 eng.model(x, cache, all_logits=True)
 
             ts = [s * 1e3 for s in timed(fwd, reps=max(5, args.runs))]
@@ -133,9 +133,9 @@ def main():
     # --- verify rows vs single-row forwards (the lossless guarantee rests on these agreeing)
     with torch.inference_mode():
         follow = result.token_ids[:32]
-        cache.lengths = [base]
+        cache.rollback(0, base)
         batched = eng.model(torch.tensor([follow]), cache, all_logits=True)[0]
-        cache.lengths = [base]
+        cache.rollback(0, base)
         single = torch.stack([eng.model(torch.tensor([[t]]), cache)[0] for t in follow])
     top2 = single.topk(2, dim=-1).values
     flips = int((batched.argmax(-1) != single.argmax(-1)).sum())

@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import os
-import warnings
-from pathlib import Path
+import threading
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 
 from . import checks, prompts
+from .backends import CHOICES, Backend, engine_limit, select
 from .cache import KVCache
 from .config import ModelConfig
-from .decode import Stopper, plain_decode
+from .decode import SequenceState, Stopper, plain_decode
 from .drafter import Drafter, OutputLookup, special_bytes, token_bytes_table
-from .model import Transformer, attend_cpu, attend_torch, attend_triton
+from .model import Transformer
 from .results import EditResult, GenerateResult, Stats
-from .speculate import ChunkPolicy, CostModel, speculative_decode
+from .scheduler import Handle, Job, Scheduler, Service
+from .speculate import ChunkPolicy, CostModel, DraftSource, speculative_decode
 from .weights import load_hf_tensors, parse_dtype, to_runtime_state
 
-BACKENDS = ("auto", "torch", "triton")
 K_MAX = 64  # largest draft verified in one forward
 
 
@@ -27,54 +28,38 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu", backend:
          cpu_kernels: bool | None = None) -> Engine:
     """Load a model: an HF directory (config.json + safetensors), a `.gguf` file, or `smollm2-135m-instruct`.
 
-    dtype: 'float32' | 'bfloat16' | 'float16' | 'int8'. backend: 'torch' (PyTorch attention and accept), 'triton'
-    (the Triton kernels; under TRITON_INTERPRET=1 on a CPU) or 'auto' (triton on CUDA, torch otherwise).
-    cpu_kernels (CPU only): the C++ extension's packed small-M matmul (cpu_linear) for every linear layer and
-    its attention (cpu_attention, with backend 'torch'); None uses them when they can be built here, True
-    requires them, False uses torch's F.linear and SDPA. With them, `dtype` is the storage of the linear
-    weights and activations stay float32 (half weights halve the bytes a decode step reads), and a verify row
-    equals the 1-row forward bit for bit; without them, the whole model runs in `dtype`. 'int8' (CPU kernels
-    only, opt-in) stores linear weights as int8 with one float32 scale per output row: a quarter of float32's
-    bytes per decode step, at the cost of quantization error (outputs can differ from float32's).
+    dtype: 'float32' | 'bfloat16' | 'float16' | 'int8'. backend: 'auto' (Triton on CUDA; on a CPU the C++
+    kernels when they can be built here, else PyTorch), 'cpu' (the C++ kernels, required), 'torch' (F.linear
+    and SDPA) or 'triton' (the Triton kernels; under TRITON_INTERPRET=1 on a CPU). cpu_kernels (CPU only):
+    None uses the C++ kernels when they run here, True requires them, False never uses them.
+    On the CPU kernels `dtype` is the storage of the linear weights and activations stay float32 (half weights
+    halve the bytes a decode step reads), and a verify row equals the 1-row forward bit for bit
+    (`Engine.row_invariant`; every other backend warns at load that it does not promise this). 'int8' (CPU
+    kernels only, opt-in) stores linear weights as int8 with one float32 scale per output row: a quarter of
+    float32's bytes per decode step, at the cost of quantization error (outputs can differ from float32's).
+    Elsewhere the whole model runs in `dtype`.
     """
     check_load_args(path, dtype, device, backend, cpu_kernels)
-    int8 = dtype in ("int8", torch.int8)
-    torch_dtype = torch.int8 if int8 else parse_dtype(dtype)
     p = Path(path)
     if not p.is_dir():
         from .gguf import resolve  # GGUF files and named models convert once into a cache directory
 
         p = resolve(path)
     cfg = ModelConfig.from_hf_dir(p)
-    dev = torch.device(device)
-    if backend == "auto":
-        backend = "triton" if dev.type == "cuda" else "torch"
-    packed = dev.type == "cpu" and use_cpu_kernels(cpu_kernels)
-    if int8 and not packed:
-        raise ValueError("dtype 'int8' (weight-only) runs only on the CPU kernels: device 'cpu', cpu_kernels not False")
-    model_dtype = torch.float32 if packed else torch_dtype
-    state = to_runtime_state(load_hf_tensors(p, cfg, model_dtype), cfg)
-    if backend == "triton":
-        attend = attend_triton
-    elif packed and cfg.head_dim % 16 == 0:  # the CPU kernel's vector tiles need D % 16 == 0
-        attend = attend_cpu
-    else:
-        attend = attend_torch
+    be = select(device, backend, cpu_kernels, cfg, dtype)
+    state = to_runtime_state(load_hf_tensors(p, cfg, be.param_dtype), cfg)
     with torch.device("meta"):
-        model = Transformer(cfg, attend)
-    model.load_state_dict({k: v.to(dev) for k, v in state.items()}, strict=True, assign=True)
-    model.setup_rope(dev, model_dtype)
+        model = Transformer(cfg, be.attend)
+    model.load_state_dict({k: v.to(be.device) for k, v in state.items()}, strict=True, assign=True)
+    model.setup_rope(be.device, be.param_dtype)
     model.eval().requires_grad_(False)
-    if packed:
-        model.pack_linears(torch_dtype)
-        if attend is attend_cpu:
-            model.fuse_cpu()
+    be.prepare(model)
     tokenizer = None
     if (p / "tokenizer.json").is_file() or (p / "tokenizer.model").is_file():
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(p))
-    return Engine(model, tokenizer, backend, p)
+    return Engine(model, tokenizer, be, p)
 
 
 def check_load_args(path, dtype, device, backend, cpu_kernels) -> None:
@@ -82,41 +67,24 @@ def check_load_args(path, dtype, device, backend, cpu_kernels) -> None:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike (an HF directory, a .gguf file or a model name), "
                         f"got {type(path).__name__}")
-    dtypes = ("float32", "bfloat16", "float16", "int8")
-    if not (dtype in dtypes or dtype in (torch.float32, torch.bfloat16, torch.float16, torch.int8)):
-        raise ValueError(f"unsupported dtype {dtype!r}: dtype must be one of {', '.join(map(repr, dtypes))} "
-                         "(or the torch dtype)")
+    if dtype not in ("int8", torch.int8):
+        parse_dtype(dtype)
     checks.device(device)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}: backend must be one of {', '.join(map(repr, BACKENDS))}")
-    if cpu_kernels not in (None, True, False):
-        raise TypeError(f"cpu_kernels must be None, True or False, got {cpu_kernels!r}")
-
-
-def use_cpu_kernels(choice: bool | None) -> bool:
-    """Resolve load()'s cpu_kernels: None -> when available (with a warning when not), True -> required."""
-    if choice is False:
-        return False
-    from . import cpu_linear
-
-    if cpu_linear.available():
-        return True
-    why = "needs x86-64 Linux with AVX2/FMA/F16C, a C++ compiler and ninja"
-    if choice:
-        raise ValueError(f"cpu_kernels=True but the packed CPU matmul cannot be built here: it {why}")
-    warnings.warn(f"specedit: packed CPU matmul unavailable ({why}); using torch F.linear, slower", stacklevel=3)
-    return False
+    checks.choice("backend", backend, CHOICES)
+    checks.cpu_kernels(cpu_kernels)
 
 
 class Engine:
     """A model ready to decode. Build it with `specedit.load(...)`."""
 
-    def __init__(self, model: Transformer, tokenizer, backend: str, path: Path):
+    def __init__(self, model: Transformer, tokenizer, backend: Backend, path: Path):
         self.model, self.tokenizer, self.backend, self.path = model, tokenizer, backend, path
         self.cfg = model.cfg
         self._token_bytes: list[bytes] | None = None
         self._text: list[bytes] | None = None
         self._cost: CostModel | None = None
+        self._service: Service | None = None
+        self._service_lock = threading.Lock()
         eos = set(self.cfg.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -138,6 +106,12 @@ class Engine:
         return ids
 
     @property
+    def row_invariant(self) -> bool:
+        """True when row i of a verify forward equals the 1-row decode step at that position bit for bit, so
+        greedy speculative output is exactly plain decoding's (the CPU kernels); see backend.why."""
+        return self.backend.row_invariant
+
+    @property
     def token_bytes(self) -> list[bytes]:
         """Bytes of every token id (special tokens map to bytes that never occur in text)."""
         if self._token_bytes is None:
@@ -152,17 +126,14 @@ class Engine:
             self._text = [b"" if b.startswith(b"\xff") else b for b in self.token_bytes]
         return self._text
 
-    def _cache(self, length: int) -> KVCache:
-        dtype = self.model.embed.weight.dtype
-        return KVCache(self.cfg, 1, length, dtype, self.model.embed.weight.device)
+    def _cache(self, length: int, rows: int = 1) -> KVCache:
+        return KVCache(self.cfg, rows, length, self.backend.param_dtype, self.backend.device)
 
     def _prepare(self, ids_or_text, max_new_tokens: int) -> tuple[list[int], int, KVCache]:
         prompt = self.encode(ids_or_text)
         if not prompt:
             raise ValueError("empty prompt: at least one token is needed")
-        limit = self.cfg.max_position
-        if self.backend == "triton" and self.cfg.sliding_window:
-            limit = min(limit, self.cfg.sliding_window)  # the kernel has no sliding-window mask
+        limit = engine_limit(self.backend, self.cfg)
         if len(prompt) >= limit:
             raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context of {limit} tokens")
         if max_new_tokens < 1:
@@ -178,24 +149,30 @@ class Engine:
         prompt, _, cache = self._prepare(ids, 1)
         return self.model(torch.tensor([prompt], device=cache.buf.device), cache, all_logits=True)[0]
 
-    def _steps(self, ids_or_text, max_new_tokens, prediction, temperature, stop, seed, stats) -> Iterator[list[int]]:
+    def _sequence(self, ids_or_text, max_new_tokens, prediction, temperature, stop, seed,
+                  stats: Stats | None = None) -> tuple[SequenceState, KVCache]:
+        """The loop state of one generation and a batch-1 cache sized for it."""
         prompt, max_new, cache = self._prepare(ids_or_text, max_new_tokens)
-        stopper = Stopper(self.eos_ids, max_new, stop, self.token_bytes)
-        gen = torch.Generator(device=cache.buf.device).manual_seed(seed) if temperature > 0 else None
-        if prediction is None:
-            yield from plain_decode(self.model, cache, prompt, stopper, temperature, gen, stats)
-        else:
-            from .kernels.accept import accept, accept_ref
-
-            drafter = Drafter(self.encode(prediction), self.token_bytes)
-            policy = ChunkPolicy(self.cost_model(), k_max=K_MAX)
-            lookup_policy = ChunkPolicy(self.cost_model(), k_max=K_MAX, prior=0.5)
-            accept_fn = accept if self.backend == "triton" else accept_ref
-            yield from speculative_decode(
-                self.model, cache, prompt, drafter, stopper, policy, accept_fn, temperature, gen, stats,
-                OutputLookup(), lookup_policy,
+        seq = SequenceState(
+            prompt, Stopper(self.eos_ids, max_new, stop, self.token_bytes), temperature,
+            torch.Generator(device=cache.buf.device).manual_seed(seed) if temperature > 0 else None,
+            stats=stats if stats is not None else Stats(),
+        )
+        if prediction is not None:
+            cost = self.cost_model()
+            seq.source = DraftSource(
+                Drafter(self.encode(prediction), self.token_bytes), ChunkPolicy(cost, k_max=K_MAX),
+                OutputLookup(), ChunkPolicy(cost, k_max=K_MAX, prior=0.5),
             )
-        stats.finish_reason = stopper.reason
+        return seq, cache
+
+    def _steps(self, ids_or_text, max_new_tokens, prediction, temperature, stop, seed, stats) -> Iterator[list[int]]:
+        seq, cache = self._sequence(ids_or_text, max_new_tokens, prediction, temperature, stop, seed, stats)
+        if seq.source is None:
+            yield from plain_decode(self.model, cache, seq)
+        else:
+            yield from speculative_decode(self.model, cache, seq, self.backend.accept)
+        stats.finish_reason = seq.stopper.reason
 
     def stream(self, ids_or_text: str | Sequence[int], max_new_tokens: int = 256, prediction=None,
                temperature: float = 0.0, stop: Sequence[str] = (), seed: int = 0,
@@ -297,7 +274,7 @@ class Engine:
         if self._cost is None:
             from . import costcache
 
-            key = costcache.key(self.model, self.backend)
+            key = costcache.key(self.model, self.backend.name)
             self._cost = costcache.load(key)
             if self._cost is None:
                 prefix = min(128, self.cfg.max_position // 2)
@@ -306,3 +283,48 @@ class Engine:
                     self._cost = CostModel.measure(self.model, self._cache, rows, prefix)
                 costcache.save(key, self._cost)
         return self._cost
+
+    # ---- many sequences ---------------------------------------------------------------------------------------
+    def submit(self, ids_or_text: str | Sequence[int], max_new_tokens: int = 256, prediction=None,
+               temperature: float = 0.0, stop: Sequence[str] = (), seed: int = 0) -> Handle:
+        """Queue one generation on the engine's batched scheduler; safe from any thread, any number of callers.
+
+        Arguments as in `generate`. Returns a Handle: `handle.tokens()` yields each step's tokens as they are
+        decided, `handle.wait()` returns them all, `handle.stats` fills as it runs, `handle.cancel()` drops it at
+        the next step boundary. Sequences submitted together share every forward (see specedit.scheduler);
+        each one's greedy output equals its own `generate`'s token for token on the CPU kernels.
+        """
+        with torch.inference_mode():
+            seq, cache = self._sequence(ids_or_text, max_new_tokens, prediction, temperature, stop, seed)
+        return self.service().submit(lambda emit, finish: Job(seq, cache, emit, finish))
+
+    def generate_batch(self, prompts_: Sequence[str | Sequence[int]], max_new_tokens: int = 256,
+                       prediction: Sequence | None = None, temperature: float = 0.0, stop: Sequence[str] = (),
+                       seed: int = 0) -> list[GenerateResult]:
+        """Decode several prompts together: one forward per step for all of them (ragged drafts padded).
+
+        prediction: None, or one prediction (text, ids or None) per prompt. Other arguments as in `generate`,
+        applied to every prompt. Returns one GenerateResult per prompt, in order; each equals that prompt's own
+        `generate(...)` token for token on the CPU kernels (row-invariant backends)."""
+        if isinstance(prompts_, (str, bytes)) or not isinstance(prompts_, Sequence):
+            raise TypeError(f"prompts must be a list of prompts (text or token ids), got {type(prompts_).__name__}")
+        preds = [None] * len(prompts_) if prediction is None else list(prediction)
+        if len(preds) != len(prompts_):
+            raise ValueError(f"prediction has {len(preds)} entries for {len(prompts_)} prompts")
+        handles = [self.submit(p, max_new_tokens, q, temperature, stop, seed) for p, q in zip(prompts_, preds)]
+        results = []
+        for h in handles:
+            tokens = h.wait()
+            text = prompts.TextStream(self._text_bytes(), stop)
+            results.append(GenerateResult(tokens, text.feed(tokens) + text.finish(), h.stats))
+        return results
+
+    def service(self, max_batch: int = 8) -> Service:
+        """The engine's batched scheduler thread (created on first use)."""
+        with self._service_lock:
+            if self._service is None:
+                scheduler = Scheduler(self.model, self.backend.accept, self.cost_model(),
+                                      lambda rows, length: self._cache(length, rows),
+                                      engine_limit(self.backend, self.cfg), K_MAX, max_batch)
+                self._service = Service(scheduler)
+            return self._service

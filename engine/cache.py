@@ -4,6 +4,11 @@ Layout `[L, 2, B, H_kv, S_max, D]`: `k(l)` and `v(l)` are `[B, H_kv, S_max, D]` 
 verification-attention kernel reads through strides. Slot `s` of row `b` holds the token at absolute position
 `s`. Rollback is free: lowering a row's length makes the rejected slots invisible, and the next forward
 overwrites them.
+
+The lengths belong to the cache: `advance(t)` (called by the model once per forward) appends t positions to
+every row and refreshes the device-side tensors the layers read (`positions`, `lengths_dev`) in one host to
+device copy; `rollback(row, n)` lowers one row. Cache writes and RoPE read positions by tensor indexing, so
+nothing in a forward loops over host integers.
 """
 
 from __future__ import annotations
@@ -24,11 +29,18 @@ class KVCache:
         self.max_len = max_len
         self._views = [(self.buf[i, 0], self.buf[i, 1]) for i in range(cfg.n_layers)]  # no per-step indexing
         self.sliding_window = cfg.sliding_window  # Mistral: keys older than this are masked out
-        self.lengths = [0] * batch  # host ints: valid positions per row
+        self._lengths = [0] * batch  # host ints: valid positions per row
+        device = self.buf.device
+        self._rows = torch.arange(batch, device=device)[:, None]  # [B, 1]
+        self._offsets = torch.arange(max_len, device=device)  # [S_max]
+        self.starts_dev = torch.zeros(batch, dtype=torch.int64, device=device)  # lengths before this forward
+        self.lengths_dev = torch.zeros(batch, dtype=torch.int32, device=device)  # lengths after it
+        self.positions = self.starts_dev[:, None]  # [B, T] absolute positions of the rows being appended
 
     @property
-    def batch(self) -> int:
-        return len(self.lengths)
+    def lengths(self) -> tuple[int, ...]:
+        """Valid positions per row (host ints), including the rows of a forward in flight."""
+        return tuple(self._lengths)
 
     def k(self, layer: int) -> torch.Tensor:
         return self._views[layer][0]  # [B, H_kv, S_max, D]
@@ -36,16 +48,44 @@ class KVCache:
     def v(self, layer: int) -> torch.Tensor:
         return self._views[layer][1]  # [B, H_kv, S_max, D]
 
-    def check_room(self, t: int) -> None:
-        """Raise ValueError if appending `t` positions to every row would overflow the buffer."""
-        need = max(self.lengths) + t
+    def advance(self, t: int | list[int]) -> list[int]:
+        """Append `t` positions to every row (or t[b] to row b), for the forward about to write them; returns
+        each row's start.
+
+        Raises ValueError if a row would overflow the buffer. Refreshes `positions` [B, max t] (int64; columns
+        past a row's own count are not its positions) and `lengths_dev` [B] (int32) on the cache's device with
+        one host-to-device copy."""
+        counts = [t] * len(self._lengths) if isinstance(t, int) else t
+        starts = self._lengths
+        need = max(s + c for s, c in zip(starts, counts))
         if need > self.max_len:
-            raise ValueError(
-                f"sequence of {need} tokens exceeds the KV cache capacity of {self.max_len} positions"
-            )
+            raise ValueError(f"sequence of {need} tokens exceeds the KV cache capacity of {self.max_len} positions")
+        self._lengths = [s + c for s, c in zip(starts, counts)]
+        self.starts_dev.copy_(torch.tensor(starts), non_blocking=True)
+        self.lengths_dev.copy_(torch.tensor(self._lengths), non_blocking=True)
+        self.positions = self.starts_dev[:, None] + self._offsets[: max(counts)]
+        return starts
 
     def rollback(self, row: int, length: int) -> None:
         """Truncate row `row` to its first `length` positions (never grows it)."""
-        if not 0 <= length <= self.lengths[row]:
-            raise ValueError(f"rollback of row {row} to {length} outside 0..{self.lengths[row]}")
-        self.lengths[row] = length
+        if not 0 <= length <= self._lengths[row]:
+            raise ValueError(f"rollback of row {row} to {length} outside 0..{self._lengths[row]}")
+        self._lengths[row] = length
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the new rows' keys and values k, v [B, T, H_kv, D] at `positions` (set by advance)."""
+        kc, vc = self._views[layer]
+        kc[self._rows, :, self.positions] = k
+        vc[self._rows, :, self.positions] = v
+
+    def copy_row(self, row: int, src: KVCache, src_row: int = 0) -> None:
+        """Make row `row` a copy of `src`'s row `src_row`: its K/V slots and its length (e.g. a sequence
+        prefilled in a cache of its own joining a batch). Both caches must have the same layers and heads."""
+        n = src._lengths[src_row]
+        if n > self.max_len or src.buf.shape[:2] + src.buf.shape[3:4] + src.buf.shape[5:] != (
+            self.buf.shape[:2] + self.buf.shape[3:4] + self.buf.shape[5:]
+        ):
+            raise ValueError(f"copy_row: a row of {n} positions in a cache of shape {tuple(src.buf.shape)} does not "
+                             f"fit this cache {tuple(self.buf.shape)}")
+        self.buf[:, :, row, :, :n] = src.buf[:, :, src_row, :, :n]
+        self._lengths[row] = n

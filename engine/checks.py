@@ -69,6 +69,11 @@ def stop_strings(value) -> list[str]:
     raise TypeError(f"stop must be a str or a sequence of str, got {_kind(value)}")
 
 
+def choice(name: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
 def messages(value) -> list[dict]:
     """OpenAI-style chat messages: a non-empty list of {'role': str, 'content': str or list of text parts}.
     Returns them as {'role', 'content': str} dicts (text parts joined)."""
@@ -87,6 +92,11 @@ def messages(value) -> list[dict]:
                             f"parts, got {_kind(c)}")
         out.append({**m, "content": c})
     return out
+
+
+def cpu_kernels(value) -> None:
+    if value not in (None, True, False):
+        raise TypeError(f"cpu_kernels must be None, True or False, got {value!r}")
 
 
 def available_devices() -> list[str]:

@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -249,12 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     v.add_argument("--dtype", default="float32", choices=DTYPES, help=DTYPE_HELP)
     v.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    v.add_argument("--port", type=int, default=8000, help="port to listen on (0 picks a free one)")
+    v.add_argument("--port", type=int, default=8000, help="port to listen on")
+    v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request but /health")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # A warning (a fallback from the CPU kernels, a failed extension build) is one line on stderr, not two.
+    warnings.formatwarning = lambda message, *_args, **_kw: f"{message}\n"
     try:
         return run(args)
     except UsageError as e:
@@ -305,17 +309,13 @@ def run(args) -> int:
     import specedit
 
     if args.cmd == "serve":
-        from .server import make_server
+        from .server import serve
 
         if not 0 <= args.port <= 65535:
             raise UsageError(f"--port must be 0..65535, got {args.port}")
-        model_dir = resolve_model(args.model)
-        srv = make_server(specedit.load(model_dir, dtype=args.dtype), args.host, args.port, args.model)
-        print(f"specedit serving {args.model} on http://{args.host}:{srv.server_address[1]}/v1", file=sys.stderr)
-        try:
-            srv.serve_forever()
-        except KeyboardInterrupt:
-            pass
+        eng = specedit.load(resolve_model(args.model), dtype=args.dtype)
+        print(f"specedit serving {args.model} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+        serve(eng, args.host, args.port, args.model, api_key=args.api_key)
         return 0
 
     # apply / bench: every check that needs no weights comes first

@@ -112,16 +112,24 @@ class ModelConfig:
 
     def inv_freq(self) -> torch.Tensor:
         """RoPE inverse frequencies [head_dim // 2] float32 (as transformers computes them), llama3-scaled if set."""
-        d = self.head_dim
-        inv = 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-        if self.rope_scaling is None:
-            return inv
-        s = self.rope_scaling
-        factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
-        old = s.get("original_max_position_embeddings", 8192)
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
-        smooth = (old / wavelen - lo) / (hi - lo)
-        mid = (1 - smooth) * scaled / factor + smooth * scaled
-        is_mid = (wavelen >= old / hi) & (wavelen <= old / lo)
-        return torch.where(is_mid, mid, scaled)
+        inv = rope_inv_freq(self.head_dim, self.rope_theta)
+        return inv if self.rope_scaling is None else llama3_scale(inv, self.rope_scaling)
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    """Unscaled RoPE inverse frequencies [head_dim // 2] float32, as transformers computes them."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+
+
+def llama3_scale(inv: torch.Tensor, s: dict) -> torch.Tensor:
+    """Llama 3 RoPE scaling of inverse frequencies `inv` (transformers' `_compute_llama3_parameters`): long
+    wavelengths divided by `factor`, short ones kept, a smooth blend between. `s` holds factor and optionally
+    low_freq_factor (1), high_freq_factor (4), original_max_position_embeddings (8192)."""
+    factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old = s.get("original_max_position_embeddings", 8192)
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = (wavelen >= old / hi) & (wavelen <= old / lo)
+    return torch.where(is_mid, mid, scaled)

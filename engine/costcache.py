@@ -11,7 +11,6 @@ sources the forward runs (editing them re-measures once).
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import platform
@@ -22,13 +21,14 @@ from pathlib import Path
 
 import torch
 
+from .kernels.cpu.build import CSRC, cache_root
 from .speculate import CostModel
 
 MAX_AGE_S = 7 * 24 * 3600  # a cached cost model is measured again after a week
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("SPECEDIT_CACHE") or Path.home() / ".cache" / "specedit").expanduser() / "cost"
+    return cache_root() / "cost"
 
 
 def _cpu_name() -> str:
@@ -52,14 +52,13 @@ def machine(device: torch.device) -> str:
 
 
 def _sources() -> list:
-    """Size and mtime of the sources a forward runs (model, cache, CPU and GPU kernels), so editing them
+    """Size and mtime of the sources a forward runs (model, cache, backends, every kernel), so editing them
     re-measures; other files (CLI, prompts, drafter) don't change the forward's cost."""
     here = Path(__file__).resolve().parent
-    files = [p for pat in ("model.py", "cache.py", "cpu_*.py", "backends/*.py", "csrc/*") for p in here.glob(pat)]
-    spec = importlib.util.find_spec(f"{__package__}.kernels")
-    for d in (spec.submodule_search_locations or []) if spec is not None else []:
-        files += Path(d).glob("*.py")
-    return sorted((str(p.relative_to(p.parent.parent)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    kernels = CSRC.parent.parent
+    files = [here / "model.py", here / "cache.py", *here.glob("backends/*.py"), *kernels.glob("*.py"),
+             *kernels.glob("cpu/*.py"), *CSRC.iterdir()]
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file())
 
 
 def _describe(v, depth: int = 1):

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .cache import KVCache
 from .results import Stats
+
+if TYPE_CHECKING:
+    from .speculate import DraftSource
 
 
 class Stopper:
@@ -51,40 +56,55 @@ def pick(logits: torch.Tensor, temperature: float = 0.0, generator: torch.Genera
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def prefill(model, cache: KVCache, prompt: Sequence[int], temperature: float, generator: torch.Generator | None,
-            stats: Stats) -> int:
-    """Run the prompt [len(prompt)] through the model into an empty cache; return the first new token.
+@dataclass
+class SequenceState:
+    """One generation as the decoding loops see it: what a batched scheduler holds per row.
 
-    Records prompt_tokens and prefill_s (the time to first token) in `stats`.
+    prompt: token ids to prefill; row: the sequence's row in the KV cache; stopper: when it ends; temperature
+    and generator: how tokens are picked (0: greedy); source: where drafts come from (None: plain decoding);
+    stats: counters and timings, filled as it runs."""
+
+    prompt: list[int]
+    stopper: Stopper
+    temperature: float = 0.0
+    generator: torch.Generator | None = None
+    source: DraftSource | None = None
+    row: int = 0
+    stats: Stats = field(default_factory=Stats)
+
+
+def prefill(model, cache: KVCache, seq: SequenceState) -> int:
+    """Run seq.prompt [len(prompt)] through the model into an empty cache row; return the first new token.
+
+    Records prompt_tokens and prefill_s (the time to first token) in seq.stats.
     """
-    stats.prompt_tokens = len(prompt)
+    seq.stats.prompt_tokens = len(seq.prompt)
     t0 = time.perf_counter()
-    logits = model(torch.tensor([list(prompt)], device=model.embed.weight.device), cache)  # [1, V]
-    token = pick(logits[0], temperature, generator)
-    stats.prefill_s = time.perf_counter() - t0
+    logits = model(torch.tensor([seq.prompt], device=cache.buf.device), cache)  # [1, V]
+    token = pick(logits[0], seq.temperature, seq.generator)
+    seq.stats.prefill_s = time.perf_counter() - t0
     return token
 
 
-def plain_decode(model, cache: KVCache, prompt: Sequence[int], stopper: Stopper, temperature: float = 0.0,
-                 generator: torch.Generator | None = None, stats: Stats | None = None) -> Iterator[list[int]]:
-    """Prefill `prompt` into an empty batch-1 cache, then decode one token per forward.
+def plain_decode(model, cache: KVCache, seq: SequenceState) -> Iterator[list[int]]:
+    """Prefill seq.prompt into an empty batch-1 cache, then decode one token per forward.
 
     Yields each new token as a one-element list (the same shape of output as the speculative loop, which yields
-    every step's accepted tokens), until `stopper` says the output is complete. Fills `stats`.
+    every step's accepted tokens), until seq.stopper says the output is complete. Fills seq.stats.
     """
-    stats = stats if stats is not None else Stats()
-    token = prefill(model, cache, prompt, temperature, generator, stats)
+    stats = seq.stats
+    token = prefill(model, cache, seq)
     t1 = time.perf_counter()
-    step = torch.empty(1, 1, dtype=torch.long, device=model.embed.weight.device)
+    step = torch.empty(1, 1, dtype=torch.long, device=cache.buf.device)
     while True:
         stats.new_tokens += 1
-        done = stopper.push(token)
+        done = seq.stopper.push(token)
         yield [token]
         if done:
             break
         step.fill_(token)
         logits = model(step, cache)
         stats.forwards += 1
-        token = pick(logits[0], temperature, generator)
+        token = pick(logits[0], seq.temperature, seq.generator)
         stats.decode_s = time.perf_counter() - t1
     stats.decode_s = time.perf_counter() - t1

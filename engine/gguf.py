@@ -20,7 +20,6 @@ What llama.cpp changes on the way in, and what is undone here:
 import hashlib
 import importlib.util
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -32,6 +31,10 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from .config import llama3_scale, rope_inv_freq
+from .kernels.cpu.build import cache_root
+from .weights import parse_dtype
+
 SMOLLM2_NAME = "smollm2-135m-instruct"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -41,7 +44,6 @@ ARCHS = {
     "qwen2": ("qwen2", "Qwen2ForCausalLM", False),
     "qwen3": ("qwen3", "Qwen3ForCausalLM", False),
 }
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_NAMES = {
@@ -80,9 +82,7 @@ def convert(gguf_path, out_dir, dtype="float32") -> Path:
     FileExistsError when `out_dir` already holds something.
     """
     path, out = Path(gguf_path), Path(out_dir)
-    torch_dtype = DTYPES.get(str(dtype).removeprefix("torch."))
-    if torch_dtype is None:
-        raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
+    torch_dtype = parse_dtype(dtype)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} already exists and is not empty; not overwriting it")
     reader = _open(path)  # validates before anything is written
@@ -138,8 +138,7 @@ def resolve(path_or_name, dtype="float32") -> Path:
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
             digest.update(chunk)
-    cache = Path(os.environ.get("SPECEDIT_CACHE") or Path.home() / ".cache" / "specedit").expanduser()
-    target = cache / f"{path.stem}-{digest.hexdigest()[:16]}-{str(dtype).removeprefix('torch.')}"
+    target = cache_root() / f"{path.stem}-{digest.hexdigest()[:16]}-{str(dtype).removeprefix('torch.')}"
     if (target / "config.json").is_file():
         return target
     try:
@@ -254,33 +253,25 @@ def _config(reader, path: Path, arch: str, dtype: str) -> dict:
 
 
 def _llama3_rope_scaling(freqs: np.ndarray, config: dict, path: Path) -> dict:
-    """Recover HF's llama3 rope_scaling from llama.cpp's per-frequency factors [head_dim // 2].
+    """Recover HF's llama3 rope_scaling from llama.cpp's per-frequency divisors [head_dim // 2].
 
-    llama.cpp computes them from (factor, low_freq_factor, high_freq_factor, original context); every Llama 3.x
-    uses low 1, high 4, original 8192, and the factor is the largest value. Recompute and compare."""
-    dim, theta = config["head_dim"], config["rope_theta"]
-    factor, low, high, orig = float(freqs.max()), 1.0, 4.0, 8192
-    expected = []
-    for freq in 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim):
-        wavelen = 2 * math.pi / freq
-        if wavelen < orig / high:
-            expected.append(1.0)
-        elif wavelen > orig / low:
-            expected.append(factor)
-        else:
-            smooth = (orig / wavelen - low) / (high - low)
-            expected.append(1 / ((1 - smooth) / factor + smooth))
-    if freqs.shape != (dim // 2,) or not np.allclose(freqs, expected, rtol=1e-4):
+    llama.cpp stores inv_freq / scaled_inv_freq for (factor, low_freq_factor, high_freq_factor, original
+    context); every Llama 3.x uses low 1, high 4, original 8192, and the factor is the largest value. Recompute
+    with the runtime's own formula (config.llama3_scale) and compare."""
+    params = {
+        "rope_type": "llama3",
+        "factor": _f32(freqs.max()),
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    inv = rope_inv_freq(config["head_dim"], config["rope_theta"])
+    expected = (inv / llama3_scale(inv, params)).numpy()
+    if freqs.shape != expected.shape or not np.allclose(freqs, expected, rtol=1e-4):
         raise ValueError(
             f"{path}: tensor rope_freqs.weight does not match llama3 rope scaling; not supported"
         )
-    return {
-        "rope_type": "llama3",
-        "factor": _f32(factor),
-        "low_freq_factor": low,
-        "high_freq_factor": high,
-        "original_max_position_embeddings": orig,
-    }
+    return params
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:

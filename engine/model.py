@@ -14,12 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_attention
 from .cache import KVCache
 from .config import ModelConfig
 
-# attend(q [B, T, H, D], cache, layer, scale) -> [B, T, H, D]; cache lengths already include the T new rows.
+# attend(q [B, T, H, D], cache, layer, scale) -> [B, T, H, D]; the cache already holds the T new rows
+# (cache.lengths_dev and cache.positions describe them).
 AttendFn = Callable[[torch.Tensor, KVCache, int, float], torch.Tensor]
+# fused_layers(x [B, T, dim], cache, starts) -> [B, T, dim]: every block at once, the new K/V rows written;
+# fused_layers(x [M, dim], cache, starts, counts) -> [M, dim]: the same with counts[b] rows for cache row b.
+FusedLayersFn = Callable[..., torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -52,20 +55,17 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
 
-    def forward(self, x, cos, sin, cache: KVCache, layer: int, starts: list[int], attend: AttendFn):
+    def forward(self, x, cos, sin, cache: KVCache, layer: int, attend: AttendFn):
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, D)
         qk, v = qkv[:, :, : H + Hkv], qkv[:, :, H + Hkv :]  # q and k heads are adjacent: rotate them at once
         if self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])], dim=2)
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B|1, T, 1, D]
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, D]
         qk = qk * cos + rotate_half(qk) * sin
-        q, k = qk[:, :, :H], qk[:, :, H:]
-        kc, vc = cache.k(layer), cache.v(layer)  # [B, H_kv, S_max, D]
-        for b, s in enumerate(starts):
-            kc[b, :, s : s + T] = k[b].transpose(0, 1)
-            vc[b, :, s : s + T] = v[b].transpose(0, 1)
+        q, k = qk[:, :, :H], qk[:, :, H:]  # [B, T, H, D], [B, T, H_kv, D]
+        cache.write(layer, k, v)
         o = attend(q, cache, layer, self.scale)  # [B, T, H, D]
         return self.wo(o.reshape(B, T, H * D))
 
@@ -89,12 +89,15 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache, layer, starts, attend):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, starts, attend)
+    def forward(self, x, cos, sin, cache, layer, attend):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, attend)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class Transformer(nn.Module):
+    """The model. `attend` computes attention over the cache; a backend may set `fused_layers` to run every
+    block in one call (both chosen in specedit.backends, never here)."""
+
     def __init__(self, cfg: ModelConfig, attend: AttendFn):
         super().__init__()
         self.cfg = cfg
@@ -105,7 +108,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.rope_cos: torch.Tensor | None = None  # [max_position, D], built by setup_rope()
         self.rope_sin: torch.Tensor | None = None
-        self.stack = None  # a cpu_stack.CpuStack running every layer in one C++ call, set by fuse_cpu()
+        self.fused_layers: FusedLayersFn | None = None
 
     def setup_rope(self, device, dtype) -> None:
         """Precompute cos/sin tables [max_position, head_dim] the way transformers does (float32 angles)."""
@@ -115,27 +118,6 @@ class Transformer(nn.Module):
         emb = torch.cat((ang, ang), dim=-1)
         self.rope_cos, self.rope_sin = emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def pack_linears(self, dtype: torch.dtype) -> None:
-        """Swap every nn.Linear for a cpu_linear.PackedLinear holding its weight in `dtype` (CPU only).
-
-        Packed layers are plain attributes, not modules: their bytes are never cast, and a call skips
-        nn.Module dispatch. Activations stay float32.
-        """
-        from .cpu_linear import PackedLinear
-
-        owners = [(blk.attn, n) for blk in self.layers for n in ("wqkv", "wo")]
-        owners += [(blk.mlp, n) for blk in self.layers for n in ("w13", "w2")] + [(self, "lm_head")]
-        for owner, name in owners:
-            lin = getattr(owner, name)
-            delattr(owner, name)
-            setattr(owner, name, PackedLinear(lin.weight, lin.bias, dtype))
-
-    def fuse_cpu(self) -> None:
-        """Run all layers through one cpu_stack.CpuStack call (after pack_linears, with CPU attention)."""
-        from .cpu_stack import CpuStack
-
-        self.stack = CpuStack(self)
-
     def forward(self, tokens: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
         """Append `tokens` [B, T] to the cache and return float32 logits.
 
@@ -143,64 +125,40 @@ class Transformer(nn.Module):
         (prefill and plain decoding). Every row of the cache advances by T.
         """
         B, T = tokens.shape
-        cache.check_room(T)
-        starts = list(cache.lengths)
-        if max(starts) + T > self.cfg.max_position:
-            raise ValueError(
-                f"position {max(starts) + T} exceeds the model's max_position_embeddings {self.cfg.max_position}"
-            )
-        cache.lengths = [s + T for s in starts]
+        self._check_room(cache, [T] * B)
+        starts = cache.advance(T)
         x = self.embed(tokens)  # [B, T, dim]
-        if self.stack is not None:
-            x = self.stack(x, cache, starts)
+        if self.fused_layers is not None:
+            x = self.fused_layers(x, cache, starts)
         else:
-            if B == 1 or len(set(starts)) == 1:
-                s = starts[0]
-                cos, sin = self.rope_cos[s : s + T][None], self.rope_sin[s : s + T][None]  # [1, T, D]
-            else:
-                pos = torch.tensor(starts, device=tokens.device)[:, None] + torch.arange(T, device=tokens.device)
-                cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # [B, T, D]
+            cos, sin = self.rope_cos[cache.positions], self.rope_sin[cache.positions]  # [B, T, D]
             for i, layer in enumerate(self.layers):
-                x = layer(x, cos, sin, cache, i, starts, self.attend)
+                x = layer(x, cos, sin, cache, i, self.attend)
         if not all_logits:
             x = x[:, -1]  # [B, dim]
         return self.lm_head(self.norm(x)).float()
 
+    def forward_rows(self, rows: list[list[int]], cache: KVCache) -> torch.Tensor:
+        """Append rows[b] (at least one token each; the counts may differ) to cache row b in one forward.
 
-def attend_torch(q: torch.Tensor, cache: KVCache, layer: int, scale: float) -> torch.Tensor:
-    """Bottom-right causal attention of q [B, T, H, D] over the cache (lengths include the T new rows).
+        Returns float32 logits [M, V] of every new row, sequence after sequence (M = total tokens). The fused
+        layers take the rows ragged; the per-layer path pads every row to the longest with its last token and
+        rolls the padding back, which changes no other row's logits where rows are computed independently.
+        """
+        counts = [len(r) for r in rows]
+        device = self.embed.weight.device
+        if self.fused_layers is None:
+            T = max(counts)
+            logits = self(torch.tensor([r + r[-1:] * (T - len(r)) for r in rows], device=device), cache, True)
+            for b, n in enumerate(counts):
+                cache.rollback(b, cache.lengths[b] - (T - n))
+            return torch.cat([logits[b, :n] for b, n in enumerate(counts)])  # [M, V]
+        self._check_room(cache, counts)
+        starts = cache.advance(counts)
+        x = self.embed(torch.tensor([t for r in rows for t in r], device=device))  # [M, dim]
+        return self.lm_head(self.norm(self.fused_layers(x, cache, starts, counts))).float()
 
-    PyTorch SDPA; with one row per sequence and no mask needed it reads the valid prefix directly.
-    """
-    B, T, H, D = q.shape
-    n = max(cache.lengths)
-    k = cache.k(layer)[:, :, :n]  # [B, H_kv, n, D]
-    v = cache.v(layer)[:, :, :n]
-    window = cache.sliding_window
-    mask = None
-    if T > 1 or len(set(cache.lengths)) > 1 or (window is not None and n > window):
-        lens = torch.tensor(cache.lengths, device=q.device)
-        qpos = lens[:, None] - T + torch.arange(T, device=q.device)  # [B, T] absolute positions
-        kpos = torch.arange(n, device=q.device)
-        mask = kpos[None, None, :] <= qpos[:, :, None]  # [B, T, n]
-        if window is not None:
-            mask &= kpos[None, None, :] > qpos[:, :, None] - window
-        mask = mask[:, None]  # [B, 1, T, n]
-    o = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k, v, attn_mask=mask, scale=scale, enable_gqa=H != k.shape[1]
-    )
-    return o.transpose(1, 2)  # [B, T, H, D]
-
-
-def attend_cpu(q: torch.Tensor, cache: KVCache, layer: int, scale: float) -> torch.Tensor:
-    """Same contract as attend_torch, through the CPU extension (cpu_attention): each query row is reduced in
-    an order fixed by key index, so a row of a verify pass equals the 1-row decode step bit for bit."""
-    return cpu_attention.attention(q, cache.k(layer), cache.v(layer), cache.lengths, scale, window=cache.sliding_window)
-
-
-def attend_triton(q: torch.Tensor, cache: KVCache, layer: int, scale: float) -> torch.Tensor:
-    """Same contract as attend_torch, through the Triton verification-attention kernel."""
-    from .kernels.verify_attention import verify_attention
-
-    lens = torch.tensor(cache.lengths, dtype=torch.int32, device=q.device)
-    return verify_attention(q, cache.k(layer), cache.v(layer), lens, scale=scale)
+    def _check_room(self, cache: KVCache, counts: list[int]) -> None:
+        end = max(n + c for n, c in zip(cache.lengths, counts))
+        if end > self.cfg.max_position:
+            raise ValueError(f"position {end} exceeds the model's max_position_embeddings {self.cfg.max_position}")

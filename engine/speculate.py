@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from .cache import KVCache
-from .decode import Stopper, prefill
+from .decode import SequenceState, prefill
 from .drafter import Drafter, OutputLookup
 from .results import Stats
 
@@ -70,7 +71,7 @@ class CostModel:
         best = [float("inf")] * len(rows)
         for rep in range(reps + 1):
             for i, x in enumerate(xs):
-                cache.lengths = [prefix]
+                cache.rollback(0, prefix)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
@@ -80,6 +81,27 @@ class CostModel:
                 if rep:  # the first call of a shape may build kernels or caches
                     best[i] = min(best[i], time.perf_counter() - t0)
         return cls(rows, best)
+
+
+def plan_drafts(cost: CostModel, acceptance: Sequence[float], rooms: Sequence[int]) -> list[int]:
+    """Draft lengths for one ragged verify forward of B = len(acceptance) sequences (sequence b sends
+    1 + k[b] rows, k[b] <= rooms[b]) that maximize expected tokens per second.
+
+    The j-th draft token of sequence b adds acceptance[b] ** j expected tokens (all before it accepted) and one
+    row; taking the best additions first, the forward of B + R rows decides B + (sum of the R best) tokens in
+    cost(B + R) seconds: R is the count with the best ratio."""
+    gains = sorted(((min(a, 0.999) ** j, b) for b, (a, r) in enumerate(zip(acceptance, rooms))
+                    for j in range(1, r + 1)), reverse=True)
+    n = len(acceptance)
+    best, best_rate, tokens = 0, n / cost(n), float(n)
+    for r, (gain, _) in enumerate(gains, 1):
+        tokens += gain
+        if tokens / cost(n + r) > best_rate:
+            best, best_rate = r, tokens / cost(n + r)
+    ks = [0] * n
+    for _, b in gains[:best]:
+        ks[b] += 1
+    return ks
 
 
 class ChunkPolicy:
@@ -117,23 +139,69 @@ class ChunkPolicy:
             self.misses = self.misses * self.decay + (accepted < proposed)
 
 
-def speculative_decode(model, cache: KVCache, prompt: Sequence[int], drafter: Drafter, stopper: Stopper,
-                       policy: ChunkPolicy, accept: AcceptFn, temperature: float = 0.0,
-                       generator: torch.Generator | None = None, stats: Stats | None = None,
-                       lookup: OutputLookup | None = None,
-                       lookup_policy: ChunkPolicy | None = None) -> Iterator[list[int]]:
-    """Prefill `prompt`, then decode with drafts from `drafter`; yields the tokens decided at each step.
+@dataclass
+class DraftSource:
+    """Where a sequence's drafts come from: the prediction (drafter, with its chunk policy) and, while the
+    drafter is diverged, the output's own repeats (lookup, with a policy of its own: its acceptance is tracked
+    apart from the prediction's)."""
 
-    While the drafter is diverged, `lookup` (if given) drafts from the output's own repeats, with chunk
-    sizes from `lookup_policy` (its acceptance is tracked apart from the prediction's).
+    drafter: Drafter
+    policy: ChunkPolicy
+    lookup: OutputLookup | None = None
+    lookup_policy: ChunkPolicy | None = None
+
+    def observe(self, new: list[int]) -> None:
+        """Tokens just decided (accepted draft + the model's next)."""
+        self.drafter.observe(new)
+        if self.lookup is not None:
+            self.lookup.observe(new)
+
+    def acceptance(self) -> float:
+        """Expected per-token acceptance of the next draft (its policy's estimate); 0 when there is none to
+        offer (diverged with no lookup)."""
+        if self.drafter.aligned:
+            return self.policy.acceptance
+        return self.lookup_policy.acceptance if self.lookup is not None else 0.0
+
+    def propose(self, room: int) -> tuple[list[int], bool]:
+        """(draft of at most `room` tokens, whether it comes from the prediction), its length chosen by the
+        chunk policy of the source in use."""
+        if room > 0 and self.drafter.aligned:
+            return self.drafter.propose(self.policy.choose(room)), True
+        if room > 0 and self.lookup is not None:
+            return self.lookup.propose(self.lookup_policy.choose(room)), False
+        return [], True
+
+    def draft(self, k: int) -> tuple[list[int], bool]:
+        """(up to k draft tokens from the source in use, whether it is the prediction): a length chosen by the
+        caller (the batched scheduler)."""
+        if self.drafter.aligned or self.lookup is None:
+            return self.drafter.propose(k), True
+        return self.lookup.propose(k), False
+
+    def update(self, proposed: int, accepted: int, from_prediction: bool, stats: Stats) -> None:
+        """Feed a verify step's outcome to the policy that chose its size, and count it."""
+        if from_prediction:
+            self.policy.update(proposed, accepted)
+            stats.draft_proposed += proposed
+            stats.draft_accepted += accepted
+            stats.draft_rejected += proposed - accepted
+        else:
+            self.lookup_policy.update(proposed, accepted)
+            stats.lookup_proposed += proposed
+            stats.lookup_accepted += accepted
+
+
+def speculative_decode(model, cache: KVCache, seq: SequenceState, accept: AcceptFn) -> Iterator[list[int]]:
+    """Prefill seq.prompt, then decode with drafts from seq.source; yields the tokens decided at each step.
 
     Greedy (temperature 0): the output is exactly plain greedy decoding's. Sampling: each draft token is
     accepted with probability p(token); on rejection the token is sampled from p with the draft token removed
     (the draft is a point mass), which keeps the output distribution of plain sampling.
     """
-    stats = stats if stats is not None else Stats()
-    device = model.embed.weight.device
-    new = [prefill(model, cache, prompt, temperature, generator, stats)]
+    stats, stopper, source, row = seq.stats, seq.stopper, seq.source, seq.row
+    device = cache.buf.device
+    new = [prefill(model, cache, seq)]
     t1 = time.perf_counter()
     while True:
         for i, tok in enumerate(new):
@@ -144,33 +212,19 @@ def speculative_decode(model, cache: KVCache, prompt: Sequence[int], drafter: Dr
                 stats.decode_s = time.perf_counter() - t1
                 return
         stats.new_tokens += len(new)
-        drafter.observe(new)
-        if lookup is not None:
-            lookup.observe(new)
+        source.observe(new)
         yield new
-        last = new[-1]
-        room = min(stopper.max_new - stopper.count - 1, cache.max_len - cache.lengths[0] - 1)
-        draft, source = [], policy
-        if room > 0 and drafter.aligned:
-            draft = drafter.propose(policy.choose(room))
-        elif room > 0 and lookup is not None:
-            draft, source = lookup.propose(lookup_policy.choose(room)), lookup_policy
-        x = torch.tensor([[last] + draft], device=device)  # [1, K+1]
+        room = min(stopper.max_new - stopper.count - 1, cache.max_len - cache.lengths[row] - 1)
+        draft, from_prediction = source.propose(room)
+        x = torch.tensor([[new[-1]] + draft], device=device)  # [1, K+1]
         logits = model(x, cache, all_logits=True)[0]  # [K+1, V]
         stats.forwards += 1
-        if temperature <= 0:
+        if seq.temperature <= 0:
             n, nxt = greedy_accept(accept, logits, draft)
         else:
-            n, nxt = sampled_accept(logits, draft, temperature, generator)
-        cache.rollback(0, cache.lengths[0] - (len(draft) - n))
-        source.update(len(draft), n)
-        if source is policy:
-            stats.draft_proposed += len(draft)
-            stats.draft_accepted += n
-            stats.draft_rejected += len(draft) - n
-        else:
-            stats.lookup_proposed += len(draft)
-            stats.lookup_accepted += n
+            n, nxt = sampled_accept(logits, draft, seq.temperature, seq.generator)
+        cache.rollback(row, cache.lengths[row] - (len(draft) - n))
+        source.update(len(draft), n, from_prediction, stats)
         new = draft[:n] + [nxt]
         stats.decode_s = time.perf_counter() - t1
 

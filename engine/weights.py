@@ -24,7 +24,8 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return dtype
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
-    raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)} (or int8 on the CPU kernels)")
+    raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(map(repr, DTYPES))} "
+                     "(or 'int8' on the CPU kernels)")
 
 
 def safetensors_files(path: Path) -> list[Path]:

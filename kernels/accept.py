@@ -30,11 +30,12 @@ a CUDA graph so that the workspace is allocated outside the capture.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
+
+from .launch import num_sms
 
 __all__ = ["accept", "accept_ref"]
 
@@ -45,7 +46,6 @@ _MAX_BLOCK_V = 4096  # 8 KB of bf16 per program per iteration: 16 elements (two 
 _NUM_WARPS = 8
 _PROGRAMS_PER_SM = 4  # enough bytes in flight to cover DRAM latency
 _MAX_Q = 1024  # the last program of a sequence holds all its Q packed words at once
-_DEFAULT_SMS = 132  # H100 SXM; used when no CUDA device is queried (interpreter runs)
 
 
 @triton.jit(do_not_specialize=["num_seqs", "num_q", "num_draft", "chunk_len", "num_splits"])
@@ -115,12 +115,6 @@ def _accept_kernel(
         tl.store(result_ptr + num_seqs + b, nxt)
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return _DEFAULT_SMS
-
 
 _WORKSPACES: dict = {}
 
@@ -143,7 +137,7 @@ def _check_inputs(logits, draft, draft_lens):
     """Validate the arguments; returns (B, Q, V, K)."""
     for name, t in (("logits", logits), ("draft", draft), ("draft_lens", draft_lens)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, Q, V], got shape {tuple(logits.shape)}")
     B, Q, V = logits.shape
@@ -208,7 +202,7 @@ def accept(logits, draft, draft_lens, *, block_v=None, num_splits=None):
         raise ValueError(f"block_v={block_v} must be a power of two >= 16")
     n_blocks = triton.cdiv(V, block_v)
     if num_splits is None:
-        num_splits = triton.cdiv(_PROGRAMS_PER_SM * _num_sms(device), B * Q)
+        num_splits = triton.cdiv(_PROGRAMS_PER_SM * num_sms(device), B * Q)
     num_splits = max(1, min(int(num_splits), n_blocks))
     chunk_len = triton.cdiv(n_blocks, num_splits) * block_v
     num_splits = triton.cdiv(V, chunk_len)

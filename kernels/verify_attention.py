@@ -31,12 +31,13 @@ business: a parity test on the GPU is what settles it.)
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
+
+from .launch import num_sms
 
 __all__ = ["verify_attention", "verify_attention_ref"]
 
@@ -45,7 +46,6 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
 _MIN_KEYS_PER_SPLIT = 128  # a shorter split costs more in partial-output traffic than it saves
 _MAX_SPLITS = 128  # combine kernel loads all splits of a row at once
-_DEFAULT_SMS = 132  # H100 SXM; used when no CUDA device is queried (interpreter runs)
 
 
 @triton.jit(do_not_specialize=["num_q", "num_splits", "split_len"])
@@ -181,18 +181,12 @@ def _verify_attention_combine_kernel(
              out.to(out_ptr.dtype.element_ty), mask=d_valid)
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return _DEFAULT_SMS
-
 
 def _check_inputs(q, k_cache, v_cache, cache_lens, scale):
     """Validate the arguments; returns (B, Q, H, D, H_kv, S_max, scale)."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("cache_lens", cache_lens)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if q.dim() != 4:
         raise ValueError(f"q must be [B, Q, H, D], got shape {tuple(q.shape)}")
     if k_cache.dim() != 4:
@@ -265,7 +259,7 @@ def _plan(B, Q, H, H_kv, D, S_eff, device, dtype, num_splits):
         # Enough programs for about two per SM, but no split shorter than _MIN_KEYS_PER_SPLIT keys. Q (and
         # so m_tiles) is left out on purpose: the split boundaries must not depend on Q (see module doc).
         base = max(1, B * H_kv)
-        num_splits = min(triton.cdiv(2 * _num_sms(device), base), triton.cdiv(S_eff, _MIN_KEYS_PER_SPLIT))
+        num_splits = min(triton.cdiv(2 * num_sms(device), base), triton.cdiv(S_eff, _MIN_KEYS_PER_SPLIT))
     num_splits = max(1, min(int(num_splits), n_blocks, _MAX_SPLITS))
     split_len = triton.cdiv(n_blocks, num_splits) * block_n
     num_splits = triton.cdiv(S_eff, split_len)

@@ -83,11 +83,11 @@ def make_text_checkpoint(path: Path, arch: str = "qwen2") -> Path:
 def verify_and_steps(eng, prompt: list[int], follow: list[int]):
     """Logits of `follow` after `prompt` two ways: one len(follow)-row verify forward, and one 1-row decode
     step per token. Returns (batched [T, V], single [T, V])."""
-    m = eng.model
+    m, dev = eng.model, eng.backend.device
     with torch.inference_mode():
         c = eng._cache(len(prompt) + len(follow) + 1)
-        m(torch.tensor([prompt]), c)
-        batched = m(torch.tensor([follow]), c, all_logits=True)[0]
-        c.lengths = [len(prompt)]
-        single = torch.stack([m(torch.tensor([[t]]), c)[0] for t in follow])
+        m(torch.tensor([prompt], device=dev), c)
+        batched = m(torch.tensor([follow], device=dev), c, all_logits=True)[0]
+        c.rollback(0, len(prompt))
+        single = torch.stack([m(torch.tensor([[t]], device=dev), c)[0] for t in follow])
     return batched, single

@@ -172,6 +172,8 @@ BAD = [
     ("draft dtype", lambda L, d, n: (L, d.float(), n), r"draft dtype torch.float32 not supported"),
     ("vocab stride", lambda L, d, n: (L.transpose(1, 2).contiguous().transpose(1, 2)[:, :, :3], d, n),
      r"stride 1\), got strides"),
+    ("not a tensor", lambda L, d, n: (L.tolist(), d, n), r"logits must be a torch.Tensor, got list"),
+    ("lens not a tensor", lambda L, d, n: (L, d, [2, 1]), r"draft_lens must be a torch.Tensor, got list"),
 ]
 
 

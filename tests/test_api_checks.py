@@ -180,11 +180,11 @@ def test_cost_model_is_measured_once_and_cached_on_disk(ckpt, tmp_path, monkeypa
 
 
 def test_cost_cache_key_covers_machine_model_and_format(eng, ckpt, monkeypatch):
-    k = costcache.key(eng.model, eng.backend)
-    assert k == costcache.key(specedit.load(ckpt).model, "torch")
+    k = costcache.key(eng.model, eng.backend.name)
+    assert k == costcache.key(specedit.load(ckpt).model, eng.backend.name)
     assert k != costcache.key(eng.model, "triton")
     monkeypatch.setattr(costcache, "_cpu_name", lambda: "another CPU")
-    assert k != costcache.key(eng.model, eng.backend)
+    assert k != costcache.key(eng.model, eng.backend.name)
 
 
 def test_stale_or_future_cost_entries_are_measured_again(tmp_path, monkeypatch):

@@ -9,6 +9,8 @@ import os
 import shutil
 import subprocess
 
+import warnings
+
 import pytest
 
 import specedit
@@ -324,3 +326,19 @@ def test_bench_reports_identical_outputs(model, tmp_path, capsys):
     src.write_text(CODE)
     assert cli.main(["bench", str(src), "Add type hints.", "--model", model]) == 0
     assert "outputs identical: True" in capsys.readouterr().out
+
+
+def test_failed_extension_build_is_one_line(model, tmp_path, monkeypatch):
+    from specedit.kernels.cpu import build
+
+    def fail():
+        raise build.BuildError("building the CPU kernels failed (compiler c++): error: boom; full log: /x/build.log")
+
+    monkeypatch.setattr(build, "load", fail)
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after the test
+    src = tmp_path / "add.py"
+    src.write_text(CODE)
+    with pytest.warns(UserWarning, match="CPU kernels not used") as record:
+        cli.main(["apply", str(src), "Add type hints.", "--model", model, "--max-new-tokens", "5", "--plain"])
+    shown = [warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in record]
+    assert len(shown) == 1 and shown[0].count("\n") == 1 and "full log: /x/build.log" in shown[0]

@@ -1,20 +1,21 @@
-"""specedit.cpu_attention: the row-invariant CPU attention over the KV cache.
+"""specedit.kernels.cpu.attention: the row-invariant CPU attention over the KV cache.
 
 Floats are compared with the float64 reference attention_ref at atol = rtol = 1e-5 (the kernel's error is
 float32 rounding of D-term dot products, ~256-key sums and a ~2 ulp exp2: ~1e-6 on these inputs). Row
 invariance is checked bit for bit: row i of a T-row call must equal the 1-row call at that position, for
 every T, with 1 and 2 threads, on AVX2 and AVX-512, so that a verify pass cannot flip a near-tie that plain
 decoding would not (the lossless invariant in DESIGN.md). The first test in a fresh cache compiles the
-extension shared with cpu_linear (~15 s on 2 cores).
+extension shared with the packed linear (~15 s on 2 cores).
 """
 
 import pytest
 import torch
 
-from specedit import cpu_attention
+from specedit.kernels.cpu import build
+from specedit.kernels.cpu.attention import attention, attention_ref
 
 pytestmark = pytest.mark.skipif(
-    not cpu_attention.available(), reason="cpu_attention needs x86-64 Linux with avx2/fma/f16c, c++ and ninja"
+    not build.available(), reason="the CPU kernels need x86-64 Linux with avx2/fma/f16c, c++ and ninja"
 )
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -29,7 +30,7 @@ def threads():
 
 
 def isas():
-    return ["avx2", "avx512"] if cpu_attention.best_isa() == "avx512" else ["avx2"]
+    return ["avx2", "avx512"] if build.best_isa() == "avx512" else ["avx2"]
 
 
 def cache(B, H_kv, S_max, D, lengths, seed=0, layers=3, layer=1, fill=float("nan")):
@@ -58,8 +59,8 @@ def test_matches_reference(B, T, H, H_kv, D, window):
     _, k, v = cache(B, H_kv, S_max, D, lengths)
     q = queries(B, T, H, D)
     scale = D**-0.5
-    ref = cpu_attention.attention_ref(q, k, v, lengths, scale, window)
-    outs = [cpu_attention.attention(q, k, v, lengths, scale, window, isa=isa) for isa in isas()]
+    ref = attention_ref(q, k, v, lengths, scale, window)
+    outs = [attention(q, k, v, lengths, scale, window, isa=isa) for isa in isas()]
     for out in outs:
         assert out.shape == (B, T, H, D) and out.dtype == torch.float32
         torch.testing.assert_close(out, ref, **TOL)
@@ -72,7 +73,7 @@ def singles(q_all, k, v, lengths_all, scale, window, isa=None):
     out = torch.full((B, N, H, D), float("nan"))
     for b in range(B):
         for p in range(lengths_all[b]):
-            out[b, p] = cpu_attention.attention(
+            out[b, p] = attention(
                 q_all[b : b + 1, p : p + 1], k[b : b + 1], v[b : b + 1], [p + 1], scale, window, isa=isa
             )[0, 0]
     return out
@@ -102,7 +103,7 @@ def test_row_invariance_bitwise(H, H_kv, D, window):
                     for i in range(len(ends[0])):
                         lengths = [max(T, ends[0][i]), max(T, ends[1][i])]
                         q = torch.stack([q_all[b, n - T : n] for b, n in enumerate(lengths)])
-                        out = cpu_attention.attention(q, k, v, lengths, scale, window, isa=isa)
+                        out = attention(q, k, v, lengths, scale, window, isa=isa)
                         for b, n in enumerate(lengths):
                             bad = (out[b] != ref[b, n - T : n]).flatten(1).any(1).nonzero().flatten().tolist()
                             assert not bad, f"{isa}, {nthreads} threads, T={T}, length {n}: rows {bad} differ"
@@ -120,15 +121,15 @@ def test_threads_bitwise_long_context():
     for nthreads in (2, 1):
         torch.set_num_threads(nthreads)
         try:
-            outs.append(cpu_attention.attention(q, k, v, lengths, 0.125))
+            outs.append(attention(q, k, v, lengths, 0.125))
         finally:
             torch.set_num_threads(2)
     assert torch.equal(outs[0], outs[1])
     for b, n in enumerate(lengths):
         for i in (0, 16, 32):
-            one = cpu_attention.attention(q[b : b + 1, i : i + 1], k[b : b + 1], v[b : b + 1], [n - 33 + i + 1], 0.125)
+            one = attention(q[b : b + 1, i : i + 1], k[b : b + 1], v[b : b + 1], [n - 33 + i + 1], 0.125)
             assert torch.equal(one[0, 0], outs[0][b, i])
-    torch.testing.assert_close(outs[0], cpu_attention.attention_ref(q, k, v, lengths, 0.125), **TOL)
+    torch.testing.assert_close(outs[0], attention_ref(q, k, v, lengths, 0.125), **TOL)
 
 
 def test_strided_cache_views_ignore_slots_past_lengths():
@@ -139,32 +140,32 @@ def test_strided_cache_views_ignore_slots_past_lengths():
     buf, k, v = cache(3, 3, 320, 64, lengths, fill=float("nan"))
     assert k.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
     q = queries(3, T, 9, 64)
-    out = cpu_attention.attention(q, k, v, lengths, 0.125)
+    out = attention(q, k, v, lengths, 0.125)
     assert not out.isnan().any()
     # rows of the cache padded (stride 80 for D = 64) and a batch row skipped: any strides but d's
     padded = torch.full((2, 6, 3, 320, 80), float("nan"))
     padded[:, ::2, :, :, :64] = torch.stack([k, v])
     kp, vp = padded[0, ::2, :, :, :64], padded[1, ::2, :, :, :64]
     assert not kp.is_contiguous() and kp.stride() == (2 * 3 * 320 * 80, 320 * 80, 80, 1)
-    assert torch.equal(cpu_attention.attention(q, kp, vp, lengths, 0.125), out)
+    assert torch.equal(attention(q, kp, vp, lengths, 0.125), out)
     clean = buf.clone()
     for b, n in enumerate(lengths):
         clean[:, :, b, :, n:] = 0.0
     clean[0] = float("nan")  # another layer
     clean[2] = float("inf")
-    assert torch.equal(cpu_attention.attention(q, clean[1, 0], clean[1, 1], lengths, 0.125), out)
-    torch.testing.assert_close(out, cpu_attention.attention_ref(q, k, v, lengths, 0.125), **TOL)
+    assert torch.equal(attention(q, clean[1, 0], clean[1, 1], lengths, 0.125), out)
+    torch.testing.assert_close(out, attention_ref(q, k, v, lengths, 0.125), **TOL)
 
 
 def test_noncontiguous_q():
     _, k, v = cache(2, 3, 100, 64, [90, 50])
     q = queries(2, 9, 5, 64).permute(0, 2, 1, 3)  # [2, 5, 9, 64] viewed as [B=2, T=5, H=9, D=64]
     assert not q.is_contiguous()
-    ref = cpu_attention.attention(q.contiguous(), k, v, [90, 50], 0.125)
-    assert torch.equal(cpu_attention.attention(q, k, v, [90, 50], 0.125), ref)
+    ref = attention(q.contiguous(), k, v, [90, 50], 0.125)
+    assert torch.equal(attention(q, k, v, [90, 50], 0.125), ref)
     qd = torch.randn(2, 5, 9, 128)[..., ::2]  # D not contiguous: copied
-    ref = cpu_attention.attention_ref(qd, k, v, [90, 50], 0.125)
-    torch.testing.assert_close(cpu_attention.attention(qd, k, v, [90, 50], 0.125), ref, **TOL)
+    ref = attention_ref(qd, k, v, [90, 50], 0.125)
+    torch.testing.assert_close(attention(qd, k, v, [90, 50], 0.125), ref, **TOL)
 
 
 def test_flush_denormal_setting_does_not_matter():
@@ -173,11 +174,11 @@ def test_flush_denormal_setting_does_not_matter():
     _, k, v = cache(1, 3, 600, 64, [600])
     v = v * 1e-37
     q = queries(1, 3, 9, 64)
-    out = cpu_attention.attention(q, k, v, [600], 0.125)
+    out = attention(q, k, v, [600], 0.125)
     if not torch.set_flush_denormal(True):
         pytest.skip("flush-denormal not supported here")
     try:
-        assert torch.equal(cpu_attention.attention(q, k, v, [600], 0.125), out)
+        assert torch.equal(attention(q, k, v, [600], 0.125), out)
     finally:
         torch.set_flush_denormal(False)
 
@@ -186,7 +187,7 @@ def test_window_larger_than_context_is_plain_causal():
     _, k, v = cache(1, 3, 300, 64, [300])
     q = queries(1, 5, 9, 64)
     assert torch.equal(
-        cpu_attention.attention(q, k, v, [300], 0.125, window=300), cpu_attention.attention(q, k, v, [300], 0.125)
+        attention(q, k, v, [300], 0.125, window=300), attention(q, k, v, [300], 0.125)
     )
 
 
@@ -194,7 +195,7 @@ def test_bad_inputs_raise_value_error():
     _, k, v = cache(2, 3, 64, 64, [64, 64])
     q = queries(2, 4, 9, 64)
     ok = dict(q=q, k_cache=k, v_cache=v, lengths=[10, 64], scale=0.125)
-    cpu_attention.attention(**ok)
+    attention(**ok)
     cases = [
         (dict(q=q.double()), "float32"),
         (dict(q=q.to("meta")), "CPU"),
@@ -220,12 +221,12 @@ def test_bad_inputs_raise_value_error():
     ]
     for change, words in cases:
         with pytest.raises(ValueError, match=words):
-            cpu_attention.attention(**{**ok, **change})
+            attention(**{**ok, **change})
 
 
 def test_empty_rows():
     _, k, v = cache(1, 3, 16, 64, [16])
-    out = cpu_attention.attention(torch.empty(1, 0, 9, 64), k, v, [16], 0.125)
+    out = attention(torch.empty(1, 0, 9, 64), k, v, [16], 0.125)
     assert out.shape == (1, 0, 9, 64)
 
 
@@ -234,10 +235,10 @@ def test_long_call_in_row_chunks_is_row_invariant():
     n, T = 2048, 2048
     _, k, v = cache(1, 3, n, 64, [n], seed=6)
     q = queries(1, T, 9, 64, seed=7)
-    out = cpu_attention.attention(q, k, v, [n], 0.125)
-    assert torch.equal(out[:, :700], cpu_attention.attention(q[:, :700], k, v, [700], 0.125))
-    assert torch.equal(out[:, 1900:], cpu_attention.attention(q[:, 1900:], k, v, [n], 0.125))
+    out = attention(q, k, v, [n], 0.125)
+    assert torch.equal(out[:, :700], attention(q[:, :700], k, v, [700], 0.125))
+    assert torch.equal(out[:, 1900:], attention(q[:, 1900:], k, v, [n], 0.125))
     for p in (0, 1765, 2047):
-        assert torch.equal(out[0, p], cpu_attention.attention(q[:, p : p + 1], k, v, [p + 1], 0.125)[0, 0])
-    ref = cpu_attention.attention_ref(q[:, 1700:1800], k, v, [1800], 0.125)
+        assert torch.equal(out[0, p], attention(q[:, p : p + 1], k, v, [p + 1], 0.125)[0, 0])
+    ref = attention_ref(q[:, 1700:1800], k, v, [1800], 0.125)
     torch.testing.assert_close(out[:, 1700:1800], ref, **TOL)

@@ -1,4 +1,4 @@
-"""specedit.cpu_linear: the packed small-M CPU matmul.
+"""specedit.kernels.cpu.linear: the packed small-M CPU matmul.
 
 Floats are compared with the float64 product of the same stored weights (rounded to the dtype, or
 int8's scale * q): the kernel's only error is float32 accumulation over K, bounded by
@@ -12,10 +12,11 @@ would not. The first test in a fresh cache compiles the extension (~20-40 s on 2
 import pytest
 import torch
 
-from specedit import cpu_linear
+from specedit.kernels.cpu import build
+from specedit.kernels.cpu.linear import PackedLinear, linear_ref, pack_weight, quantize_int8, stored_weight
 
 pytestmark = pytest.mark.skipif(
-    not cpu_linear.available(), reason="cpu_linear needs x86-64 Linux with avx2/fma/f16c, c++ and ninja"
+    not build.available(), reason="the CPU kernels need x86-64 Linux with avx2/fma/f16c, c++ and ninja"
 )
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8]
@@ -38,7 +39,7 @@ def threads():
 
 
 def isas():
-    return ["avx2", "avx512"] if cpu_linear.best_isa() == "avx512" else ["avx2"]
+    return ["avx2", "avx512"] if build.best_isa() == "avx512" else ["avx2"]
 
 
 def data(n, k, m, seed=0):
@@ -48,8 +49,8 @@ def data(n, k, m, seed=0):
 
 def assert_close_to_ref(y, x, w, dtype, bias=None):
     k = x.shape[-1]
-    ref = cpu_linear.linear_ref(x, w, dtype, bias).double()
-    bound = (x.double().abs() @ cpu_linear.stored_weight(w, dtype).abs().T) * k * 2.0**-24 * 4 + 1e-30
+    ref = linear_ref(x, w, dtype, bias).double()
+    bound = (x.double().abs() @ stored_weight(w, dtype).abs().T) * k * 2.0**-24 * 4 + 1e-30
     err = (y.double() - ref).abs()
     assert (err <= bound).all(), f"max error {err.max().item():.3g}, worst ratio {(err / bound).max().item():.2f}"
     # and against the original float32 weight, with the storage rounding added
@@ -67,7 +68,7 @@ def assert_close_to_ref(y, x, w, dtype, bias=None):
 @pytest.mark.parametrize("n,k", [(111, 72), (32, 64), (1, 8), (40, 5), (576, 1536)])
 def test_matches_reference(n, k, m, dtype):
     w, x = data(n, k, m)
-    p = cpu_linear.pack(w, dtype)
+    p = PackedLinear(w, None, dtype)
     for isa in isas():
         y = p(x, isa=isa)
         assert y.shape == (m, n) and y.dtype == torch.float32
@@ -80,7 +81,7 @@ def fma_chain(x, w, dtype):
     float32 is exact there; the sum is rounded twice, which can differ from one fma in ~2^-29 of cases: none
     for these seeds)."""
     if dtype == torch.int8:
-        q, scale = cpu_linear.quantize_int8(w)
+        q, scale = quantize_int8(w)
         return fma_chain(x, q.float(), torch.float32) * scale
     wq, xd = w.to(dtype).double(), x.double()
     acc = torch.zeros(x.shape[0], w.shape[0], dtype=torch.float32)
@@ -95,7 +96,7 @@ def test_is_exactly_the_fma_chain(m, dtype):
     """Bit for bit the sequential fp32 FMA chain over k: this pins the summation order, so every tiling,
     thread split and instruction set must agree with it and with each other."""
     w, x = data(111, 72, m, seed=3)
-    p = cpu_linear.pack(w, dtype)
+    p = PackedLinear(w, None, dtype)
     ref = fma_chain(x, w, dtype)
     for isa in isas():
         assert torch.equal(p(x, isa=isa), ref), isa
@@ -105,7 +106,7 @@ def test_is_exactly_the_fma_chain(m, dtype):
 def test_smollm2_shapes(dtype):
     for n, k in SMOL.values():
         w, x = data(n, k, 33)
-        assert_close_to_ref(cpu_linear.pack(w, dtype)(x), x, w, dtype)
+        assert_close_to_ref(PackedLinear(w, None, dtype)(x), x, w, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -117,7 +118,7 @@ def test_row_invariance_bitwise(name, dtype):
     if name == "lm_head":
         n = 4099  # the full 49152 adds nothing but time: same K, same code, one more partial group
     w, x = data(n, k, 65, seed=1)
-    p = cpu_linear.pack(w, dtype)
+    p = PackedLinear(w, None, dtype)
     singles = torch.cat([p(x[i : i + 1]) for i in range(65)])
     for isa in isas():
         assert torch.equal(torch.cat([p(x[i : i + 1], isa=isa) for i in range(65)]), singles), isa
@@ -134,7 +135,7 @@ def test_row_invariance_bitwise(name, dtype):
 
 def test_row_invariance_full_lm_head():
     w, x = data(49152, 576, 33, seed=2)
-    p = cpu_linear.pack(w, torch.float16)
+    p = PackedLinear(w, None, torch.float16)
     y = p(x)
     for i in (0, 1, 16, 32):
         assert torch.equal(y[i], p(x[i : i + 1])[0])
@@ -143,7 +144,7 @@ def test_row_invariance_full_lm_head():
 def test_leading_dims_bias_and_noncontiguous():
     w, x = data(111, 72, 30)
     b = torch.randn(111)
-    p = cpu_linear.PackedLinear(w, b, torch.bfloat16)
+    p = PackedLinear(w, b, torch.bfloat16)
     y = p(x.view(2, 3, 5, 72))
     assert y.shape == (2, 3, 5, 111)
     assert torch.equal(y.view(30, 111), p(x))
@@ -151,7 +152,7 @@ def test_leading_dims_bias_and_noncontiguous():
     xt = torch.randn(72, 30).T  # non-contiguous rows
     assert torch.equal(p(xt), p(xt.contiguous()))
     lin = torch.nn.Linear(72, 111)
-    q = cpu_linear.PackedLinear.from_linear(lin, torch.float32)
+    q = PackedLinear(lin.weight, lin.bias, torch.float32)
     assert_close_to_ref(q(x), x, lin.weight.detach(), torch.float32, lin.bias.detach())
 
 
@@ -159,44 +160,48 @@ def test_int8_quantization():
     """Per-row symmetric: the largest |w| of a row maps to +-127 exactly; a zero row gets scale 0."""
     w = torch.randn(40, 72)
     w[3] = 0
-    q, scale = cpu_linear.quantize_int8(w)
+    q, scale = quantize_int8(w)
     assert q.dtype == torch.int8 and scale.shape == (40,) and scale[3] == 0 and (q[3] == 0).all()
     assert torch.equal(q.abs().amax(1)[torch.arange(40) != 3], torch.full((39,), 127, dtype=torch.int8))
     assert ((q.double() * scale.double()[:, None] - w.double()).abs() <= scale.double()[:, None] / 2 * 1.0001).all()
-    p = cpu_linear.pack(w, torch.int8)
+    p = PackedLinear(w, None, torch.int8)
     assert p.weight_bytes == 40 * 72 + 40 * 4
     assert torch.equal(p(torch.randn(3, 72))[:, 3], torch.zeros(3))
 
 
 def test_empty_and_zero_k():
     w, x = data(111, 72, 1)
-    p = cpu_linear.pack(w, torch.float16)
+    p = PackedLinear(w, None, torch.float16)
     assert p(x[:0]).shape == (0, 111)
-    z = cpu_linear.pack(torch.zeros(7, 0), torch.float32)
+    z = PackedLinear(torch.zeros(7, 0), None, torch.float32)
     assert torch.equal(z(torch.zeros(3, 0)), torch.zeros(3, 7))
 
 
 def test_errors_name_the_problem():
     w, x = data(111, 72, 2)
-    p = cpu_linear.pack(w, torch.float16)
+    p = PackedLinear(w, None, torch.float16)
     with pytest.raises(ValueError, match=r"\[\.\.\., 72\]"):
         p(torch.randn(2, 3, 71))
-    with pytest.raises(RuntimeError, match="float32"):
+    with pytest.raises(ValueError, match="float32"):
         p(x.double())
-    with pytest.raises(RuntimeError, match=r"\[M, 72\]"):
+    with pytest.raises(ValueError, match=r"\[M, 72\]"):
         p(torch.randn(2, 71))
-    with pytest.raises(ValueError, match="float32, float16, bfloat16 or int8"):
-        cpu_linear.pack(w, torch.int32)
+    with pytest.raises(ValueError, match="float32, float16, bfloat16, int8"):
+        PackedLinear(w, None, torch.int32)
     with pytest.raises(ValueError, match="quantize_int8"):
-        cpu_linear.pack_weight(w, torch.int8)
+        pack_weight(w, torch.int8)
     with pytest.raises(ValueError, match="finite"):
-        cpu_linear.pack(torch.full((4, 4), float("nan")), torch.int8)
+        PackedLinear(torch.full((4, 4), float("nan")), None, torch.int8)
     with pytest.raises(ValueError, match="isa"):
         p(x, isa="sse")
+    with pytest.raises(ValueError, match=r"weight must be a \[N, K\] tensor, got list"):
+        PackedLinear(w.tolist())
+    with pytest.raises(ValueError, match=r"x must be a \[\.\.\., 72\] tensor, got list"):
+        p(x.tolist())
     with pytest.raises(ValueError, match="overflows float16"):
-        cpu_linear.pack(torch.full((4, 4), 70000.0), torch.float16)
+        PackedLinear(torch.full((4, 4), 70000.0), None, torch.float16)
 
 
 def test_available_never_raises(monkeypatch):
-    monkeypatch.setattr(cpu_linear, "_cpu_flags", lambda: (_ for _ in ()).throw(OSError("no /proc")))
-    assert cpu_linear.available() is False
+    monkeypatch.setattr(build, "_cpu_flags", lambda: (_ for _ in ()).throw(OSError("no /proc")))
+    assert build.available() is False

@@ -1,4 +1,4 @@
-"""specedit.cpu_stack: every decoder layer in one C++ call, against the same layers run from Python.
+"""specedit.kernels.cpu.stack: every decoder layer in one C++ call, against the same layers run from Python.
 
 Both paths use the same packed matmul and attention kernels; they differ in how the norms, RoPE, SiLU and
 residuals are computed (C++ loops vs torch ops), so floats agree to ~1e-6 relative and greedy tokens exactly.
@@ -10,10 +10,10 @@ import torch
 
 import specedit
 from helpers import hf_model, make_checkpoint, verify_and_steps
-from specedit import cpu_linear
+from specedit.kernels.cpu import build
 from specedit.cache import KVCache
 
-pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="needs the CPU kernels")
+pytestmark = pytest.mark.skipif(not build.available(), reason="needs the CPU kernels")
 
 VARIANTS = {
     "llama": ("llama", {}),
@@ -32,17 +32,17 @@ def path(request, tmp_path_factory):
 
 
 def test_load_fuses_the_layers(path):
-    assert specedit.load(path).model.stack is not None
-    assert specedit.load(path, cpu_kernels=False).model.stack is None
+    assert specedit.load(path).model.fused_layers is not None
+    assert specedit.load(path, cpu_kernels=False).model.fused_layers is None
 
 
 def test_fused_equals_python_layers(path):
     eng = specedit.load(path, cpu_kernels=True)
-    fused = eng.logits(IDS)
-    stack, eng.model.stack = eng.model.stack, None  # the same packed layers, run one torch op at a time
+    fused_logits = eng.logits(IDS)
+    fused, eng.model.fused_layers = eng.model.fused_layers, None  # the same packed layers, run one torch op at a time
     layered = eng.logits(IDS)
-    eng.model.stack = stack
-    assert (fused - layered).abs().max().item() < 1e-5 * layered.abs().max().item()
+    eng.model.fused_layers = fused
+    assert (fused_logits - layered).abs().max().item() < 1e-5 * layered.abs().max().item()
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
@@ -61,7 +61,7 @@ def test_fused_matches_transformers_past_the_sliding_window(tmp_path):
 
 
 def test_isas_agree_bit_for_bit(path):
-    if cpu_linear.best_isa() != "avx512":
+    if build.best_isa() != "avx512":
         pytest.skip("only AVX2 on this CPU")
     eng = specedit.load(path)
     m = eng.model
@@ -69,7 +69,7 @@ def test_isas_agree_bit_for_bit(path):
     outs = []
     for isa in ("avx2", "avx512"):
         c = eng._cache(len(IDS))
-        outs.append((m.stack(x, c, [0], isa=isa), c.buf.clone()))
+        outs.append((m.fused_layers(x, c, [0], isa=isa), c.buf.clone()))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
@@ -81,14 +81,14 @@ def test_ragged_rows_write_their_own_cache_slots(path):
     starts = [9, 4]
     for b, s in enumerate(starts):
         one = KVCache(eng.cfg, 1, 64, torch.float32, "cpu")
-        m.stack(m.embed(torch.tensor([IDS[:s]])), one, [0])
+        m.fused_layers(m.embed(torch.tensor([IDS[:s]])), one, [0])
         both.buf[:, :, b] = one.buf[:, :, 0]
     x = m.embed(torch.tensor([IDS[20:25], IDS[30:35]]))
-    out = m.stack(x, both, starts)
+    out = m.fused_layers(x, both, starts)
     for b, s in enumerate(starts):
         one = KVCache(eng.cfg, 1, 64, torch.float32, "cpu")
-        m.stack(m.embed(torch.tensor([IDS[:s]])), one, [0])
-        alone = m.stack(x[b : b + 1], one, [s])
+        m.fused_layers(m.embed(torch.tensor([IDS[:s]])), one, [0])
+        alone = m.fused_layers(x[b : b + 1], one, [s])
         assert torch.equal(out[b], alone[0])
         assert torch.equal(both.buf[:, :, b, :, : s + 5], one.buf[:, :, 0, :, : s + 5])
 
@@ -101,6 +101,9 @@ def test_ragged_rows_write_their_own_cache_slots(path):
         ("rows", "5 rows for 2 sequences"),
         ("cache_shape", r"cache must be contiguous float32 \[2, 2, 1, 2, S, 16\]"),
         ("overflow", r"start 60 \+ 5 rows exceeds the cache \(64\)"),
+        ("x_list", r"x must be a \[B, T, dim\] tensor, got list"),
+        ("cache_list", r"cache must be a \[L, 2, B, H_kv, S_max, D\] tensor, got list"),
+        ("starts_tuple", r"starts must be a list of ints"),
     ],
 )
 def test_bad_input_names_the_problem(tmp_path, case, match):
@@ -117,5 +120,52 @@ def test_bad_input_names_the_problem(tmp_path, case, match):
         c.buf = torch.zeros(2, 2, 1, 2, 64, 8)
     elif case == "overflow":
         starts = [60]
+    elif case == "x_list":
+        x = x.tolist()
+    elif case == "cache_list":
+        c.buf = [c.buf]
+    elif case == "starts_tuple":
+        starts = (0,)
     with pytest.raises(ValueError, match=match):
-        m.stack(x, c, starts)
+        m.fused_layers(x, c, starts)
+
+
+def test_ragged_rows_equal_each_sequence_alone(path):
+    """Sequences sending 1, 5 and 3 rows in one call (ragged): each equals its own call, bit for bit."""
+    eng = specedit.load(path)
+    m = eng.model
+    starts, counts = [9, 4, 12], [1, 5, 3]
+    both = KVCache(eng.cfg, 3, 64, torch.float32, "cpu")
+    for b, s in enumerate(starts):
+        one = KVCache(eng.cfg, 1, 64, torch.float32, "cpu")
+        m.fused_layers(m.embed(torch.tensor([IDS[:s]])), one, [0])
+        both.buf[:, :, b] = one.buf[:, :, 0]
+    rows = [IDS[30 + 10 * b : 30 + 10 * b + c] for b, c in enumerate(counts)]
+    out = m.fused_layers(m.embed(torch.tensor([t for r in rows for t in r])), both, starts, counts)
+    at = 0
+    for b, (s, c) in enumerate(zip(starts, counts)):
+        one = KVCache(eng.cfg, 1, 64, torch.float32, "cpu")
+        m.fused_layers(m.embed(torch.tensor([IDS[:s]])), one, [0])
+        alone = m.fused_layers(m.embed(torch.tensor([rows[b]])), one, [s])[0]
+        assert torch.equal(out[at : at + c], alone)
+        assert torch.equal(both.buf[:, :, b, :, : s + c], one.buf[:, :, 0, :, : s + c])
+        at += c
+    with pytest.raises(ValueError, match="row counts add up to 9 but x has 8 rows"):
+        m.fused_layers(torch.zeros(8, eng.cfg.dim), both, starts, counts)
+
+
+def test_forward_rows_pads_where_the_layers_are_not_fused(path):
+    """The per-layer path pads ragged rows and rolls the padding back: same logits as each row alone."""
+    eng = specedit.load(path)
+    m = eng.model
+    rows = [IDS[:3], IDS[10:17], IDS[20:21]]
+    fused = m.forward_rows(rows, eng._cache(32, rows=3))
+    m.fused_layers, saved = None, m.fused_layers
+    try:
+        cache = eng._cache(32, rows=3)
+        layered = m.forward_rows(rows, cache)
+        assert cache.lengths == (3, 7, 1)
+    finally:
+        m.fused_layers = saved
+    assert fused.shape == layered.shape == (11, eng.cfg.vocab_size)
+    assert (fused - layered).abs().max().item() < 1e-5 * layered.abs().max().item()

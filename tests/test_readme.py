@@ -6,14 +6,16 @@ import importlib.util
 import json
 import re
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+import uvicorn
 
 import specedit
 from helpers import make_text_checkpoint
-from specedit.server import make_server
+from specedit.server import create_app
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 MODEL = "smollm2-135m-instruct"
@@ -52,10 +54,13 @@ def test_python_api_example_runs_as_written_with_smollm2(capsys):
 
 @pytest.fixture(scope="module")
 def server(tiny):
-    srv = make_server(specedit.load(tiny), "127.0.0.1", 0, MODEL)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
-    srv.shutdown()
+    srv = uvicorn.Server(uvicorn.Config(create_app(specedit.load(tiny), MODEL), host="127.0.0.1", port=0,
+                                        log_level="error"))
+    threading.Thread(target=srv.run, daemon=True).start()
+    while not srv.started:
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}/v1"
+    srv.should_exit = True
 
 
 def test_openai_client_example_runs(server, capsys):

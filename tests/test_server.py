@@ -1,92 +1,197 @@
-"""The OpenAI-compatible server on loopback: chat and text completions, predicted outputs, streaming, errors."""
+"""The OpenAI-compatible server on 127.0.0.1, driven by the official `openai` client and by raw requests.
 
+Answers (streamed or not, with or without a prediction, many at once) equal the engine's batch-1 generate;
+OpenAI's shapes for errors, streams, usage and models; bad requests get a 4xx with a message, never a dropped
+connection or a hang; a client that disconnects frees its row.
+"""
+
+import http.client
 import json
+import socket
 import threading
-import urllib.error
-import urllib.request
+import time
 
+import openai
 import pytest
+import uvicorn
 
 import specedit
 from helpers import make_text_checkpoint
-from specedit.server import make_server
+from specedit.server import create_app
+
+MODEL = "tiny"
+CODE = "def add(a, b):\n    return a + b\n"
+MSGS = [{"role": "user", "content": "Add type hints:\n" + CODE}]
+
+
+def start(app):
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(500):
+        if server.started:
+            break
+        time.sleep(0.01)
+    return server, server.servers[0].sockets[0].getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def srv(tmp_path_factory):
     eng = specedit.load(make_text_checkpoint(tmp_path_factory.mktemp("srv")))
-    srv = make_server(eng, "127.0.0.1", 0, "tiny")
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}/v1", eng
-    srv.shutdown()
+    server, port = start(create_app(eng, MODEL, max_body=4096 * 16))
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+    yield eng, port, client
+    server.should_exit = True
 
 
-def post(url, body, raw=False):
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        return r.read().decode() if raw else json.loads(r.read())
+def chat_prompt(eng):
+    return eng.tokenizer.apply_chat_template(MSGS, tokenize=False, add_generation_prompt=True)
 
 
-def error_of(url, body):
-    with pytest.raises(urllib.error.HTTPError) as e:
-        post(url, body)
-    assert e.value.code == 400
-    return json.loads(e.value.read())["error"]["message"]
+def raw(port, method, path, body=b"", headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request(method, path, body, {"Content-Type": "application/json", **(headers or {})})
+    r = conn.getresponse()
+    return r.status, r.read().decode()
 
 
-MSGS = [{"role": "user", "content": "Add type hints:\ndef add(a, b):\n    return a + b\n"}]
-CODE = "def add(a, b):\n    return a + b\n"
+def test_chat_with_and_without_prediction_equals_generate(srv):
+    eng, _, client = srv
+    expected = eng.generate(chat_prompt(eng), max_new_tokens=30)
+    plain = client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=30)
+    assert plain.choices[0].message.content == expected.text
+    pred = client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=30,
+                                          prediction={"type": "content", "content": expected.text[:-3] + "zz"})
+    assert pred.choices[0].message.content == expected.text and pred.object == "chat.completion"
+    assert pred.choices[0].finish_reason == expected.stats.finish_reason
+    u = pred.usage
+    assert u.completion_tokens == len(expected.token_ids) and u.prompt_tokens == plain.usage.prompt_tokens
+    assert u.completion_tokens_details.accepted_prediction_tokens > 5
+    assert plain.usage.completion_tokens_details.accepted_prediction_tokens == 0
 
 
-def test_models(base):
-    url, _ = base
-    with urllib.request.urlopen(url + "/models", timeout=10) as r:
-        assert json.loads(r.read())["data"][0]["id"] == "tiny"
+def test_text_completion_equals_generate(srv):
+    eng, _, client = srv
+    out = client.completions.create(model=MODEL, prompt=CODE, max_tokens=20,
+                                    extra_body={"prediction": {"type": "content",
+                                                               "content": [{"type": "text", "text": CODE}]}})
+    assert out.choices[0].text == eng.generate(CODE, max_new_tokens=20).text
 
 
-def test_chat_with_prediction_is_lossless_and_reports_usage(base):
-    url, eng = base
-    plain = post(url + "/chat/completions", {"messages": MSGS, "max_tokens": 30})
-    expected = plain["choices"][0]["message"]["content"]  # a random model: predict its own answer
-    pred = post(url + "/chat/completions", {"messages": MSGS, "max_tokens": 30,
-                                            "prediction": {"type": "content", "content": expected[:-3] + "zz"}})
-    assert pred["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
-    assert pred["object"] == "chat.completion" and pred["choices"][0]["finish_reason"] in ("stop", "length")
-    u, pu = pred["usage"], plain["usage"]
-    assert u["completion_tokens"] == pu["completion_tokens"] and u["prompt_tokens"] == pu["prompt_tokens"]
-    d = u["completion_tokens_details"]
-    assert d["accepted_prediction_tokens"] > 5
-    assert pu["completion_tokens_details"] == {"accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_stream_shapes(srv, include_usage):
+    eng, _, client = srv
+    expected = eng.generate(chat_prompt(eng), max_new_tokens=30).text
+    kw = {"stream_options": {"include_usage": True}} if include_usage else {}
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=30, stream=True,
+                                                 prediction={"type": "content", "content": CODE}, **kw))
+    with_choices = [c for c in chunks if c.choices]
+    assert with_choices[0].choices[0].delta.role == "assistant"
+    assert all(c.choices[0].delta.role is None for c in with_choices[1:])
+    assert "".join(c.choices[0].delta.content or "" for c in with_choices) == expected
+    assert with_choices[-1].choices[0].finish_reason in ("stop", "length")
+    usage_chunks = [c for c in chunks if c.usage is not None]
+    if include_usage:
+        assert len(usage_chunks) == 1 and usage_chunks[0] is chunks[-1] and chunks[-1].choices == []
+    else:
+        assert usage_chunks == []
 
 
-def test_text_completion_matches_engine(base):
-    url, eng = base
-    out = post(url + "/completions", {"prompt": CODE, "max_tokens": 20,
-                                      "prediction": {"type": "content", "content": [{"type": "text", "text": CODE}]}})
-    assert out["choices"][0]["text"] == eng.generate(CODE, max_new_tokens=20).text
+def test_concurrent_requests_each_equal_generate(srv):
+    eng, _, client = srv
+    prompts = [CODE, "print(add(", "# hello\n", "def f(x):\n", "```python\n"]
+    expected = [eng.generate(p, max_new_tokens=25).text for p in prompts]
+    out = [None] * len(prompts)
+
+    def one(i):
+        pred = {"prediction": {"type": "content", "content": expected[i]}} if i % 2 else {}
+        out[i] = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=25,
+                                           extra_body=pred).choices[0].text
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert out == expected
 
 
-def test_streaming_chunks_add_up(base):
-    url, _ = base
-    body = {"messages": MSGS, "max_tokens": 30, "prediction": {"type": "content", "content": CODE}}
-    full = post(url + "/chat/completions", body)["choices"][0]["message"]["content"]
-    raw = post(url + "/chat/completions", {**body, "stream": True}, raw=True)
-    events = [e[len("data: "):] for e in raw.split("\n\n") if e.startswith("data: ")]
-    assert events[-1] == "[DONE]"
-    chunks = [json.loads(e) for e in events[:-1]]
-    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
-    assert text == full
-    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length") and "usage" in chunks[-1]
+def test_models_and_health(srv):
+    _, port, client = srv
+    m = client.models.list().data
+    assert [x.id for x in m] == [MODEL] and m[0].owned_by == "specedit" and m[0].created > 0
+    assert raw(port, "GET", "/health") == (200, '{"status":"ok"}')
 
 
-@pytest.mark.parametrize("body, message", [
-    ({"messages": []}, "messages must be a non-empty list"),
-    ({"messages": [{"role": "user"}]}, "needs 'role' and 'content'"),
-    ({"messages": MSGS, "max_tokens": 0}, "max_tokens must be a positive integer"),
-    ({"messages": MSGS, "temperature": -1}, "temperature must be a number >= 0"),
-    ({"messages": MSGS, "prediction": {"type": "file"}}, "prediction must be"),
-    ({"messages": [{"role": "user", "content": "x " * 600}]}, "does not fit the context"),
+def test_unknown_model_is_404_model_not_found(srv):
+    _, _, client = srv
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-9", messages=MSGS)
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+
+
+@pytest.mark.parametrize("change, param, words", [
+    ({"n": 2}, "n", "n=2 is not supported"),
+    ({"stop": 5}, "stop", "stop"),
+    ({"messages": [{"role": 5, "content": "x"}]}, "messages.0.role", "role"),
+    ({"messages": [{"role": "user", "content": "x"}], "prediction": {"type": "content",
+                                                                     "content": [{"type": "text", "text": 3}]}},
+     "prediction.content", "string"),
+    ({"messages": []}, "messages", "at least 1"),
+    ({"max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+    ({"temperature": -1}, "temperature", "greater than or equal to 0"),
+    ({"prediction": {"type": "file"}}, "prediction.type", "content"),
+    ({"messages": [{"role": "user", "content": "x " * 600}]}, None, "does not fit the context"),
 ])
-def test_bad_requests_get_400(base, body, message):
-    url, _ = base
-    assert message in error_of(url + "/chat/completions", body)
+def test_bad_requests_get_400_with_openai_error_shape(srv, change, param, words):
+    _, port, _ = srv
+    status, text = raw(port, "POST", "/v1/chat/completions",
+                       json.dumps({"model": MODEL, "messages": MSGS, **change}).encode())
+    err = json.loads(text)["error"]
+    assert status == 400 and set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error" and words in err["message"]
+    if param is not None:
+        assert err["param"].startswith(param)
+
+
+def test_malformed_bodies_and_lengths(srv):
+    _, port, _ = srv
+    assert raw(port, "POST", "/v1/chat/completions", b"{not json")[0] == 400
+    assert raw(port, "POST", "/v1/chat/completions", b"[1, 2]")[0] == 400
+    big = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x" * 70000}]}).encode()
+    status, text = raw(port, "POST", "/v1/chat/completions", big)
+    assert status == 413 and "exceeds the limit" in json.loads(text)["error"]["message"]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # answered at once, never a hang
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n{}")
+        assert s.recv(100).split(b" ")[1].startswith(b"4")
+    status, text = raw(port, "POST", "/v1/completions", b"{}", {"Content-Length": "1e9"})
+    assert status == 400
+
+
+def test_api_key(tmp_path):
+    eng = specedit.load(make_text_checkpoint(tmp_path))
+    server, port = start(create_app(eng, MODEL, api_key="sesame"))
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+        ok = openai.OpenAI(base_url=url, api_key="sesame", max_retries=0)
+        assert ok.completions.create(model=MODEL, prompt=CODE, max_tokens=3).usage.completion_tokens == 3
+        assert raw(port, "GET", "/health")[0] == 200
+    finally:
+        server.should_exit = True
+
+
+def test_disconnected_stream_frees_its_row(srv):
+    eng, port, _ = srv
+    sched = eng.service().scheduler
+    body = json.dumps({"model": MODEL, "prompt": CODE, "max_tokens": 400, "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        assert b"200" in s.recv(200)
+    for _ in range(300):
+        if not sched.busy:
+            break
+        time.sleep(0.02)
+    assert not sched.busy and sched.cache is None

@@ -126,8 +126,7 @@ def test_ragged_batch_forward_matches_rows(eng, prompt):
         for row, n in ((0, 30), (1, 21)):
             one = KVCache(eng.cfg, 1, 96, torch.float32, "cpu")
             m(torch.tensor([prompt[:n]]), one)
-            c.buf[:, :, row] = one.buf[:, :, 0]
-        c.lengths = [30, 21]
+            c.copy_row(row, one)
         both = m(torch.tensor([prompt[30:35], prompt[21:26]]), c, all_logits=True)
         for row, n in ((0, 30), (1, 21)):
             one = KVCache(eng.cfg, 1, 96, torch.float32, "cpu")

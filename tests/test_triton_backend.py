@@ -20,7 +20,7 @@ def engines(tmp_path_factory):
 
 def test_triton_backend_is_selected(engines):
     torch_eng, tri = engines
-    assert tri.backend == "triton" and torch_eng.backend == "torch"
+    assert tri.backend.name == "triton" and torch_eng.backend.name == "torch"
     assert tri.model.attend.__name__ == "attend_triton"
 
 

@@ -170,6 +170,8 @@ def _bad(**over):
 
 
 BAD = [
+    ("q not a tensor", lambda: _bad(q="q"), r"q must be a torch.Tensor, got str"),
+    ("lens not a tensor", lambda: _bad(cache_lens=[10, 20]), r"cache_lens must be a torch.Tensor, got list"),
     ("q rank", lambda: _bad(q=torch.zeros(2, 3, 8)), r"q must be \[B, Q, H, D\], got shape \(2, 3, 8\)"),
     ("batch", lambda: _bad(q=torch.zeros(3, 3, 8, 64)), r"batch mismatch: q has B=3, k_cache has B=2"),
     ("head dim", lambda: _bad(q=torch.zeros(2, 3, 8, 32)), r"head_dim mismatch: q has D=32, k_cache has D=64"),

@@ -4,6 +4,8 @@
 #pragma once
 #include <stdint.h>
 
+#include "codes.h"
+
 namespace specedit_cpu {
 
 // Keys are reduced in absolute blocks [ATT_KB * i, ATT_KB * (i + 1)): a query's partial softmax over one

@@ -4,7 +4,7 @@
 // atomic counter by however many threads run, and whoever finishes the last block of a tile combines
 // that tile's rows. Which thread computes what never changes a bit: an item's partials are a function of
 // the item alone, and the combine reads them in a fixed order.
-// Only <ATen/Parallel.h> from torch (cheap to compile): tensors and pybind stay in linear.cpp.
+// Only <ATen/Parallel.h> from torch (cheap to compile): tensors and pybind stay in bindings.cpp.
 #include <ATen/Parallel.h>
 #include <xmmintrin.h>
 
@@ -82,8 +82,8 @@ void run_rows(AttnProblem P, int64_t isa, int64_t nblk, float* part) {
   P.nblk = nblk;
   P.part = part;
 
-  auto block = isa == 2 ? specedit_cpu::avx512::attn_block : specedit_cpu::avx2::attn_block;
-  auto combine = isa == 2 ? specedit_cpu::avx512::attn_combine : specedit_cpu::avx2::attn_combine;
+  auto block = isa == ISA_AVX512 ? specedit_cpu::avx512::attn_block : specedit_cpu::avx2::attn_block;
+  auto combine = isa == ISA_AVX512 ? specedit_cpu::avx512::attn_combine : specedit_cpu::avx2::attn_combine;
   const size_t scratch_size = (size_t)(rows * G * (D + ATT_KB + ATT_SB) + D * ATT_SB + nblk + 64);
 
   std::unique_ptr<std::atomic<int64_t>[]> left(new std::atomic<int64_t>[tiles.size()]);
@@ -116,8 +116,8 @@ void run_rows(AttnProblem P, int64_t isa, int64_t nblk, float* part) {
 
 }  // namespace
 
-// Fills P.out (see AttnProblem; P.part and P.nblk are set here). The caller (linear.cpp, where the
-// torch bindings live) has checked every shape, stride and length. isa: 1 = avx2, 2 = avx512.
+// Fills P.out (see AttnProblem; P.part and P.nblk are set here). The caller (bindings.cpp, where the
+// torch bindings live) has checked every shape, stride and length. isa: ISA_AVX2 or ISA_AVX512.
 void attention_run(AttnProblem P, int64_t isa) {
   const int64_t B = P.B, T = P.T, H = P.H, D = P.D;
   if (B == 0 || T == 0 || H == 0) return;

@@ -32,7 +32,7 @@ void linear_cols(const float*, int64_t, int64_t, const void*, int, const float*,
 
 void linear_run(const float* x, int64_t M, const Packed& w, float* y, int64_t isa) {
   if (M == 0 || w.N == 0) return;
-  auto fn = isa == 2 ? avx512::linear_cols : avx2::linear_cols;
+  auto fn = isa == ISA_AVX512 ? avx512::linear_cols : avx2::linear_cols;
   const int64_t N = w.N, K = w.K, groups = (N + 31) / 32;
   // Threads split the columns in groups of 32; each streams its own contiguous slice of the weights.
   // A chunk should carry at least ~64K weights, so small layers are not split into slivers.
@@ -118,13 +118,18 @@ void silu_mul(const float* gate, const float* up, int64_t n, float* a) {
 
 }  // namespace
 
-void stack_forward(const StackDims& d, const Layer* layers, float* x, int64_t B, int64_t T,
+void stack_forward(const StackDims& d, const Layer* layers, float* x, int64_t B, const int64_t* counts,
                    const int64_t* starts, float* cache, int64_t S, const StackScratch& s, int64_t isa) {
-  const int64_t M = B * T, dim = d.dim, H = d.H, Hkv = d.Hkv, D = d.D, I = d.I;
+  const int64_t dim = d.dim, H = d.H, Hkv = d.Hkv, D = d.D, I = d.I;
   const int64_t nqkv = (H + 2 * Hkv) * D;
   const int64_t kv_plane = B * Hkv * S * D;  // one of K or V of one layer
-  std::vector<int64_t> lengths(B);
-  for (int64_t b = 0; b < B; ++b) lengths[b] = starts[b] + T;
+  std::vector<int64_t> lengths(B), first(B + 1, 0), row_seq, row_pos;
+  for (int64_t b = 0; b < B; ++b) {
+    lengths[b] = starts[b] + counts[b];
+    first[b + 1] = first[b] + counts[b];
+    for (int64_t t = 0; t < counts[b]; ++t) row_seq.push_back(b), row_pos.push_back(starts[b] + t);
+  }
+  const int64_t M = first[B];
 
   for (int64_t l = 0; l < d.n_layers; ++l) {
     const Layer& L = layers[l];
@@ -134,7 +139,7 @@ void stack_forward(const StackDims& d, const Layer* layers, float* x, int64_t B,
     for_rows(M, dim, [&](int64_t r) { rms_norm(x + r * dim, L.attn_norm, dim, d.eps, s.h + r * dim); });
     linear_run(s.h, M, L.qkv, s.qkv, isa);
     for_rows(M, nqkv, [&](int64_t r) {
-      const int64_t b = r / T, pos = starts[b] + r % T;
+      const int64_t b = row_seq[r], pos = row_pos[r];
       float* row = s.qkv + r * nqkv;
       for (int64_t h = 0; h < H + Hkv; ++h) {
         float* head = row + h * D;
@@ -149,20 +154,24 @@ void stack_forward(const StackDims& d, const Layer* layers, float* x, int64_t B,
       }
     });
 
-    AttnProblem P{};
-    P.q = s.qkv;
-    P.sq_b = T * nqkv, P.sq_t = nqkv, P.sq_h = D;
-    P.k = kc;
-    P.sk_b = Hkv * S * D, P.sk_h = S * D, P.sk_s = D;
-    P.v = vc;
-    P.sv_b = P.sk_b, P.sv_h = P.sk_h, P.sv_s = P.sk_s;
-    P.out = s.o;
-    P.so_b = T * H * D, P.so_t = H * D, P.so_h = D;
-    P.lengths = lengths.data();
-    P.B = B, P.T = T, P.H = H, P.Hkv = Hkv, P.D = D;
-    P.window = d.window;
-    P.qscale = (float)(d.scale * 1.4426950408889634);  // scores in base 2, as the attention binding does
-    attention_run(P, isa);
+    // One attention problem per sequence (its own row count); each is split over the threads internally.
+    for (int64_t b = 0; b < B; ++b) {
+      if (counts[b] == 0) continue;
+      AttnProblem P{};
+      P.q = s.qkv + first[b] * nqkv;
+      P.sq_b = 0, P.sq_t = nqkv, P.sq_h = D;
+      P.k = kc + b * Hkv * S * D;
+      P.sk_b = 0, P.sk_h = S * D, P.sk_s = D;
+      P.v = vc + b * Hkv * S * D;
+      P.sv_b = 0, P.sv_h = P.sk_h, P.sv_s = P.sk_s;
+      P.out = s.o + first[b] * H * D;
+      P.so_b = 0, P.so_t = H * D, P.so_h = D;
+      P.lengths = &lengths[b];
+      P.B = 1, P.T = counts[b], P.H = H, P.Hkv = Hkv, P.D = D;
+      P.window = d.window;
+      P.qscale = (float)(d.scale * 1.4426950408889634);  // scores in base 2, as the attention binding does
+      attention_run(P, isa);
+    }
 
     linear_run(s.o, M, L.o, s.y, isa);
     for_rows(M, dim, [&](int64_t r) {

@@ -2,8 +2,8 @@
 
 The lossless invariant (DESIGN.md) needs row i of a verify pass to equal, bit for bit, the 1-row pass at
 that position. PyTorch SDPA does not promise it: a T-row call with a mask rounds differently from a
-1-row call over the row's prefix. This kernel (engine/csrc/attention*.{h,cpp}, in the same C++ extension
-as cpu_linear) gives every reduction an order fixed by the key index and the feature index alone:
+1-row call over the row's prefix. This kernel (csrc/attention*.{h,cpp}, in the extension of build.py) gives
+every reduction an order fixed by the key index and the feature index alone:
 
     s_j  = fp32 FMA chain over d = 0..D-1 of (q * scale * log2 e)[d] * k_j[d]
     per absolute key block of 256: m_b = max s_j, p_j = exp2(s_j - m_b) (one vector routine),
@@ -15,65 +15,59 @@ of threads, or on AVX2 vs AVX-512 (both give the same bits). Cache slots past th
 Outside a row's own range but inside [0, length) keys contribute an exact +0, provided their values
 are finite (they are the cache's valid positions).
 
-    out = attention(q, cache.k(layer), cache.v(layer), cache.lengths, scale, window=cache.sliding_window)
+    out = attention(q, k_cache, v_cache, lengths, scale, window=None)
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import cpu_linear
+from . import build
 
-_ISAS = {None: 0, "auto": 0, "avx2": 1, "avx512": 2}
-_attention_fn = None  # _ext.attention once loaded
-
-
-def available() -> bool:
-    """True when the kernel can be built and run here (same needs as cpu_linear). Never raises."""
-    return cpu_linear.available()
+HEAD_DIM_MULTIPLE = 16  # the kernel's vector tiles cover D in steps of 16 floats
+_attention_fn = None  # the extension's attention once loaded
 
 
-def best_isa() -> str:
-    """'avx512' or 'avx2': the instruction set the kernel uses on this CPU (builds the extension)."""
-    return cpu_linear.best_isa()
+def supports_head_dim(d: int) -> bool:
+    """True when the kernel runs heads of `d` features."""
+    return d > 0 and d % HEAD_DIM_MULTIPLE == 0
 
 
 def _check(q, k_cache, v_cache, lengths, scale, window, isa) -> None:
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(x, torch.Tensor):
-            raise ValueError(f"cpu_attention: {name} must be a tensor, got {type(x).__name__}")
+            raise ValueError(f"cpu attention: {name} must be a tensor, got {type(x).__name__}")
         if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 4:
             raise ValueError(
-                f"cpu_attention: {name} must be a 4-d float32 CPU tensor, got {x.dtype} {tuple(x.shape)} on {x.device}"
+                f"cpu attention: {name} must be a 4-d float32 CPU tensor, got {x.dtype} {tuple(x.shape)} on {x.device}"
             )
     B, T, H, D = q.shape
     Bk, Hkv, S, Dk = k_cache.shape
     if v_cache.shape != k_cache.shape:
-        raise ValueError(f"cpu_attention: v_cache {tuple(v_cache.shape)} != k_cache {tuple(k_cache.shape)}")
+        raise ValueError(f"cpu attention: v_cache {tuple(v_cache.shape)} != k_cache {tuple(k_cache.shape)}")
     if Bk != B or Dk != D:
         raise ValueError(
-            f"cpu_attention: caches [B, H_kv, S_max, D] = {tuple(k_cache.shape)} do not match q [B, T, H, D] = "
+            f"cpu attention: caches [B, H_kv, S_max, D] = {tuple(k_cache.shape)} do not match q [B, T, H, D] = "
             f"{tuple(q.shape)}"
         )
-    if D == 0 or D % 16:
-        raise ValueError(f"cpu_attention: head dim must be a positive multiple of 16, got {D}")
+    if not supports_head_dim(D):
+        raise ValueError(f"cpu attention: head dim must be a positive multiple of {HEAD_DIM_MULTIPLE}, got {D}")
     if Hkv == 0 or H % Hkv:
-        raise ValueError(f"cpu_attention: {H} query heads are not a multiple of {Hkv} kv heads")
+        raise ValueError(f"cpu attention: {H} query heads are not a multiple of {Hkv} kv heads")
     if k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError(
-            f"cpu_attention: cache rows must be contiguous in D, got strides {k_cache.stride()} and {v_cache.stride()}"
+            f"cpu attention: cache rows must be contiguous in D, got strides {k_cache.stride()} and {v_cache.stride()}"
         )
     if not isinstance(lengths, (list, tuple)) or len(lengths) != B:
-        raise ValueError(f"cpu_attention: lengths must be a list of {B} ints, got {lengths!r}")
+        raise ValueError(f"cpu attention: lengths must be a list of {B} ints, got {lengths!r}")
     for n in lengths:
         if not isinstance(n, int) or isinstance(n, bool) or not T <= n <= S:
-            raise ValueError(f"cpu_attention: each length must be an int in [T={T}, S_max={S}], got {lengths}")
+            raise ValueError(f"cpu attention: each length must be an int in [T={T}, S_max={S}], got {lengths}")
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0 or scale == float("inf"):
-        raise ValueError(f"cpu_attention: scale must be a positive finite float, got {scale!r}")
+        raise ValueError(f"cpu attention: scale must be a positive finite float, got {scale!r}")
     if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
-        raise ValueError(f"cpu_attention: window must be None or an int >= 1, got {window!r}")
-    if isa not in _ISAS:
-        raise ValueError(f"cpu_attention: isa must be one of {list(_ISAS)}, got {isa!r}")
+        raise ValueError(f"cpu attention: window must be None or an int >= 1, got {window!r}")
+    build.isa_code(isa)
 
 
 def attention(
@@ -108,17 +102,13 @@ def attention(
     # The C++ side checks shapes, strides, lengths and scale itself (ValueError); validating again here
     # would cost ~3 us per call, 30 times per decoded token. What it cannot see is checked first, and a
     # failed call is re-checked here so that every bad input surfaces as a ValueError naming it.
-    if (
-        (window is not None and (type(window) is not int or window < 1))
-        or isa not in _ISAS
-        or type(lengths) is not list
-    ):
+    if (window is not None and (type(window) is not int or window < 1)) or type(lengths) is not list:
         _check(q, k_cache, v_cache, lengths, scale, window, isa)
     fn = _attention_fn
     if fn is None:
-        fn = _attention_fn = cpu_linear._load().attention
+        fn = _attention_fn = build.load().attention
     try:
-        return fn(q, k_cache, v_cache, lengths, scale, window or 0, _ISAS[isa])
+        return fn(q, k_cache, v_cache, lengths, scale, window or 0, build.isa_code(isa))
     except (TypeError, ValueError, RuntimeError):
         _check(q, k_cache, v_cache, lengths, scale, window, isa)
         raise

@@ -5,9 +5,12 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/csrc/utils/pybind.h>
-#include <xmmintrin.h>
 
 #include "decoder.h"
+
+using specedit_cpu::ISA_AUTO;
+using specedit_cpu::ISA_AVX2;
+using specedit_cpu::ISA_AVX512;
 
 static bool has_avx512() {
   static const bool yes = [] {
@@ -17,17 +20,26 @@ static bool has_avx512() {
   return yes;
 }
 
-// "avx512" or "avx2": what isa=0 (auto) picks on this CPU.
+// "avx512" or "avx2": what ISA_AUTO picks on this CPU.
 static std::string best_isa() { return has_avx512() ? "avx512" : "avx2"; }
 
-// A packed weight (the integer view made by pack_weight() for an [N, K] weight; dtype 0/1/2/3 =
-// f32/f16/bf16/int8), its bias [N] float32 or None and, for int8, its scale [N] float32: checked and
-// kept as pointers. `what` names the weight in error messages.
+// An IsaCode from Python -> the instruction set to run (ISA_AUTO resolved); ValueError if not runnable here.
+static int64_t resolve_isa(int64_t isa, const char* what) {
+  if (isa == ISA_AUTO) return has_avx512() ? ISA_AVX512 : ISA_AVX2;
+  TORCH_CHECK_VALUE(isa == ISA_AVX2 || (isa == ISA_AVX512 && has_avx512()), what, ": isa code ", isa,
+                    " is not available here");
+  return isa;
+}
+
+// A packed weight (the integer view made by pack_weight() for an [N, K] weight, in a WeightDtype), its bias
+// [N] float32 or None and, for W_I8, its scale [N] float32: checked and kept as pointers. `what` names the
+// weight in error messages.
 static specedit_cpu::Packed to_packed(const at::Tensor& packed, int64_t N, int64_t K, int64_t dtype,
                                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
                                       const std::string& what) {
-  TORCH_CHECK_VALUE(dtype >= 0 && dtype <= 3, what, ": dtype code must be 0, 1, 2 or 3, got ", dtype);
-  const int64_t bytes = (N + 31) / 32 * 32 * K * (dtype == 0 ? 4 : dtype == 3 ? 1 : 2);
+  using namespace specedit_cpu;
+  TORCH_CHECK_VALUE(dtype >= 0 && dtype < W_NUM_DTYPES, what, ": unknown weight dtype code ", dtype);
+  const int64_t bytes = (N + 31) / 32 * 32 * K * (dtype == W_F32 ? 4 : dtype == W_I8 ? 1 : 2);
   TORCH_CHECK_VALUE(packed.device().is_cpu() && packed.is_contiguous() && (int64_t)packed.nbytes() == bytes,
                     what, ": packed weight must be a contiguous CPU tensor of ", bytes, " bytes for N=", N,
                     " K=", K, " dtype code ", dtype, ", got ", packed.nbytes(), " bytes on ", packed.device());
@@ -40,21 +52,20 @@ static specedit_cpu::Packed to_packed(const at::Tensor& packed, int64_t N, int64
     return t->data_ptr<float>();
   };
   const float* sc = vec(scale, "scale");
-  TORCH_CHECK_VALUE((dtype == 3) == (sc != nullptr), what, ": int8 weights (and only they) need a scale");
+  TORCH_CHECK_VALUE((dtype == W_I8) == (sc != nullptr), what, ": int8 weights (and only they) need a scale");
   return {packed.data_ptr(), N, K, (int)dtype, vec(bias, "bias"), sc};
 }
 
-// x [M, K] float32; the weight as in to_packed(); isa 0 = auto, 1 = avx2, 2 = avx512.
+// x [M, K] float32; the weight as in to_packed(); isa an IsaCode.
 // Returns y [M, N] float32.
 static at::Tensor linear(const at::Tensor& x_, const at::Tensor& packed, int64_t N, int64_t K, int64_t dtype,
                          const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
                          int64_t isa) {
-  TORCH_CHECK(x_.device().is_cpu(), "cpu_linear: x must be on the CPU, got ", x_.device());
-  TORCH_CHECK(x_.scalar_type() == at::kFloat, "cpu_linear: x must be float32, got ", x_.scalar_type());
-  TORCH_CHECK(x_.dim() == 2 && x_.size(1) == K, "cpu_linear: x must be [M, ", K, "], got ", x_.sizes());
-  const specedit_cpu::Packed w = to_packed(packed, N, K, dtype, bias, scale, "cpu_linear");
-  if (isa == 0) isa = has_avx512() ? 2 : 1;
-  TORCH_CHECK(isa == 1 || (isa == 2 && has_avx512()), "cpu_linear: isa code ", isa, " is not available here");
+  TORCH_CHECK_VALUE(x_.device().is_cpu(), "cpu linear: x must be on the CPU, got ", x_.device());
+  TORCH_CHECK_VALUE(x_.scalar_type() == at::kFloat, "cpu linear: x must be float32, got ", x_.scalar_type());
+  TORCH_CHECK_VALUE(x_.dim() == 2 && x_.size(1) == K, "cpu linear: x must be [M, ", K, "], got ", x_.sizes());
+  const specedit_cpu::Packed w = to_packed(packed, N, K, dtype, bias, scale, "cpu linear");
+  isa = resolve_isa(isa, "cpu linear");
   const at::Tensor x = x_.contiguous();
   auto y = at::empty({x.size(0), N}, x.options());
   specedit_cpu::linear_run(x.data_ptr<float>(), x.size(0), w, y.data_ptr<float>(), isa);
@@ -63,30 +74,29 @@ static at::Tensor linear(const at::Tensor& x_, const at::Tensor& packed, int64_t
 
 // q [B, T, H, D] float32 (d contiguous, else copied); k, v [B, Hkv, S, D] float32 views (d contiguous,
 // other strides free; not copied); lengths [B]: valid positions per row including the T new rows;
-// window 0 = none; isa 0 = auto, 1 = avx2, 2 = avx512. Returns out [B, T, H, D] float32, contiguous.
+// window 0 = none; isa an IsaCode. Returns out [B, T, H, D] float32, contiguous.
 // Errors are ValueError (TORCH_CHECK_VALUE) naming the values.
 static at::Tensor attention(const at::Tensor& q_, const at::Tensor& k, const at::Tensor& v,
                             const std::vector<int64_t>& lengths, double scale, int64_t window, int64_t isa) {
   for (const at::Tensor* x : {&q_, &k, &v}) {
     TORCH_CHECK_VALUE(x->device().is_cpu() && x->scalar_type() == at::kFloat && x->dim() == 4,
-                      "cpu_attention: q, k and v must be 4-d float32 CPU tensors, got ", x->scalar_type(), " ",
+                      "cpu attention: q, k and v must be 4-d float32 CPU tensors, got ", x->scalar_type(), " ",
                       x->sizes(), " on ", x->device());
   }
   const int64_t B = q_.size(0), T = q_.size(1), H = q_.size(2), D = q_.size(3);
   const int64_t Hkv = k.size(1), S = k.size(2);
-  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "cpu_attention: k ", k.sizes(), " and v ", v.sizes(), " differ");
-  TORCH_CHECK_VALUE(k.size(0) == B && k.size(3) == D, "cpu_attention: cache ", k.sizes(), " does not match q ",
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "cpu attention: k ", k.sizes(), " and v ", v.sizes(), " differ");
+  TORCH_CHECK_VALUE(k.size(0) == B && k.size(3) == D, "cpu attention: cache ", k.sizes(), " does not match q ",
                     q_.sizes());
-  TORCH_CHECK_VALUE(D > 0 && D % 16 == 0, "cpu_attention: head dim must be a positive multiple of 16, got ", D);
-  TORCH_CHECK_VALUE(Hkv > 0 && H % Hkv == 0, "cpu_attention: ", H, " heads not divisible by ", Hkv, " kv heads");
-  TORCH_CHECK_VALUE(k.stride(3) == 1 && v.stride(3) == 1, "cpu_attention: cache rows must be contiguous in d");
-  TORCH_CHECK_VALUE((int64_t)lengths.size() == B, "cpu_attention: ", lengths.size(), " lengths for batch ", B);
+  TORCH_CHECK_VALUE(D > 0 && D % 16 == 0, "cpu attention: head dim must be a positive multiple of 16, got ", D);
+  TORCH_CHECK_VALUE(Hkv > 0 && H % Hkv == 0, "cpu attention: ", H, " heads not divisible by ", Hkv, " kv heads");
+  TORCH_CHECK_VALUE(k.stride(3) == 1 && v.stride(3) == 1, "cpu attention: cache rows must be contiguous in d");
+  TORCH_CHECK_VALUE((int64_t)lengths.size() == B, "cpu attention: ", lengths.size(), " lengths for batch ", B);
   for (int64_t n : lengths)
-    TORCH_CHECK_VALUE(n >= T && n <= S, "cpu_attention: length ", n, " outside [T=", T, ", S_max=", S, "]");
-  TORCH_CHECK_VALUE(scale > 0 && scale < 1e300, "cpu_attention: scale must be positive and finite, got ", scale);
-  TORCH_CHECK_VALUE(window >= 0, "cpu_attention: window must be >= 0 (0 = none), got ", window);
-  if (isa == 0) isa = has_avx512() ? 2 : 1;
-  TORCH_CHECK_VALUE(isa == 1 || (isa == 2 && has_avx512()), "cpu_attention: isa code ", isa, " is not available here");
+    TORCH_CHECK_VALUE(n >= T && n <= S, "cpu attention: length ", n, " outside [T=", T, ", S_max=", S, "]");
+  TORCH_CHECK_VALUE(scale > 0 && scale < 1e300, "cpu attention: scale must be positive and finite, got ", scale);
+  TORCH_CHECK_VALUE(window >= 0, "cpu attention: window must be >= 0 (0 = none), got ", window);
+  isa = resolve_isa(isa, "cpu attention");
   const at::Tensor q = q_.stride(3) == 1 ? q_ : q_.contiguous();
   at::Tensor out = at::empty({B, T, H, D}, q.options());
   specedit_cpu::AttnProblem P{};
@@ -116,13 +126,13 @@ class Stack {
         const at::Tensor& sin, int64_t dim, int64_t H, int64_t Hkv, int64_t D, int64_t I, double eps,
         double scale, int64_t window, int64_t dtype) {
     TORCH_CHECK_VALUE(dim > 0 && H > 0 && Hkv > 0 && H % Hkv == 0 && I > 0,
-                      "cpu_stack: bad dims dim=", dim, " H=", H, " Hkv=", Hkv, " I=", I);
-    TORCH_CHECK_VALUE(D > 0 && D % 16 == 0 && D <= 512, "cpu_stack: head dim must be a multiple of 16 up to 512, got ", D);
+                      "cpu stack: bad dims dim=", dim, " H=", H, " Hkv=", Hkv, " I=", I);
+    TORCH_CHECK_VALUE(D > 0 && D % 16 == 0 && D <= 512, "cpu stack: head dim must be a multiple of 16 up to 512, got ", D);
     for (const at::Tensor* t : {&cos, &sin})
       TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(1) == D && t->is_contiguous(),
-                        "cpu_stack: rope tables must be contiguous float32 [max_position, ", D, "], got ",
+                        "cpu stack: rope tables must be contiguous float32 [max_position, ", D, "], got ",
                         t->scalar_type(), " ", t->sizes());
-    TORCH_CHECK_VALUE(cos.sizes() == sin.sizes(), "cpu_stack: rope tables differ in shape");
+    TORCH_CHECK_VALUE(cos.sizes() == sin.sizes(), "cpu stack: rope tables differ in shape");
     keep_ = {cos, sin};
     dims_ = {(int64_t)layers.size(), dim, H, Hkv, D, I, (float)eps, scale, window,
              cos.data_ptr<float>(), sin.data_ptr<float>()};
@@ -130,22 +140,22 @@ class Stack {
     const int64_t nqkv = (H + 2 * Hkv) * D;
     for (size_t l = 0; l < layers.size(); ++l) {
       const auto& t = layers[l];
-      TORCH_CHECK_VALUE(t.size() == 16, "cpu_stack: layer ", l, " has ", t.size(), " tensors, expected 16");
+      TORCH_CHECK_VALUE(t.size() == 16, "cpu stack: layer ", l, " has ", t.size(), " tensors, expected 16");
       for (const auto& x : t)
         if (x.has_value() && x->defined()) keep_.push_back(*x);
       auto norm = [&](int i, int64_t n, bool optional) -> const float* {
         if (!t[i].has_value() || !t[i]->defined()) {
-          TORCH_CHECK_VALUE(optional, "cpu_stack: layer ", l, " norm ", i, " is missing");
+          TORCH_CHECK_VALUE(optional, "cpu stack: layer ", l, " norm ", i, " is missing");
           return nullptr;
         }
         const at::Tensor& v = *t[i];
         TORCH_CHECK_VALUE(v.scalar_type() == at::kFloat && v.is_contiguous() && v.dim() == 1 && v.size(0) == n,
-                          "cpu_stack: layer ", l, " norm ", i, " must be contiguous float32 [", n, "], got ",
+                          "cpu stack: layer ", l, " norm ", i, " must be contiguous float32 [", n, "], got ",
                           v.scalar_type(), " ", v.sizes());
         return v.data_ptr<float>();
       };
       auto linear = [&](int i, int64_t N, int64_t K, const char* name) {
-        const std::string what = "cpu_stack: layer " + std::to_string(l) + " " + name;
+        const std::string what = "cpu stack: layer " + std::to_string(l) + " " + name;
         TORCH_CHECK_VALUE(t[i].has_value() && t[i]->defined(), what, " weight is missing");
         return to_packed(*t[i], N, K, dtype, t[i + 1], t[i + 2], what);
       };
@@ -162,30 +172,40 @@ class Stack {
     }
   }
 
-  // x [B * T, dim] float32 (row b * T + t), cache [L, 2, B, Hkv, S, D] float32 contiguous, starts: B ints
-  // (positions held before this call). Writes the new K/V rows at starts[b] + t and returns the hidden
-  // states after the last layer, [B * T, dim]. isa 0 = auto, 1 = avx2, 2 = avx512.
+  // x [M, dim] float32: sequence b's counts[b] rows one after another (empty counts: M / B rows each),
+  // cache [L, 2, B, Hkv, S, D] float32 contiguous, starts: B ints (positions held before this call). Writes
+  // sequence b's new K/V rows at starts[b] + t and returns the hidden states after the last layer, [M, dim].
+  // isa an IsaCode.
   at::Tensor forward(const at::Tensor& x_, const at::Tensor& cache, const std::vector<int64_t>& starts,
-                     int64_t isa) {
+                     std::vector<int64_t> counts, int64_t isa) {
     const auto& d = dims_;
     const int64_t B = (int64_t)starts.size();
     TORCH_CHECK_VALUE(x_.device().is_cpu() && x_.scalar_type() == at::kFloat && x_.dim() == 2 && x_.size(1) == d.dim,
-                      "cpu_stack: x must be float32 [rows, ", d.dim, "] on the CPU, got ", x_.scalar_type(), " ",
+                      "cpu stack: x must be float32 [rows, ", d.dim, "] on the CPU, got ", x_.scalar_type(), " ",
                       x_.sizes());
-    TORCH_CHECK_VALUE(B > 0 && x_.size(0) % B == 0, "cpu_stack: ", x_.size(0), " rows for ", B, " sequences");
-    const int64_t T = x_.size(0) / B;
+    if (counts.empty()) {
+      TORCH_CHECK_VALUE(B > 0 && x_.size(0) % B == 0, "cpu stack: ", x_.size(0), " rows for ", B, " sequences");
+      counts.assign(B, x_.size(0) / B);
+    }
+    TORCH_CHECK_VALUE((int64_t)counts.size() == B, "cpu stack: ", counts.size(), " row counts for ", B, " sequences");
+    int64_t M = 0;
+    for (int64_t c : counts) {
+      TORCH_CHECK_VALUE(c >= 0, "cpu stack: row counts must be >= 0, got ", c);
+      M += c;
+    }
+    TORCH_CHECK_VALUE(M == x_.size(0), "cpu stack: row counts add up to ", M, " but x has ", x_.size(0), " rows");
     TORCH_CHECK_VALUE(cache.device().is_cpu() && cache.scalar_type() == at::kFloat && cache.is_contiguous() &&
                           cache.dim() == 6 && cache.size(0) == d.n_layers && cache.size(1) == 2 &&
                           cache.size(2) == B && cache.size(3) == d.Hkv && cache.size(5) == d.D,
-                      "cpu_stack: cache must be contiguous float32 [", d.n_layers, ", 2, ", B, ", ", d.Hkv,
+                      "cpu stack: cache must be contiguous float32 [", d.n_layers, ", 2, ", B, ", ", d.Hkv,
                       ", S, ", d.D, "], got ", cache.scalar_type(), " ", cache.sizes());
     const int64_t S = cache.size(4);
-    for (int64_t s : starts)
-      TORCH_CHECK_VALUE(s >= 0 && s + T <= S && s + T <= max_pos_, "cpu_stack: start ", s, " + ", T,
-                        " rows exceeds the cache (", S, ") or the rope table (", max_pos_, ")");
-    if (isa == 0) isa = has_avx512() ? 2 : 1;
-    TORCH_CHECK_VALUE(isa == 1 || (isa == 2 && has_avx512()), "cpu_stack: isa code ", isa, " is not available here");
-    const int64_t M = B * T, nqkv = (d.H + 2 * d.Hkv) * d.D;
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK_VALUE(starts[b] >= 0 && starts[b] + counts[b] <= S && starts[b] + counts[b] <= max_pos_,
+                        "cpu stack: start ", starts[b], " + ", counts[b], " rows exceeds the cache (", S,
+                        ") or the rope table (", max_pos_, ")");
+    isa = resolve_isa(isa, "cpu stack");
+    const int64_t nqkv = (d.H + 2 * d.Hkv) * d.D;
     at::Tensor x = x_.clone(at::MemoryFormat::Contiguous);
     at::Tensor work = at::empty({M * (2 * d.dim + nqkv + d.H * d.D + 3 * d.I)}, x.options());
     float* w = work.data_ptr<float>();
@@ -196,7 +216,7 @@ class Stack {
     s.gu = w, w += M * 2 * d.I;
     s.a = w, w += M * d.I;
     s.y = w;
-    specedit_cpu::stack_forward(d, layers_.data(), x.data_ptr<float>(), B, T, starts.data(),
+    specedit_cpu::stack_forward(d, layers_.data(), x.data_ptr<float>(), B, counts.data(), starts.data(),
                                 cache.data_ptr<float>(), S, s, isa);
     return x;
   }
@@ -208,39 +228,24 @@ class Stack {
   int64_t max_pos_ = 0;
 };
 
-// Sum of a contiguous float32 CPU tensor, threads splitting it: a read-bandwidth probe for benchmarks (the
-// same software prefetch distance as the matmul, so the limit it measures is not below what a kernel gets).
-static double read_probe(const at::Tensor& x) {
-  TORCH_CHECK_VALUE(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(),
-                    "read_probe: x must be a contiguous float32 CPU tensor");
-  const float* p = x.data_ptr<float>();
-  constexpr int64_t LANES = 64;  // 64 independent sums: vectorized by the compiler, no latency chain
-  const int64_t n = x.numel() / LANES;
-  std::vector<double> part(at::get_num_threads(), 0.0);
-  at::parallel_for(0, n, 4096, [&](int64_t b0, int64_t b1) {
-    float acc[LANES] = {0};
-    for (int64_t b = b0; b < b1; ++b) {
-      _mm_prefetch((const char*)(p + b * LANES) + 16384, _MM_HINT_T0);
-      for (int l = 0; l < LANES; ++l) acc[l] += p[b * LANES + l];
-    }
-    double s = 0;
-    for (float a : acc) s += a;
-    part[at::get_thread_num()] += s;
-  });
-  double s = 0;
-  for (double v : part) s += v;
-  return s;
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear", &linear, "y[M, N] = x[M, K] @ W^T (+ bias) with packed W (see specedit.cpu_linear)");
-  m.def("read_probe", &read_probe, "sum of a float32 tensor over all threads (a bandwidth probe)");
+  m.def("linear", &linear, "y[M, N] = x[M, K] @ W^T (+ bias) with packed W (see specedit.kernels.cpu.linear)");
+  pybind11::dict dtypes, isas;
+  dtypes["float32"] = (int)specedit_cpu::W_F32;
+  dtypes["float16"] = (int)specedit_cpu::W_F16;
+  dtypes["bfloat16"] = (int)specedit_cpu::W_BF16;
+  dtypes["int8"] = (int)specedit_cpu::W_I8;
+  isas["auto"] = (int)ISA_AUTO;
+  isas["avx2"] = (int)ISA_AVX2;
+  isas["avx512"] = (int)ISA_AVX512;
+  m.attr("DTYPE_CODES") = dtypes;
+  m.attr("ISA_CODES") = isas;
   m.def("best_isa", &best_isa, "instruction set chosen by isa=0 on this CPU");
   m.def("attention", &attention,
-        "row-invariant attention of q [B, T, H, D] over k/v [B, Hkv, S, D] (see specedit.cpu_attention)");
+        "row-invariant attention of q [B, T, H, D] over k/v [B, Hkv, S, D] (see specedit.kernels.cpu.attention)");
   pybind11::class_<Stack>(m, "Stack")
       .def(pybind11::init<const std::vector<std::vector<std::optional<at::Tensor>>>&, const at::Tensor&,
                           const at::Tensor&, int64_t, int64_t, int64_t, int64_t, int64_t, double, double, int64_t,
                           int64_t>())
-      .def("forward", &Stack::forward, "hidden states [B*T, dim] through every layer (see specedit.cpu_stack)");
+      .def("forward", &Stack::forward, "hidden states [B*T, dim] through every layer (see specedit.kernels.cpu.stack)");
 }

@@ -7,8 +7,8 @@
 
 namespace specedit_cpu {
 
-// A weight packed by specedit.cpu_linear.pack_weight: [ceil(N/32)][K][32] in f32 (dtype 0), f16 (1), bf16 (2)
-// or int8 (3, with scale [N]: W = scale[n] * q[n, k]); bias [N] float32 or null.
+// A weight packed by specedit.kernels.cpu.linear.pack_weight: [ceil(N/32)][K][32] in a WeightDtype (codes.h);
+// W_I8 comes with scale [N]: W = scale[n] * q[n, k]; bias [N] float32 or null.
 struct Packed {
   const void* data;
   int64_t N, K;
@@ -44,14 +44,16 @@ struct StackScratch {
   float *h, *qkv, *o, *gu, *a, *y;
 };
 
-// y[M, N] = x[M, K] @ W^T (+ bias), threads split the columns. isa: 1 = avx2, 2 = avx512.
+// y[M, N] = x[M, K] @ W^T (+ bias), threads split the columns. isa: ISA_AVX2 or ISA_AVX512 (codes.h).
 void linear_run(const float* x, int64_t M, const Packed& w, float* y, int64_t isa);
 
 void attention_run(AttnProblem P, int64_t isa);  // attention.cpp
 
-// Runs x [B * T, dim] (row b * T + t) through every layer in place. cache: [L, 2, B, Hkv, S, D] float32,
-// contiguous; starts[b]: positions row b holds before this call (the T new K/V rows go to starts[b] + t).
-void stack_forward(const StackDims& dims, const Layer* layers, float* x, int64_t B, int64_t T,
+// Runs x [M, dim] through every layer in place: sequence b owns counts[b] consecutive rows (ragged: a
+// sequence may send one row while another sends a whole draft; M = sum of counts). cache: [L, 2, B, Hkv, S, D]
+// float32, contiguous; starts[b]: positions sequence b holds before this call (its t-th new K/V row goes to
+// starts[b] + t).
+void stack_forward(const StackDims& dims, const Layer* layers, float* x, int64_t B, const int64_t* counts,
                    const int64_t* starts, float* cache, int64_t S, const StackScratch& s, int64_t isa);
 
 }  // namespace specedit_cpu

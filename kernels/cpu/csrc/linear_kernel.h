@@ -4,7 +4,7 @@
 // its instruction set first. It includes no torch or libstdc++ header on purpose: inline functions from
 // those would be compiled for the wider ISA and could be merged (ODR) with copies used on other CPUs.
 //
-// Packed layout (made by specedit.cpu_linear.pack_weight): groups of 32 output columns, each group
+// Packed layout (made by specedit.kernels.cpu.linear.pack_weight): groups of 32 output columns, each group
 // [K][32] contiguous, N zero-padded to a multiple of 32. A thread's columns are one contiguous stream.
 //
 // Why this shape of kernel: each y[m, n] is ONE fp32 lane accumulating fma(x[m, k], w[n, k], acc) for
@@ -18,6 +18,8 @@
 // software-prefetched 16 KB ahead, so memory and FMAs overlap even when M makes their times equal.
 #include <immintrin.h>
 #include <stdint.h>
+
+#include "codes.h"
 
 namespace specedit_cpu {
 namespace SPECEDIT_ISA_NS {
@@ -184,12 +186,12 @@ void run(const float* x, int64_t M, int64_t K, const T* w, const float* scale, i
 
 }  // namespace
 
-// Entry point: dtype 0 = float32, 1 = float16, 2 = bfloat16, 3 = int8 with per-column scale [N].
+// Entry point: dtype is a WeightDtype (codes.h); W_I8 weights carry a per-column scale [N].
 void linear_cols(const float* x, int64_t M, int64_t K, const void* w, int dtype, const float* scale, int64_t N,
                  float* y, int64_t col0, int64_t col1) {
-  if (dtype == 0) run(x, M, K, (const float*)w, nullptr, N, y, col0, col1);
-  else if (dtype == 1) run(x, M, K, (const f16_t*)w, nullptr, N, y, col0, col1);
-  else if (dtype == 2) run(x, M, K, (const bf16_t*)w, nullptr, N, y, col0, col1);
+  if (dtype == W_F32) run(x, M, K, (const float*)w, nullptr, N, y, col0, col1);
+  else if (dtype == W_F16) run(x, M, K, (const f16_t*)w, nullptr, N, y, col0, col1);
+  else if (dtype == W_BF16) run(x, M, K, (const bf16_t*)w, nullptr, N, y, col0, col1);
   else run(x, M, K, (const i8_t*)w, scale, N, y, col0, col1);
 }
 

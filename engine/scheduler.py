@@ -1,0 +1,283 @@
+"""Many sequences per forward: the batched speculative loop, and a thread that runs it for many callers.
+
+Each step packs every active sequence's `[last] + draft` rows into ONE forward over a batched KV cache (one
+cache row per sequence; ragged: a sequence without a draft contributes its one row), accepts every sequence
+with one batched `accept`, rolls back per row and hands each sequence its tokens. With row-invariant kernels
+(the CPU backend) a row's logits do not depend on the other rows, so every sequence's greedy output is exactly
+its batch-1 `generate`'s. (Backends without ragged fused layers pad the rows to the longest and roll the
+padding back.)
+
+Sequences join at step boundaries: a new one is prefilled in a cache of its own, `prefill_chunk` tokens
+between two steps (a long prompt never stalls the others for its whole length), then copied into the batched
+cache. A finished or cancelled sequence leaves at the next boundary and frees its row. The batched cache is
+rebuilt (valid positions copied) whenever the set of sequences changes, so a forward only ever covers live
+rows.
+
+The rows per forward come from the measured cost model (speculate.plan_drafts): draft tokens are handed out
+where they are most likely to be accepted (each sequence's own acceptance estimate) for as long as the
+expected tokens per second of the forward still grow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import KVCache
+from .decode import SequenceState, pick
+from .speculate import AcceptFn, CostModel, plan_drafts, sampled_accept
+
+
+@dataclass
+class Job:
+    """A sequence in the scheduler. `emit(tokens)` receives the tokens decided at each step, `finish()` is
+    called once when it ends (seq.stopper.reason says why; "" if cancelled or failed, with `error` set)."""
+
+    seq: SequenceState
+    cache: KVCache  # its own batch-1 cache while it is prefilled; then the batched cache holds it
+    emit: Callable[[list[int]], None]
+    finish: Callable[[], None]
+    prefilled: int = 0
+    last: int = -1  # the last decided token: the first row of its next verify step
+    cancelled: bool = False
+    error: BaseException | None = None
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_first: float = 0.0
+
+
+class Scheduler:
+    """The batched loop over Jobs; single-threaded (see Service for many callers)."""
+
+    def __init__(self, model, accept: AcceptFn, cost: CostModel | None, make_cache: Callable[[int, int], KVCache],
+                 limit: int, k_max: int = 64, max_batch: int = 8, prefill_chunk: int = 256):
+        self.model, self.accept, self.make_cache, self.limit = model, accept, make_cache, limit
+        self.k_max, self.max_batch, self.prefill_chunk = k_max, max_batch, prefill_chunk
+        self.cost = cost
+        self.joining: deque[Job] = deque()
+        self.active: list[Job] = []  # row b of self.cache holds active[b]
+        self.cache: KVCache | None = None
+
+    def add(self, job: Job) -> None:
+        self.joining.append(job)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.joining or self.active)
+
+    def step(self) -> None:
+        """One boundary: drop cancelled jobs, advance one joining prefill by a chunk, one batched forward."""
+        for job in [j for j in self.joining if j.cancelled]:
+            self.joining.remove(job)
+            job.finish()
+        if any(j.cancelled for j in self.active):
+            self._regroup([j for j in self.active if not j.cancelled], [j for j in self.active if j.cancelled])
+        if self.joining and len(self.active) < self.max_batch:
+            self._prefill_chunk(self.joining[0])
+        if self.active:
+            self._decode_step()
+
+    # ---- joining ----------------------------------------------------------------------------------------------
+    def _prefill_chunk(self, job: Job) -> None:
+        seq = job.seq
+        chunk = seq.prompt[job.prefilled : job.prefilled + self.prefill_chunk]
+        t0 = time.perf_counter()
+        logits = self.model(torch.tensor([chunk], device=job.cache.buf.device), job.cache)  # [1, V]
+        seq.stats.prefill_s += time.perf_counter() - t0
+        job.prefilled += len(chunk)
+        if job.prefilled < len(seq.prompt):
+            return
+        self.joining.popleft()
+        seq.stats.prompt_tokens = len(seq.prompt)
+        job.t_first = time.perf_counter()
+        if self._push(job, [pick(logits[0], seq.temperature, seq.generator)]):
+            self._regroup(self.active + [job], [])
+        else:
+            job.finish()
+
+    def _regroup(self, keep: list[Job], leaving: list[Job]) -> None:
+        """Rebuild the batched cache for `keep` (rows copied from where each job's positions are now)."""
+        for job in leaving:
+            job.finish()
+        old_rows = {id(j): b for b, j in enumerate(self.active)}
+        if not keep:
+            self.active, self.cache = [], None
+            return
+        need = max(len(j.seq.prompt) + j.seq.stopper.max_new + self.k_max + 1 for j in keep)
+        cache = self.make_cache(len(keep), min(self.limit, need))
+        for b, job in enumerate(keep):
+            src, row = (self.cache, old_rows[id(job)]) if id(job) in old_rows else (job.cache, 0)
+            cache.copy_row(b, src, row)
+            job.cache = cache
+            job.seq.row = b
+        self.active, self.cache = keep, cache
+
+    # ---- decoding ---------------------------------------------------------------------------------------------
+    def _push(self, job: Job, new: list[int]) -> bool:
+        """Give `new` tokens to the job (cut at its stop); False when it has ended."""
+        seq = job.seq
+        for i, tok in enumerate(new):
+            if seq.stopper.push(tok):
+                seq.stats.new_tokens += i + 1
+                seq.stats.finish_reason = seq.stopper.reason
+                job.emit(new[: i + 1])
+                return False
+        seq.stats.new_tokens += len(new)
+        if seq.source is not None:
+            seq.source.observe(new)
+        job.emit(new)
+        job.last = new[-1]
+        return True
+
+    def _decode_step(self) -> None:
+        cache, jobs = self.cache, self.active
+        rooms, acceptance = [], []
+        for b, job in enumerate(jobs):
+            seq = job.seq
+            room = min(seq.stopper.max_new - seq.stopper.count - 1, cache.max_len - cache.lengths[b] - 1, self.k_max)
+            rooms.append(max(0, room) if seq.source is not None else 0)
+            acceptance.append(seq.source.acceptance() if seq.source is not None else 0.0)
+        ks = plan_drafts(self.cost, acceptance, rooms) if self.cost is not None else rooms
+        drafts = [job.seq.source.draft(k) if job.seq.source is not None else ([], True) for job, k in zip(jobs, ks)]
+        rows = [[job.last] + d for job, (d, _) in zip(jobs, drafts)]
+        logits = self.model.forward_rows(rows, cache)  # [M, V], sequence after sequence
+        first = [0]
+        for r in rows:
+            first.append(first[-1] + len(r))
+        decided = self._accept_greedy(jobs, rows, first, logits)
+        leaving = []
+        for b, job in enumerate(jobs):
+            seq, (draft, from_prediction) = job.seq, drafts[b]
+            if b not in decided:
+                mine = logits[first[b] : first[b + 1]]  # [K+1, V]
+                if seq.source is None:
+                    decided[b] = (0, pick(mine[0], seq.temperature, seq.generator))
+                else:
+                    decided[b] = sampled_accept(mine, draft, seq.temperature, seq.generator)
+            n, nxt = decided[b]
+            cache.rollback(b, cache.lengths[b] - (len(draft) - n))
+            seq.stats.forwards += 1
+            if seq.source is not None:
+                seq.source.update(len(draft), n, from_prediction, seq.stats)
+            if not self._push(job, draft[:n] + [nxt]):
+                leaving.append(job)
+            seq.stats.decode_s = time.perf_counter() - job.t_first
+        if leaving:
+            self._regroup([j for j in jobs if j not in leaving], leaving)
+
+    def _accept_greedy(self, jobs, rows, first, logits) -> dict[int, tuple[int, int]]:
+        """(accepted count, next token) of every greedy sequence, in one batched accept: the ragged logits are
+        gathered into [G, T, V] (a short sequence repeats its last row, past its draft length)."""
+        greedy = [b for b, job in enumerate(jobs) if job.seq.temperature <= 0]
+        if not greedy:
+            return {}
+        T = max(len(rows[b]) for b in greedy)
+        device = logits.device
+        idx = torch.tensor([[first[b] + min(t, len(rows[b]) - 1) for t in range(T)] for b in greedy], device=device)
+        draft = torch.tensor([rows[b][1:] + [0] * (T - len(rows[b])) for b in greedy], dtype=torch.int32,
+                             device=device).view(len(greedy), T - 1)
+        lens = torch.tensor([len(rows[b]) - 1 for b in greedy], dtype=torch.int32, device=device)
+        n, nxt, _ = self.accept(logits[idx], draft, lens)
+        return {b: (nb, tb) for b, nb, tb in zip(greedy, n.tolist(), nxt.tolist())}
+
+
+class Handle:
+    """A submitted generation: iterate `tokens()` (or `async for` over `atokens()`) for each step's tokens as
+    they are decided, or `wait()`; `cancel()` from any thread drops it at the next step boundary and frees its
+    row."""
+
+    def __init__(self, job_factory: Callable[[Handle], Job]):
+        self._queue: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._aqueue: asyncio.Queue | None = None
+        self.job = job_factory(self)
+
+    def _put(self, item: list[int] | None) -> None:
+        """From the scheduler thread: one step's tokens, or None at the end."""
+        with self._lock:
+            if self._aqueue is not None:
+                self._loop.call_soon_threadsafe(self._aqueue.put_nowait, item)
+            else:
+                self._queue.put(item)
+
+    @property
+    def stats(self):
+        return self.job.seq.stats
+
+    def cancel(self) -> None:
+        self.job.cancelled = True
+
+    def _end(self) -> None:
+        if self.job.error is not None:
+            raise self.job.error
+
+    def tokens(self, timeout: float | None = None) -> Iterator[list[int]]:
+        """Each step's tokens until the sequence ends; raises the scheduler's error if it failed."""
+        while (item := self._queue.get(timeout=timeout)) is not None:
+            yield item
+        self._end()
+
+    async def atokens(self):
+        """`tokens()` for asyncio code: awaits each step without holding a thread."""
+        with self._lock:
+            self._loop, self._aqueue = asyncio.get_running_loop(), asyncio.Queue()
+            while not self._queue.empty():
+                self._aqueue.put_nowait(self._queue.get_nowait())
+        while (item := await self._aqueue.get()) is not None:
+            yield item
+        self._end()
+
+    def wait(self, timeout: float | None = None) -> list[int]:
+        """Every token of the output, once it has ended."""
+        return [t for step in self.tokens(timeout) for t in step]
+
+
+class Service:
+    """A Scheduler running in a daemon thread: `submit()` is safe from any thread and any number of callers.
+    The thread starts with the first submission and idles when nothing is queued."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+        self._incoming: deque[Job] = deque()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, make_job: Callable[[Callable[[list[int]], None], Callable[[], None]], Job]) -> Handle:
+        """make_job(emit, finish) -> Job; returns its Handle."""
+
+        def factory(handle: Handle) -> Job:
+            return make_job(handle._put, lambda: handle._put(None))
+
+        handle = Handle(factory)
+        with self._wake:
+            self._incoming.append(handle.job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="specedit-scheduler", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+        return handle
+
+    @torch.inference_mode()
+    def _loop(self) -> None:
+        s = self.scheduler
+        while True:
+            with self._wake:
+                while not self._incoming and not s.busy:
+                    self._wake.wait()
+                while self._incoming:
+                    s.add(self._incoming.popleft())
+            try:
+                s.step()
+            except BaseException as e:  # noqa: BLE001 - every waiting caller must hear of it
+                for job in list(s.joining) + s.active:
+                    job.error = e
+                    job.finish()
+                s.joining.clear()
+                s.active, s.cache = [], None

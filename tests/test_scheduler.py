@@ -1,0 +1,106 @@
+"""The batched scheduler: every sequence decoded inside a batch equals its own batch-1 generate, token for token.
+
+Sequences accept everything, nothing or some of their predictions, have different prompt lengths, join while
+others run (prefill chunked between steps), leave at EOS, a stop string or max_new_tokens, and can be
+cancelled. float32 and float16 weights on the CPU kernels (row-invariant: padding and neighbours change no
+row's bits).
+"""
+
+import random
+import threading
+
+import pytest
+
+import specedit
+from helpers import make_checkpoint, make_text_checkpoint
+from specedit.kernels.cpu import build
+
+pytestmark = pytest.mark.skipif(not build.available(), reason="batch exactness rests on the CPU kernels")
+
+
+@pytest.fixture(scope="module", params=["float32", "float16"])
+def eng(request, tmp_path_factory):
+    return specedit.load(make_checkpoint(tmp_path_factory.mktemp("sched"), "qwen3"), dtype=request.param)
+
+
+def cases(eng, n_new=36):
+    rng = random.Random(7)
+    prompts = [rng.choices(range(eng.cfg.vocab_size), k=k) for k in (4, 41, 17, 90, 9)]
+    plain = [eng.generate(p, max_new_tokens=n_new).token_ids for p in prompts]
+    some = plain[2][:12] + [(plain[2][12] + 1) % eng.cfg.vocab_size] + plain[2][13:]
+    preds = [plain[0], None, some, prompts[3], plain[4][5:]]  # all / plain / some / nothing / mid-output
+    return prompts, plain, preds
+
+
+def test_batch_equals_batch1_generate(eng):
+    prompts, plain, preds = cases(eng)
+    rs = eng.generate_batch(prompts, max_new_tokens=36, prediction=preds)
+    assert [r.token_ids for r in rs] == plain
+    assert rs[0].stats.draft_accepted > 0 and rs[0].stats.forwards < 36
+    assert all(r.stats.finish_reason == "length" for r in rs)
+
+
+def test_sequences_joining_and_leaving_mid_run(eng):
+    prompts, plain, preds = cases(eng)
+    eng.service().scheduler.prefill_chunk = 16  # the 90-token prompt joins over 6 steps of the others
+    try:
+        first = eng.submit(prompts[1], max_new_tokens=36)
+        got = next(first.tokens())  # it is decoding now
+        short = eng.submit(prompts[0], max_new_tokens=5, prediction=preds[0])  # leaves early
+        rest = [eng.submit(p, max_new_tokens=36, prediction=q) for p, q in zip(prompts[2:], preds[2:])]
+        assert short.wait() == plain[0][:5] and short.stats.finish_reason == "length"
+        assert [h.wait() for h in rest] == plain[2:]
+        assert got + first.wait() == plain[1]
+    finally:
+        eng.service().scheduler.prefill_chunk = 256
+
+
+def test_eos_and_stop_strings_end_their_own_sequence(tmp_path):
+    eng = specedit.load(make_text_checkpoint(tmp_path))
+    prompts = ["def add(a, b):", "print(", "# hello\n"]
+    eos = eng.eos_ids[0]
+    alone = [eng.generate(p, max_new_tokens=30, stop=["\n"]) for p in prompts]
+    rs = eng.generate_batch(prompts, max_new_tokens=30, stop=["\n"], prediction=[r.text for r in alone])
+    assert [(r.token_ids, r.text, r.stats.finish_reason) for r in rs] == [
+        (a.token_ids, a.text, a.stats.finish_reason) for a in alone
+    ]
+    plain = eng.generate(prompts[0], max_new_tokens=20).token_ids
+    with_eos = eng.generate_batch([prompts[0]], max_new_tokens=20, prediction=[plain[:3] + [eos]])[0]
+    assert with_eos.token_ids == plain  # a predicted EOS the model does not choose is rejected
+
+
+def test_cancel_frees_the_row(eng):
+    prompts, plain, _ = cases(eng)
+    h = eng.submit(prompts[3], max_new_tokens=400)
+    next(h.tokens())
+    h.cancel()
+    assert len(h.wait()) < 400
+    s = eng.service().scheduler
+    for _ in range(200):
+        if not s.busy:
+            break
+        threading.Event().wait(0.01)
+    assert not s.active and s.cache is None
+    assert eng.generate_batch([prompts[0]], max_new_tokens=36)[0].token_ids == plain[0]
+
+
+def test_many_threads_submit_at_once(eng):
+    prompts, plain, preds = cases(eng)
+    out = [None] * len(prompts)
+
+    def client(i):
+        out[i] = eng.submit(prompts[i], max_new_tokens=36, prediction=preds[i]).wait()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert out == plain
+
+
+def test_generate_batch_checks_its_arguments(eng):
+    with pytest.raises(TypeError, match="prompts must be a list"):
+        eng.generate_batch("abc")
+    with pytest.raises(ValueError, match="prediction has 1 entries for 2 prompts"):
+        eng.generate_batch([[1, 2], [3]], prediction=[None])
