@@ -66,7 +66,7 @@ def first_call(eng, case, cold: bool) -> None:
 
     from specedit import costcache
 
-    cached = costcache.path(costcache.key(eng.model, eng.backend))
+    cached = costcache.path(costcache.key(eng.model, eng.backend.name))
     if cold:
         cached.unlink(missing_ok=True)
     source = "read from the on-disk cache" if cached.exists() else "measured in this call"

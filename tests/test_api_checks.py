@@ -183,6 +183,7 @@ def test_cost_cache_key_covers_machine_model_and_format(eng, ckpt, monkeypatch):
     k = costcache.key(eng.model, eng.backend.name)
     assert k == costcache.key(specedit.load(ckpt).model, eng.backend.name)
     assert k != costcache.key(eng.model, "triton")
+    assert k == costcache.key(eng.model, eng.backend)  # a Backend counts by its name, not its per-process repr
     monkeypatch.setattr(costcache, "_cpu_name", lambda: "another CPU")
     assert k != costcache.key(eng.model, eng.backend.name)
 
