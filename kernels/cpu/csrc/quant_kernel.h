@@ -1,0 +1,151 @@
+// The matmul over GGUF block-quantized weights repacked by repack() (layout: quant.h). Included by
+// linear_kernel.h inside its per-ISA anonymous namespace, after Isa, GROUP and PREFETCH.
+//
+// Exactness: for each k the 32 columns' quants are widened to int32 lanes and turned into float32 weights with
+// the operations gguf's numpy dequantizer writes, in its order (QFmt::FORM; explicit mul/add/sub intrinsics,
+// never an FMA), then fed to the same fma(x[m, k], w[n, k], acc) chain over k = 0..K-1 from +0 as the float
+// formats. So every output equals the float32 kernel's on the dequantized weight bit for bit, whatever M, the
+// thread split or the ISA (AVX2 and AVX-512 compute each lane identically).
+//
+// Speed: a tile decodes each k's weights once and uses them for all its rows (up to QRMAX), so a verify
+// forward of 65 rows dequantizes each weight ceil(65 / QRMAX) times, not 65; the bytes streamed are the
+// quantized ones (Q4_1: 5 bits per weight instead of 32).
+
+// The columns a tile covers: AVX-512 all 32 of a group as 2 x 16 lanes; AVX2 one half (16) as 2 x 8 lanes.
+// Vector c of pass `half` starts at column qcol(c, half) of the group.
+inline int qcol(int c, int half) { return Isa::W == 16 ? 16 * c : 16 * half + 8 * c; }
+
+// The int32 quants of vector c (columns qcol(c, half) ...) at one k's record.
+template <int DT>
+inline Isa::VI qdecode(const uint8_t* rec, int c, int half, Isa::VI lanes) {
+  using F = QFmt<DT>;
+  const int col = qcol(c, half);
+  Isa::VI q;
+  if constexpr (F::Q8) {
+    q = Isa::load_i8(rec + col);
+  } else {
+    // byte j holds column j (low nibble) and j + 16 (high nibble): AVX-512 reads bytes 0..15 for both vectors,
+    // AVX2 bytes 8c .. 8c + 7 for either half
+    const Isa::VI b = Isa::load_u8(rec + (Isa::W == 16 ? 0 : 8 * c));
+    q = col >= 16 ? Isa::srli4(b) : Isa::andi(b, Isa::set1i(15));
+  }
+  if constexpr (F::HI == 1) {
+    uint32_t hb;
+    __builtin_memcpy(&hb, rec + 16, 4);
+    const Isa::VI bit = Isa::andi(Isa::srlv(Isa::set1i((int)(hb >> col)), lanes), Isa::set1i(1));
+    q = Isa::ori(q, Isa::slli4(bit));
+  } else if constexpr (F::HI == 2) {
+    uint64_t hb;
+    __builtin_memcpy(&hb, rec + 16, 8);
+    const Isa::VI two = Isa::andi(Isa::srlv(Isa::set1i((int)(uint32_t)(hb >> (2 * col))), lanes), Isa::set1i(3));
+    q = Isa::ori(q, Isa::slli4(two));
+  }
+  if constexpr (F::OFF != 0) q = Isa::subi(q, Isa::set1i(F::OFF));
+  return q;
+}
+
+// R rows x the pass's 16 (AVX2) or 32 (AVX-512) columns of one group g (its K / QK super-blocks).
+template <int DT, int R>
+inline void qtile(const float* x, int64_t K, const uint8_t* g, int half, float* y, int64_t ldy, int ncols) {
+  using F = QFmt<DT>;
+  constexpr int NSUB = F::QK / F::SUB;
+  constexpr int CHUNK = (F::BYTES / NSUB + 63) / 64;  // cache lines prefetched per sub-block
+  const Isa::VI lanes = Isa::iota(F::HI == 2 ? 2 : 1);  // bit position of each lane's high bits, minus col
+  Isa::V acc[R][2];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = Isa::zero();
+  const int64_t nsb = K / F::QK;
+  for (int64_t sb = 0; sb < nsb; ++sb) {
+    const uint8_t* blk = g + sb * F::BYTES;
+    Isa::V d[2], m[2];
+    for (int c = 0; c < 2; ++c) {
+      d[c] = Isa::load((const f16_t*)blk + qcol(c, half));
+      m[c] = F::HAS_MIN ? Isa::load((const f16_t*)(blk + 64) + qcol(c, half)) : Isa::zero();
+    }
+    const uint8_t* sc = blk + 64 + 64 * F::HAS_MIN;
+    for (int j = 0; j < NSUB; ++j) {
+#pragma GCC unroll 4
+      for (int l = 0; l < CHUNK; ++l) _mm_prefetch((const char*)blk + PREFETCH + 64 * (j * CHUNK + l), _MM_HINT_T0);
+      Isa::V s[2], o[2];
+#pragma GCC unroll 2
+      for (int c = 0; c < 2; ++c) {
+        if constexpr (F::FORM == QF_MULSUB) {  // Q4_K, Q5_K: s = d * sc, o = dmin * mn
+          s[c] = Isa::mul(d[c], Isa::cvt(Isa::load_u8(sc + 32 * j + qcol(c, half))));
+          o[c] = Isa::mul(m[c], Isa::cvt(Isa::load_u8(sc + 256 + 32 * j + qcol(c, half))));
+        } else if constexpr (F::SC_BYTES > 0) {  // Q6_K: s = d * int8 sc
+          s[c] = Isa::mul(d[c], Isa::cvt(Isa::load_i8(sc + 32 * j + qcol(c, half))));
+          o[c] = Isa::zero();
+        } else {
+          s[c] = d[c];
+          o[c] = m[c];
+        }
+      }
+      const uint8_t* rec = blk + F::HDR + (int64_t)j * F::SUB * F::REC;
+      const float* xk = x + sb * F::QK + j * F::SUB;
+#pragma GCC unroll 2
+      for (int kk = 0; kk < F::SUB; ++kk, rec += F::REC) {
+        Isa::V w[2];
+#pragma GCC unroll 2
+        for (int c = 0; c < 2; ++c) {
+          const Isa::V qf = Isa::cvt(qdecode<DT>(rec, c, half, lanes));
+          if constexpr (F::Q8) w[c] = Isa::mul(qf, s[c]);  // numpy: x * d
+          else if constexpr (F::FORM == QF_MUL) w[c] = Isa::mul(s[c], qf);
+          else if constexpr (F::FORM == QF_MULADD) w[c] = Isa::add(Isa::mul(s[c], qf), o[c]);
+          else w[c] = Isa::sub(Isa::mul(s[c], qf), o[c]);
+        }
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) {
+          const Isa::V xb = Isa::bcast(xk + r * K + kk);
+          acc[r][0] = Isa::fma(xb, w[0], acc[r][0]);
+          acc[r][1] = Isa::fma(xb, w[1], acc[r][1]);
+        }
+      }
+    }
+  }
+  constexpr int COLS = 2 * Isa::W;
+  if (ncols == COLS) {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      Isa::store(y + r * ldy, acc[r][0]);
+      Isa::store(y + r * ldy + Isa::W, acc[r][1]);
+    }
+  } else {  // the last, partial group of columns
+    float tmp[COLS];
+    for (int r = 0; r < R; ++r) {
+      Isa::store(tmp, acc[r][0]);
+      Isa::store(tmp + Isa::W, acc[r][1]);
+      for (int j = 0; j < ncols; ++j) y[r * ldy + j] = tmp[j];
+    }
+  }
+}
+
+template <int DT, int R>
+inline void qtile_rows(int r, const float* x, int64_t K, const uint8_t* g, int half, float* y, int64_t ldy,
+                       int ncols) {
+  if (r == R) {
+    qtile<DT, R>(x, K, g, half, y, ldy, ncols);
+  } else if constexpr (R > 1) {
+    qtile_rows<DT, R - 1>(r, x, K, g, half, y, ldy, ncols);
+  }
+}
+
+// Columns [col0, col1) (col0 a multiple of 32, col1 too unless it is N), all M rows.
+template <int DT>
+void run_q(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t ldy, float* y, int64_t col0,
+           int64_t col1) {
+  using F = QFmt<DT>;
+  const int64_t gbytes = K / F::QK * F::BYTES;  // one group of 32 columns
+  for (int64_t b = 0; b < PREFETCH; b += 64) _mm_prefetch((const char*)(w + col0 / GROUP * gbytes) + b, _MM_HINT_T0);
+  constexpr int COLS = 2 * Isa::W;  // columns per pass
+  for (int64_t n0 = col0; n0 < col1; n0 += GROUP) {
+    const uint8_t* g = w + n0 / GROUP * gbytes;
+    for (int half = 0; half * COLS < GROUP && n0 + half * COLS < col1; ++half) {
+      const int64_t c0 = n0 + half * COLS;
+      const int ncols = (int)(col1 - c0 < COLS ? col1 - c0 : COLS);
+      for (int64_t m0 = 0; m0 < M; m0 += Isa::QRMAX) {
+        const int r = (int)(M - m0 < Isa::QRMAX ? M - m0 : Isa::QRMAX);
+        qtile_rows<DT, Isa::QRMAX>(r, x + m0 * K, K, g, half, y + m0 * ldy + c0, ldy, ncols);
+      }
+    }
+  }
+}
