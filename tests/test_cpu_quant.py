@@ -27,8 +27,8 @@ def isas():
     return ["avx2", "avx512"] if build.best_isa() == "avx512" else ["avx2"]
 
 
-def gguf_blocks(fmt: str, n: int, k: int, seed: int = 0) -> np.ndarray:
-    """uint8 [n, row bytes]: a GGUF weight [n, k] in `fmt`."""
+def gguf_blocks(fmt: str, n: int, k: int, seed: int = 0, scale_exp: int = -12) -> np.ndarray:
+    """uint8 [n, row bytes]: a GGUF weight [n, k] in `fmt` (K-quants: float16 scales in [1, 64) x 2^scale_exp)."""
     qtype = Q[fmt.upper()]
     rng = np.random.default_rng(seed)
     if qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1):
@@ -38,7 +38,7 @@ def gguf_blocks(fmt: str, n: int, k: int, seed: int = 0) -> np.ndarray:
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, (n, k // block, size), dtype=np.uint8)
     for at in F16_AT[fmt]:  # scales in [2^-12, 2^-6): finite, normal, varied
-        scale = (rng.uniform(1, 64, (n, k // block)) * 2.0**-12).astype(np.float16)
+        scale = (rng.uniform(1, 64, (n, k // block)) * 2.0**scale_exp).astype(np.float16)
         raw[:, :, at : at + 2] = scale.view(np.uint8).reshape(n, k // block, 2)
     return raw.reshape(n, -1)
 

@@ -23,7 +23,7 @@ inline uint32_t u32(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); retur
 
 // Q4_0/Q4_1/Q5_*: element e = s * 16 + i is nibble s of qs[i].
 inline void nibbles32(const uint8_t* qs, uint8_t* q) {
-  for (int e = 0; e < 32; ++e) q[e] = (qs[e % 16] >> (4 * (e / 16))) & 15;
+  for (int i = 0; i < 16; ++i) q[i] = qs[i] & 15, q[i + 16] = qs[i] >> 4;
 }
 
 // Q4_K/Q5_K 6-bit scales and mins (gguf Q4_K.get_scale_min).
@@ -38,7 +38,8 @@ inline void scale_min_k4(const uint8_t* s, uint8_t* sc, uint8_t* mn) {
 
 // Q4_K/Q5_K: element e = j * 64 + s * 32 + i is nibble s of qs[j * 32 + i].
 inline void nibbles256(const uint8_t* qs, uint8_t* q) {
-  for (int e = 0; e < 256; ++e) q[e] = (qs[(e / 64) * 32 + e % 32] >> (4 * ((e / 32) % 2))) & 15;
+  for (int j = 0; j < 4; ++j)
+    for (int i = 0; i < 32; ++i) q[j * 64 + i] = qs[j * 32 + i] & 15, q[j * 64 + 32 + i] = qs[j * 32 + i] >> 4;
 }
 
 template <int DT>
@@ -82,28 +83,39 @@ void unpack(const uint8_t* b, QBlock& o) {
   }
 }
 
-// Writes column c (0..31) of block `o` into the zeroed super-block `out`.
+// Writes the 32 columns' blocks o[0..32) as one super-block `out` (quant.h).
 template <int DT>
-void put(const QBlock& o, int c, uint8_t* out) {
+void put(const QBlock* o, uint8_t* out) {
   using F = QFmt<DT>;
-  std::memcpy(out + 2 * c, &o.d, 2);
-  if (F::HAS_MIN) std::memcpy(out + 64 + 2 * c, &o.m, 2);
+  std::memset(out, 0, F::HDR);
+  for (int c = 0; c < 32; ++c) {
+    std::memcpy(out + 2 * c, &o[c].d, 2);
+    if (F::HAS_MIN) std::memcpy(out + 64 + 2 * c, &o[c].m, 2);
+  }
   uint8_t* sc = out + 64 + 64 * F::HAS_MIN;
   if constexpr (F::FORM == QF_MULSUB) {
-    for (int j = 0; j < 8; ++j) sc[32 * j + c] = o.sc[j], sc[256 + 32 * j + c] = o.mn[j];
+    for (int j = 0; j < 8; ++j)
+      for (int c = 0; c < 32; ++c) sc[32 * j + c] = o[c].sc[j], sc[256 + 32 * j + c] = o[c].mn[j];
   } else if constexpr (F::SC_BYTES > 0) {
-    for (int j = 0; j < 16; ++j) sc[32 * j + c] = o.sc[j];
+    for (int j = 0; j < 16; ++j)
+      for (int c = 0; c < 32; ++c) sc[32 * j + c] = o[c].sc[j];
   }
   for (int k = 0; k < F::QK; ++k) {
     uint8_t* rec = out + F::HDR + k * F::REC;
-    const uint8_t q = o.q[k];
     if (F::Q8) {
-      rec[c] = q;
+      for (int c = 0; c < 32; ++c) rec[c] = o[c].q[k];
       continue;
     }
-    rec[c % 16] |= (uint8_t)((q & 15) << (4 * (c / 16)));
-    if (F::HI == 1) rec[16 + c / 8] |= (uint8_t)(((q >> 4) & 1) << (c % 8));
-    if (F::HI == 2) rec[16 + c / 4] |= (uint8_t)(((q >> 4) & 3) << (2 * (c % 4)));
+    for (int j = 0; j < 16; ++j) rec[j] = (uint8_t)((o[j].q[k] & 15) | ((o[j + 16].q[k] & 15) << 4));
+    if (F::HI == 1) {
+      uint32_t hb = 0;
+      for (int c = 0; c < 32; ++c) hb |= (uint32_t)((o[c].q[k] >> 4) & 1) << c;
+      std::memcpy(rec + 16, &hb, 4);
+    } else if (F::HI == 2) {
+      uint64_t hb = 0;
+      for (int c = 0; c < 32; ++c) hb |= (uint64_t)((o[c].q[k] >> 4) & 3) << (2 * c);
+      std::memcpy(rec + 16, &hb, 8);
+    }
   }
 }
 
@@ -111,15 +123,14 @@ template <int DT>
 void repack_groups(const uint8_t* raw, int64_t N, int64_t K, uint8_t* out, int64_t g0, int64_t g1) {
   using F = QFmt<DT>;
   const int64_t nsb = K / F::QK, row_bytes = nsb * F::GGUF_BYTES;
-  QBlock o;
+  QBlock o[32];
   for (int64_t g = g0; g < g1; ++g) {
     for (int64_t sb = 0; sb < nsb; ++sb) {
-      uint8_t* dst = out + (g * nsb + sb) * F::BYTES;
-      std::memset(dst, 0, F::BYTES);
-      for (int c = 0; c < 32 && g * 32 + c < N; ++c) {
-        unpack<DT>(raw + (g * 32 + c) * row_bytes + sb * F::GGUF_BYTES, o);
-        put<DT>(o, c, dst);
+      for (int c = 0; c < 32; ++c) {
+        if (g * 32 + c < N) unpack<DT>(raw + (g * 32 + c) * row_bytes + sb * F::GGUF_BYTES, o[c]);
+        else o[c] = QBlock();  // padding columns: zero bytes, w = 0
       }
+      put<DT>(o, out + (g * nsb + sb) * F::BYTES);
     }
   }
 }

@@ -58,6 +58,7 @@ inline void qtile(const float* x, int64_t K, const uint8_t* g, int half, float* 
   for (int64_t sb = 0; sb < nsb; ++sb) {
     const uint8_t* blk = g + sb * F::BYTES;
     Isa::V d[2], m[2];
+#pragma GCC unroll 2
     for (int c = 0; c < 2; ++c) {
       d[c] = Isa::load((const f16_t*)blk + qcol(c, half));
       m[c] = F::HAS_MIN ? Isa::load((const f16_t*)(blk + 64) + qcol(c, half)) : Isa::zero();
@@ -111,6 +112,7 @@ inline void qtile(const float* x, int64_t K, const uint8_t* g, int half, float* 
     }
   } else {  // the last, partial group of columns
     float tmp[COLS];
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       Isa::store(tmp, acc[r][0]);
       Isa::store(tmp + Isa::W, acc[r][1]);
