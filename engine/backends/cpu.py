@@ -114,28 +114,29 @@ def load_native(model, tensors: dict[str, tuple[str, np.ndarray]]) -> None:
             return None
         return torch.cat([_float32(*tensors[n][::-1]) for n in names])
 
+    def linear(names, k, bias_names=None):
+        return PackedLinear.from_parts([_part(n, tensors) for n in names], k, bias(bias_names) if bias_names else None)
+
     for i, blk in enumerate(model.layers):
         a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
         qkv = [a + x + "_proj.weight" for x in "qkv"]
         del blk.attn.wqkv, blk.attn.wo, blk.mlp.w13, blk.mlp.w2
-        blk.attn.wqkv = PackedLinear.from_parts([_part(n, tensors) for n in qkv], cfg.dim,
-                                                bias([n.replace("weight", "bias") for n in qkv]) if cfg.qkv_bias else None)
-        blk.attn.wo = PackedLinear.from_parts([_part(a + "o_proj.weight", tensors)], cfg.n_heads * cfg.head_dim,
-                                              bias([a + "o_proj.bias"]) if cfg.o_bias else None)
-        blk.mlp.w13 = PackedLinear.from_parts([_part(m + "gate_proj.weight", tensors),
-                                               _part(m + "up_proj.weight", tensors)], cfg.dim)
-        blk.mlp.w2 = PackedLinear.from_parts([_part(m + "down_proj.weight", tensors)], cfg.intermediate_size)
+        blk.attn.wqkv = linear(qkv, cfg.dim, [n.replace("weight", "bias") for n in qkv] if cfg.qkv_bias else None)
+        o_bias = [a + "o_proj.bias"] if cfg.o_bias else None
+        blk.attn.wo = linear([a + "o_proj.weight"], cfg.n_heads * cfg.head_dim, o_bias)
+        blk.mlp.w13 = linear([m + "gate_proj.weight", m + "up_proj.weight"], cfg.dim)
+        blk.mlp.w2 = linear([m + "down_proj.weight"], cfg.intermediate_size)
 
     fmt, emb = tensors["model.embed_tokens.weight"]
     del model.embed, model.lm_head
     if fmt in GGUF_FORMATS:
         model.embed = GGUFEmbedding(torch.from_numpy(emb), fmt, cfg.dim)
-        tied = model.embed.as_linear() if cfg.tie_embeddings else None
+        model.lm_head = model.embed.as_linear() if cfg.tie_embeddings else None
     else:
-        table = _float32(emb, fmt)
-        model.embed = torch.nn.Embedding.from_pretrained(table, freeze=True)
-        tied = PackedLinear.from_parts([_part("model.embed_tokens.weight", tensors)], cfg.dim) if cfg.tie_embeddings else None
-    model.lm_head = tied if tied is not None else PackedLinear.from_parts([_part("lm_head.weight", tensors)], cfg.dim)
+        model.embed = torch.nn.Embedding.from_pretrained(_float32(emb, fmt), freeze=True)
+        model.lm_head = linear(["model.embed_tokens.weight"], cfg.dim) if cfg.tie_embeddings else None
+    if model.lm_head is None:
+        model.lm_head = linear(["lm_head.weight"], cfg.dim)
     meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     assert not meta, f"left on the meta device: {meta}"
     _fuse(model)

@@ -50,9 +50,10 @@ struct Isa {
   static inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static inline V add(V a, V b) { return _mm512_add_ps(a, b); }
   static inline V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static inline V fms(V a, V b, V c) { return _mm512_fmsub_ps(a, b, c); }  // a * b - c, one rounding
   // integer lanes for the quantized formats (quant_kernel.h): W bytes widened to W int32 lanes
   using VI = __m512i;
-  static constexpr int QRMAX = 8;  // rows per quantized tile: 8 x 2 accumulators + scales, offsets, weights
+  static constexpr int QRMAX = 10;  // rows per quantized tile: 10 x 2 accumulators + scales, offsets, weights
   static inline VI load_u8(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)); }
   static inline VI load_i8(const uint8_t* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)); }
   static inline VI set1i(int v) { return _mm512_set1_epi32(v); }
@@ -89,6 +90,7 @@ struct Isa {
   static inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static inline V add(V a, V b) { return _mm256_add_ps(a, b); }
   static inline V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static inline V fms(V a, V b, V c) { return _mm256_fmsub_ps(a, b, c); }
   using VI = __m256i;
   static constexpr int QRMAX = 3;  // 3 x 2 accumulators + 2 scales + 2 offsets + 2 weights + temps <= 16 ymm
   static inline VI load_u8(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)); }

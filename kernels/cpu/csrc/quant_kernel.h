@@ -2,8 +2,8 @@
 // linear_kernel.h inside its per-ISA anonymous namespace, after Isa, GROUP and PREFETCH.
 //
 // Exactness: for each k the 32 columns' quants are widened to int32 lanes and turned into float32 weights with
-// the operations gguf's numpy dequantizer writes, in its order (QFmt::FORM; explicit mul/add/sub intrinsics,
-// never an FMA), then fed to the same fma(x[m, k], w[n, k], acc) chain over k = 0..K-1 from +0 as the float
+// the operations gguf's numpy dequantizer writes, in its order (QFmt::FORM), where a product followed by a sum
+// is one FMA only because the product is exact (see qtile), then fed to the same fma(x[m, k], w[n, k], acc) chain over k = 0..K-1 from +0 as the float
 // formats. So every output equals the float32 kernel's on the dequantized weight bit for bit, whatever M, the
 // thread split or the ISA (AVX2 and AVX-512 compute each lane identically).
 //
@@ -44,78 +44,104 @@ inline Isa::VI qdecode(const uint8_t* rec, int c, int half, Isa::VI lanes) {
   return q;
 }
 
-// R rows x the pass's 16 (AVX2) or 32 (AVX-512) columns of one group g (its K / QK super-blocks).
-template <int DT, int R>
-inline void qtile(const float* x, int64_t K, const uint8_t* g, int half, float* y, int64_t ldy, int ncols) {
+// R rows x the pass's 16 (AVX2) or 32 (AVX-512) columns of G groups (g, g + gstride, ...; their K / QK
+// super-blocks each). G = 2 for one or two rows on AVX-512: a column's FMA chain waits 4 cycles per k, so one
+// group's 2 chains would leave the core idle; two groups' 4 chains keep it busy decoding.
+template <int DT, int R, int G>
+inline void qtile(const float* x, int64_t K, const uint8_t* g, int64_t gstride, int half, float* y, int64_t ldy,
+                  int ncols) {
   using F = QFmt<DT>;
   constexpr int NSUB = F::QK / F::SUB;
   constexpr int CHUNK = (F::BYTES / NSUB + 63) / 64;  // cache lines prefetched per sub-block
   const Isa::VI lanes = Isa::iota(F::HI == 2 ? 2 : 1);  // bit position of each lane's high bits, minus col
-  Isa::V acc[R][2];
+  Isa::V acc[R][G][2];
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = Isa::zero();
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+    for (int gi = 0; gi < G; ++gi) acc[r][gi][0] = acc[r][gi][1] = Isa::zero();
   const int64_t nsb = K / F::QK;
   for (int64_t sb = 0; sb < nsb; ++sb) {
-    const uint8_t* blk = g + sb * F::BYTES;
-    Isa::V d[2], m[2];
+    const uint8_t* blk[G];
+    Isa::V d[G][2], m[G][2];
 #pragma GCC unroll 2
-    for (int c = 0; c < 2; ++c) {
-      d[c] = Isa::load((const f16_t*)blk + qcol(c, half));
-      m[c] = F::HAS_MIN ? Isa::load((const f16_t*)(blk + 64) + qcol(c, half)) : Isa::zero();
-    }
-    const uint8_t* sc = blk + 64 + 64 * F::HAS_MIN;
-    for (int j = 0; j < NSUB; ++j) {
-#pragma GCC unroll 4
-      for (int l = 0; l < CHUNK; ++l) _mm_prefetch((const char*)blk + PREFETCH + 64 * (j * CHUNK + l), _MM_HINT_T0);
-      Isa::V s[2], o[2];
+    for (int gi = 0; gi < G; ++gi) {
+      blk[gi] = g + gi * gstride + sb * F::BYTES;
 #pragma GCC unroll 2
       for (int c = 0; c < 2; ++c) {
-        if constexpr (F::FORM == QF_MULSUB) {  // Q4_K, Q5_K: s = d * sc, o = dmin * mn
-          s[c] = Isa::mul(d[c], Isa::cvt(Isa::load_u8(sc + 32 * j + qcol(c, half))));
-          o[c] = Isa::mul(m[c], Isa::cvt(Isa::load_u8(sc + 256 + 32 * j + qcol(c, half))));
-        } else if constexpr (F::SC_BYTES > 0) {  // Q6_K: s = d * int8 sc
-          s[c] = Isa::mul(d[c], Isa::cvt(Isa::load_i8(sc + 32 * j + qcol(c, half))));
-          o[c] = Isa::zero();
-        } else {
-          s[c] = d[c];
-          o[c] = m[c];
-        }
+        d[gi][c] = Isa::load((const f16_t*)blk[gi] + qcol(c, half));
+        m[gi][c] = F::HAS_MIN ? Isa::load((const f16_t*)(blk[gi] + 64) + qcol(c, half)) : Isa::zero();
       }
-      const uint8_t* rec = blk + F::HDR + (int64_t)j * F::SUB * F::REC;
-      const float* xk = x + sb * F::QK + j * F::SUB;
+    }
+    for (int j = 0; j < NSUB; ++j) {
+      Isa::V s[G][2], o[G][2];
+      const uint8_t* rec[G];
 #pragma GCC unroll 2
-      for (int kk = 0; kk < F::SUB; ++kk, rec += F::REC) {
-        Isa::V w[2];
+      for (int gi = 0; gi < G; ++gi) {
+#pragma GCC unroll 4
+        for (int l = 0; l < CHUNK; ++l)
+          _mm_prefetch((const char*)blk[gi] + PREFETCH + 64 * (j * CHUNK + l), _MM_HINT_T0);
+        const uint8_t* sc = blk[gi] + 64 + 64 * F::HAS_MIN;
 #pragma GCC unroll 2
         for (int c = 0; c < 2; ++c) {
-          const Isa::V qf = Isa::cvt(qdecode<DT>(rec, c, half, lanes));
-          if constexpr (F::Q8) w[c] = Isa::mul(qf, s[c]);  // numpy: x * d
-          else if constexpr (F::FORM == QF_MUL) w[c] = Isa::mul(s[c], qf);
-          else if constexpr (F::FORM == QF_MULADD) w[c] = Isa::add(Isa::mul(s[c], qf), o[c]);
-          else w[c] = Isa::sub(Isa::mul(s[c], qf), o[c]);
+          if constexpr (F::FORM == QF_MULSUB) {  // Q4_K, Q5_K: s = d * sc, o = dmin * mn
+            s[gi][c] = Isa::mul(d[gi][c], Isa::cvt(Isa::load_u8(sc + 32 * j + qcol(c, half))));
+            o[gi][c] = Isa::mul(m[gi][c], Isa::cvt(Isa::load_u8(sc + 256 + 32 * j + qcol(c, half))));
+          } else if constexpr (F::SC_BYTES > 0) {  // Q6_K: s = d * int8 sc
+            s[gi][c] = Isa::mul(d[gi][c], Isa::cvt(Isa::load_i8(sc + 32 * j + qcol(c, half))));
+            o[gi][c] = Isa::zero();
+          } else {
+            s[gi][c] = d[gi][c];
+            o[gi][c] = m[gi][c];
+          }
         }
+        rec[gi] = blk[gi] + F::HDR + (int64_t)j * F::SUB * F::REC;
+      }
+      const float* xk = x + sb * F::QK + j * F::SUB;
+#pragma GCC unroll 2
+      for (int kk = 0; kk < F::SUB; ++kk) {
+        Isa::V w[G][2];
+#pragma GCC unroll 2
+        for (int gi = 0; gi < G; ++gi)
+#pragma GCC unroll 2
+          for (int c = 0; c < 2; ++c) {
+            const Isa::V qf = Isa::cvt(qdecode<DT>(rec[gi] + kk * F::REC, c, half, lanes));
+            // s * qf is exact in float32 (s has at most 11 + 7 significant bits, q at most 6), so the one
+            // rounding of an FMA equals gguf's rounded product then rounded sum: fma(s, q, o) == (s * q) + o
+            if constexpr (F::Q8) w[gi][c] = Isa::mul(qf, s[gi][c]);  // numpy: x * d
+            else if constexpr (F::FORM == QF_MUL) w[gi][c] = Isa::mul(s[gi][c], qf);
+            else if constexpr (F::FORM == QF_MULADD) w[gi][c] = Isa::fma(s[gi][c], qf, o[gi][c]);
+            else w[gi][c] = Isa::fms(s[gi][c], qf, o[gi][c]);
+          }
 #pragma GCC unroll 16
         for (int r = 0; r < R; ++r) {
           const Isa::V xb = Isa::bcast(xk + r * K + kk);
-          acc[r][0] = Isa::fma(xb, w[0], acc[r][0]);
-          acc[r][1] = Isa::fma(xb, w[1], acc[r][1]);
+#pragma GCC unroll 2
+          for (int gi = 0; gi < G; ++gi) {
+            acc[r][gi][0] = Isa::fma(xb, w[gi][0], acc[r][gi][0]);
+            acc[r][gi][1] = Isa::fma(xb, w[gi][1], acc[r][gi][1]);
+          }
         }
       }
     }
   }
   constexpr int COLS = 2 * Isa::W;
-  if (ncols == COLS) {
+  if (ncols == G * COLS) {
 #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      Isa::store(y + r * ldy, acc[r][0]);
-      Isa::store(y + r * ldy + Isa::W, acc[r][1]);
-    }
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+      for (int gi = 0; gi < G; ++gi) {
+        Isa::store(y + r * ldy + gi * COLS, acc[r][gi][0]);
+        Isa::store(y + r * ldy + gi * COLS + Isa::W, acc[r][gi][1]);
+      }
   } else {  // the last, partial group of columns
-    float tmp[COLS];
+    float tmp[G * COLS];
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      Isa::store(tmp, acc[r][0]);
-      Isa::store(tmp + Isa::W, acc[r][1]);
+#pragma GCC unroll 2
+      for (int gi = 0; gi < G; ++gi) {
+        Isa::store(tmp + gi * COLS, acc[r][gi][0]);
+        Isa::store(tmp + gi * COLS + Isa::W, acc[r][gi][1]);
+      }
       for (int j = 0; j < ncols; ++j) y[r * ldy + j] = tmp[j];
     }
   }
@@ -125,7 +151,7 @@ template <int DT, int R>
 inline void qtile_rows(int r, const float* x, int64_t K, const uint8_t* g, int half, float* y, int64_t ldy,
                        int ncols) {
   if (r == R) {
-    qtile<DT, R>(x, K, g, half, y, ldy, ncols);
+    qtile<DT, R, 1>(x, K, g, 0, half, y, ldy, ncols);
   } else if constexpr (R > 1) {
     qtile_rows<DT, R - 1>(r, x, K, g, half, y, ldy, ncols);
   }
@@ -139,7 +165,18 @@ void run_q(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t ldy, 
   const int64_t gbytes = K / F::QK * F::BYTES;  // one group of 32 columns
   for (int64_t b = 0; b < PREFETCH; b += 64) _mm_prefetch((const char*)(w + col0 / GROUP * gbytes) + b, _MM_HINT_T0);
   constexpr int COLS = 2 * Isa::W;  // columns per pass
-  for (int64_t n0 = col0; n0 < col1; n0 += GROUP) {
+  int64_t n0 = col0;
+  if constexpr (Isa::W == 16) {  // one or two rows: two groups at a time
+    if (M <= 2) {
+      for (; n0 + GROUP < col1; n0 += 2 * GROUP) {
+        const uint8_t* g = w + n0 / GROUP * gbytes;
+        const int ncols = (int)(col1 - n0 < 2 * GROUP ? col1 - n0 : 2 * GROUP);
+        if (M == 1) qtile<DT, 1, 2>(x, K, g, gbytes, 0, y + n0, ldy, ncols);
+        else qtile<DT, 2, 2>(x, K, g, gbytes, 0, y + n0, ldy, ncols);
+      }
+    }
+  }
+  for (; n0 < col1; n0 += GROUP) {
     const uint8_t* g = w + n0 / GROUP * gbytes;
     for (int half = 0; half * COLS < GROUP && n0 + half * COLS < col1; ++half) {
       const int64_t c0 = n0 + half * COLS;
