@@ -47,6 +47,67 @@ inline Isa::VI qdecode(const uint8_t* rec, int c, int half, Isa::VI lanes) {
 // R rows x the pass's 16 (AVX2) or 32 (AVX-512) columns of G groups (g, g + gstride, ...; their K / QK
 // super-blocks each). G = 2 for one or two rows on AVX-512: a column's FMA chain waits 4 cycles per k, so one
 // group's 2 chains would leave the core idle; two groups' 4 chains keep it busy decoding.
+// The float32 weights of one k (vector c of pass `half`) from its quants and the sub-block's scale and offset.
+// s * qf is exact in float32 (s has at most 11 + 7 significant bits, q at most 6), so the one rounding of an FMA
+// equals gguf's rounded product then rounded sum: fma(s, q, o) == (s * q) + o bit for bit.
+template <int DT>
+inline Isa::V qweight(const uint8_t* rec, int c, int half, Isa::VI lanes, Isa::V s, Isa::V o) {
+  using F = QFmt<DT>;
+  const Isa::V qf = Isa::cvt(qdecode<DT>(rec, c, half, lanes));
+  if constexpr (F::Q8) return Isa::mul(qf, s);  // numpy: x * d
+  else if constexpr (F::FORM == QF_MUL) return Isa::mul(s, qf);
+  else if constexpr (F::FORM == QF_MULADD) return Isa::fma(s, qf, o);
+  else return Isa::fms(s, qf, o);
+}
+
+// Scale and offset of sub-block j of a super-block (d, m: its per-column f16 scales, widened).
+template <int DT>
+inline void qscales(const uint8_t* blk, int j, int c, int half, Isa::V d, Isa::V m, Isa::V& s, Isa::V& o) {
+  using F = QFmt<DT>;
+  const uint8_t* sc = blk + 64 + 64 * F::HAS_MIN;
+  if constexpr (F::FORM == QF_MULSUB) {  // Q4_K, Q5_K: s = d * sc, o = dmin * mn
+    s = Isa::mul(d, Isa::cvt(Isa::load_u8(sc + 32 * j + qcol(c, half))));
+    o = Isa::mul(m, Isa::cvt(Isa::load_u8(sc + 256 + 32 * j + qcol(c, half))));
+  } else if constexpr (F::SC_BYTES > 0) {  // Q6_K: s = d * int8 sc
+    s = Isa::mul(d, Isa::cvt(Isa::load_i8(sc + 32 * j + qcol(c, half))));
+    o = Isa::zero();
+  } else {
+    s = d;
+    o = m;
+  }
+}
+
+// Group g dequantized into buf [K][32] float32 (the float32 kernel's layout of one group).
+template <int DT>
+inline void qdequant_group(const uint8_t* g, int64_t K, float* buf) {
+  using F = QFmt<DT>;
+  constexpr int NSUB = F::QK / F::SUB;
+  const Isa::VI lanes = Isa::iota(F::HI == 2 ? 2 : 1);
+  for (int64_t sb = 0; sb < K / F::QK; ++sb) {
+    const uint8_t* blk = g + sb * F::BYTES;
+    for (int half = 0; half < (Isa::W == 16 ? 1 : 2); ++half) {
+      Isa::V d[2], m[2];
+#pragma GCC unroll 2
+      for (int c = 0; c < 2; ++c) {
+        d[c] = Isa::load((const f16_t*)blk + qcol(c, half));
+        m[c] = F::HAS_MIN ? Isa::load((const f16_t*)(blk + 64) + qcol(c, half)) : Isa::zero();
+      }
+      for (int j = 0; j < NSUB; ++j) {
+        Isa::V s[2], o[2];
+#pragma GCC unroll 2
+        for (int c = 0; c < 2; ++c) qscales<DT>(blk, j, c, half, d[c], m[c], s[c], o[c]);
+        const uint8_t* rec = blk + F::HDR + (int64_t)j * F::SUB * F::REC;
+        float* out = buf + (sb * F::QK + j * F::SUB) * GROUP;
+#pragma GCC unroll 2
+        for (int kk = 0; kk < F::SUB; ++kk)
+#pragma GCC unroll 2
+          for (int c = 0; c < 2; ++c)
+            Isa::store(out + kk * GROUP + qcol(c, half), qweight<DT>(rec + kk * F::REC, c, half, lanes, s[c], o[c]));
+      }
+    }
+  }
+}
+
 template <int DT, int R, int G>
 inline void qtile(const float* x, int64_t K, const uint8_t* g, int64_t gstride, int half, float* y, int64_t ldy,
                   int ncols) {
@@ -80,20 +141,8 @@ inline void qtile(const float* x, int64_t K, const uint8_t* g, int64_t gstride, 
 #pragma GCC unroll 4
         for (int l = 0; l < CHUNK; ++l)
           _mm_prefetch((const char*)blk[gi] + PREFETCH + 64 * (j * CHUNK + l), _MM_HINT_T0);
-        const uint8_t* sc = blk[gi] + 64 + 64 * F::HAS_MIN;
 #pragma GCC unroll 2
-        for (int c = 0; c < 2; ++c) {
-          if constexpr (F::FORM == QF_MULSUB) {  // Q4_K, Q5_K: s = d * sc, o = dmin * mn
-            s[gi][c] = Isa::mul(d[gi][c], Isa::cvt(Isa::load_u8(sc + 32 * j + qcol(c, half))));
-            o[gi][c] = Isa::mul(m[gi][c], Isa::cvt(Isa::load_u8(sc + 256 + 32 * j + qcol(c, half))));
-          } else if constexpr (F::SC_BYTES > 0) {  // Q6_K: s = d * int8 sc
-            s[gi][c] = Isa::mul(d[gi][c], Isa::cvt(Isa::load_i8(sc + 32 * j + qcol(c, half))));
-            o[gi][c] = Isa::zero();
-          } else {
-            s[gi][c] = d[gi][c];
-            o[gi][c] = m[gi][c];
-          }
-        }
+        for (int c = 0; c < 2; ++c) qscales<DT>(blk[gi], j, c, half, d[gi][c], m[gi][c], s[gi][c], o[gi][c]);
         rec[gi] = blk[gi] + F::HDR + (int64_t)j * F::SUB * F::REC;
       }
       const float* xk = x + sb * F::QK + j * F::SUB;
@@ -103,15 +152,7 @@ inline void qtile(const float* x, int64_t K, const uint8_t* g, int64_t gstride, 
 #pragma GCC unroll 2
         for (int gi = 0; gi < G; ++gi)
 #pragma GCC unroll 2
-          for (int c = 0; c < 2; ++c) {
-            const Isa::V qf = Isa::cvt(qdecode<DT>(rec[gi] + kk * F::REC, c, half, lanes));
-            // s * qf is exact in float32 (s has at most 11 + 7 significant bits, q at most 6), so the one
-            // rounding of an FMA equals gguf's rounded product then rounded sum: fma(s, q, o) == (s * q) + o
-            if constexpr (F::Q8) w[gi][c] = Isa::mul(qf, s[gi][c]);  // numpy: x * d
-            else if constexpr (F::FORM == QF_MUL) w[gi][c] = Isa::mul(s[gi][c], qf);
-            else if constexpr (F::FORM == QF_MULADD) w[gi][c] = Isa::fma(s[gi][c], qf, o[gi][c]);
-            else w[gi][c] = Isa::fms(s[gi][c], qf, o[gi][c]);
-          }
+          for (int c = 0; c < 2; ++c) w[gi][c] = qweight<DT>(rec[gi] + kk * F::REC, c, half, lanes, s[gi][c], o[gi][c]);
 #pragma GCC unroll 16
         for (int r = 0; r < R; ++r) {
           const Isa::V xb = Isa::bcast(xk + r * K + kk);
@@ -166,6 +207,17 @@ void run_q(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t ldy, 
   for (int64_t b = 0; b < PREFETCH; b += 64) _mm_prefetch((const char*)(w + col0 / GROUP * gbytes) + b, _MM_HINT_T0);
   constexpr int COLS = 2 * Isa::W;  // columns per pass
   int64_t n0 = col0;
+  if (M > 2 * Isa::QRMAX) {
+    // Many rows (a verify or prefill forward): dequantize each group once into a [K][32] float32 buffer (L2)
+    // and run the float32 tiles over it, rather than once per row tile. Same FMA chains, so the same bits.
+    float* buf = (float*)_mm_malloc(K * GROUP * sizeof(float), 64);
+    for (; n0 < col1; n0 += GROUP) {
+      qdequant_group<DT>(w + n0 / GROUP * gbytes, K, buf);
+      run(x, M, K, buf, nullptr, ldy, y + n0, 0, col1 - n0 < GROUP ? col1 - n0 : GROUP);
+    }
+    _mm_free(buf);
+    return;
+  }
   if constexpr (Isa::W == 16) {  // one or two rows: two groups at a time
     if (M <= 2) {
       for (; n0 + GROUP < col1; n0 += 2 * GROUP) {
