@@ -90,7 +90,7 @@ def _format(model) -> list:
 
 def key(model, backend: str) -> str:
     """A hex digest naming this (machine, model, weight format, backend, code) combination."""
-    device = model.embed.weight.device
+    device = model.rope_cos.device  # (a GGUF embedding kept quantized has no .weight)
     attend = getattr(model, "attend", None)
     blob = repr((machine(device), repr(model.cfg), _format(model), backend, getattr(attend, "__name__", None),
                  str(device), _sources()))
