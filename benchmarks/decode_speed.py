@@ -6,6 +6,9 @@ Prints (and writes benchmarks/out/decode_speed.csv):
   - forward time vs rows T (1..64) after a 150-token context, as a multiple of the 1-row forward;
   - prefill tokens/s of a ~1.5k-token prompt, specedit and transformers.
 
+  - per other weight storage (--also; 'auto' runs a GGUF as stored, e.g. Q4_1): load seconds, resident memory
+    added by the load, decode tokens/s in the same run, tokens compared with the main dtype's.
+
     python benchmarks/decode_speed.py [--model smollm2-135m-instruct] [--dtype float32] [--runs 5]
 """
 
@@ -13,12 +16,20 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
+import os
 import time
 
 import torch
 from common import OUT, machine, med, nofuneval, read_bandwidth, spread, timed, weight_bytes_per_token
 
 import specedit
+
+
+def rss() -> int:
+    """Resident bytes of this process."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def plain_runs(eng, prompt, n, runs):
@@ -47,7 +58,8 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--no-transformers", action="store_true", help="skip the transformers peer")
-    ap.add_argument("--also", default="float16,int8", help="other weight dtypes to time plain decode with")
+    ap.add_argument("--also", default="auto,float16,int8",
+                    help="other weight dtypes to time plain decode with ('auto': a GGUF as stored)")
     args = ap.parse_args()
 
     eng = specedit.load(args.model, dtype=args.dtype)
@@ -101,14 +113,21 @@ def main():
 
     # --- compact weight storage (activations stay float32): fewer bytes per token
     for dtype in filter(None, args.also.split(",")):
+        specedit.load(args.model, dtype=dtype)  # once, so a first-use conversion or tokenizer is not timed
+        gc.collect()
+        rss0, t0 = rss(), time.perf_counter()
         other = specedit.load(args.model, dtype=dtype)
+        load_s, grown = time.perf_counter() - t0, rss() - rss0
         d2, _, p2, b2, r2 = plain_runs(other, prompt, n, args.runs)
         wb = weight_bytes_per_token(other.model)
         same = next((i for i, (a, b) in enumerate(zip(r2.token_ids, result.token_ids)) if a != b), None)
-        print(f"{dtype} weights: decode {spread(d2)} tok/s, {wb / 1e6:.0f} MB per token, {spread(p2)}% of the "
-              f"limit ({med(b2) / 1e9:.1f} GB/s); tokens "
-              f"{'identical to' if same is None else f'first differ at {same} from'} {args.dtype}'s")
-        rows += [(dtype, "decode_tok_s", med(d2)), (dtype, "pct_of_bw_limit", med(p2))]
+        name = f"{dtype} ({other.model.layers[0].mlp.w2.weight_dtype} as stored)" if dtype == "auto" else dtype
+        print(f"{name} weights: decode {spread(d2)} tok/s ({med(d2) / med(dec):.2f}x {args.dtype}), "
+              f"{wb / 1e6:.0f} MB per token, {spread(p2)}% of the limit ({med(b2) / 1e9:.1f} GB/s); tokens "
+              f"{'identical to' if same is None else f'first differ at {same} from'} {args.dtype}'s; "
+              f"load {load_s:.2f} s, resident memory +{grown / 1e6:.0f} MB")
+        rows += [(dtype, "decode_tok_s", med(d2)), (dtype, "pct_of_bw_limit", med(p2)), (dtype, "load_s", load_s),
+                 (dtype, "rss_added_MB", grown / 1e6)]
         del other
 
     # --- forward cost vs rows

@@ -2,9 +2,12 @@
 
 Per case: tokens, tokens/s of plain and speculative decoding (end to end and decode only), speedup, tokens per
 forward, draft acceptance, time to first token, identical or not. Then totals per dataset, and a low-overlap
-control (the prediction is an unrelated file). Writes benchmarks/out/edit_speed.csv.
+control (the prediction is an unrelated file). With several --dtype values (default: float32 and auto, i.e. a
+GGUF run as stored), every case runs on each engine in turn in the same run, and their tokens are compared.
+Writes benchmarks/out/edit_speed.csv.
 
     python benchmarks/edit_speed.py [--short 4] [--long 2] [--model smollm2-135m-instruct] [--cold-cost]
+                                     [--dtype float32,auto]
 
 It starts with the first speculative call of a fresh engine against the same call repeated: the cost model
 that call needs is read from $SPECEDIT_CACHE/cost (measured there once per machine, model and weight format);
@@ -93,7 +96,10 @@ def run_peer(eng, source: str, instr: str, lang: str, plain) -> tuple[int, float
     from transformers import AutoModelForCausalLM
 
     if "model" not in _hf:
-        _hf["model"] = AutoModelForCausalLM.from_pretrained(eng.path, dtype=torch.float32).eval()
+        from specedit.gguf import resolve
+
+        path = eng.path if eng.path.is_dir() else resolve(eng.path)  # a GGUF run as stored: its float32 dir
+        _hf["model"] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompt, _ = prompts.build_edit_prompt(eng.tokenizer, source, instr, lang)
     ids = torch.tensor([eng.encode(prompt)])
     n = len(plain.token_ids)
@@ -109,7 +115,8 @@ def run_peer(eng, source: str, instr: str, lang: str, plain) -> tuple[int, float
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="float32,auto",
+                    help="comma-separated weight dtypes, one engine each ('auto': a GGUF as stored), same run")
     ap.add_argument("--short", type=int, default=4, help="cases from each short dataset")
     ap.add_argument("--long", type=int, default=2, help="cases from each long-file dataset")
     ap.add_argument("--max-long-tokens", type=int, default=2000)
@@ -119,28 +126,34 @@ def main():
                     help="also run transformers generate with prompt lookup (prompt_lookup_num_tokens=10) in this run")
     args = ap.parse_args()
 
-    eng = specedit.load(args.model, dtype=args.dtype)
-    eng.generate("warm up", max_new_tokens=4)
-    print(f"machine: {machine()}\nmodel: {args.model}, {args.dtype}, greedy, batch 1")
+    dtypes = args.dtype.split(",")
+    engines = {}
+    for d in dtypes:
+        engines[d] = specedit.load(args.model, dtype=d)
+        engines[d].generate("warm up", max_new_tokens=4)
+    eng = engines[dtypes[0]]
+    print(f"machine: {machine()}\nmodel: {args.model}, {', '.join(dtypes)}, greedy, batch 1")
     all_cases = list(cases(args.short, args.long, eng.tokenizer, args.max_long_tokens))
     first_call(eng, all_cases[0], args.cold_cost)
-    c = eng.cost_model()
-    print("forward cost vs rows: " + ", ".join(f"T={r}: {s * 1e3:.0f} ms" for r, s in zip(c.rows, c.seconds)))
-    head = (f"{'case':<22}{'tokens':>7}{'plain t/s':>10}{'spec t/s':>9}{'speedup':>8}{'dec x':>7}{'tok/fwd':>8}"
-            f"{'accept':>7}{'ttft s':>7}  same")
+    for d, e in engines.items():
+        c = e.cost_model()
+        print(f"{d}: forward cost vs rows: " + ", ".join(f"T={r}: {s * 1e3:.0f} ms" for r, s in zip(c.rows, c.seconds)))
+    head = (f"{'case':<22}{'dtype':>8}{'tokens':>7}{'plain t/s':>10}{'spec t/s':>9}{'speedup':>8}{'dec x':>7}"
+            f"{'tok/fwd':>8}{'accept':>7}{'ttft s':>7}  same")
     print(head)
     rows, totals = [], {}
+    first_tokens = {}
 
-    def report(label, group, plain, spec):
+    def report(label, group, plain, spec, dtype):
         ps, ss = plain.stats, spec.stats
-        same = plain.token_ids == spec.token_ids
+        same = plain.token_ids == spec.token_ids and first_tokens.setdefault(label, plain.token_ids) == plain.token_ids
         acc = ss.draft_accepted / ss.draft_proposed if ss.draft_proposed else 0.0
-        print(f"{label:<22}{ss.new_tokens:>7}{ps.tokens_per_s:>10.1f}{ss.tokens_per_s:>9.1f}"
+        print(f"{label:<22}{dtype:>8}{ss.new_tokens:>7}{ps.tokens_per_s:>10.1f}{ss.tokens_per_s:>9.1f}"
               f"{ss.tokens_per_s / ps.tokens_per_s:>8.2f}{ss.decode_tokens_per_s / ps.decode_tokens_per_s:>7.2f}"
               f"{ss.tokens_per_forward:>8.2f}{acc:>7.2f}{ss.ttft_s:>7.2f}  {same}", flush=True)
-        rows.append((label, group, ss.new_tokens, ps.tokens_per_s, ss.tokens_per_s, ps.decode_tokens_per_s,
+        rows.append((label, group, dtype, ss.new_tokens, ps.tokens_per_s, ss.tokens_per_s, ps.decode_tokens_per_s,
                      ss.decode_tokens_per_s, ss.tokens_per_forward, acc, ss.ttft_s, same))
-        t = totals.setdefault(group, [0, 0.0, 0.0, 0.0, 0.0, True])
+        t = totals.setdefault((group, dtype), [0, 0.0, 0.0, 0.0, 0.0, True])
         t[0] += ss.new_tokens
         t[1] += ps.prefill_s + ps.decode_s
         t[2] += ss.prefill_s + ss.decode_s
@@ -150,8 +163,9 @@ def main():
 
     peer_rows = []
     for name, i, row in all_cases:
-        plain, spec = run_case(eng, row["source_code"], instruction(name, row), row["pl"])
-        report(f"{name[:15]}[{i}]", "long" if name in LONG else "short", plain, spec)
+        for d, e in engines.items():  # interleaved: the host's speed drifts over minutes
+            plain, spec = run_case(e, row["source_code"], instruction(name, row), row["pl"])
+            report(f"{name[:15]}[{i}]", "long" if name in LONG else "short", plain, spec, d)
         if args.peer:
             peer_rows.append((f"{name[:15]}[{i}]", *run_peer(eng, row["source_code"], instruction(name, row),
                                                               row["pl"], plain)))
@@ -159,17 +173,20 @@ def main():
     # low-overlap control: the prediction is another file, so nearly nothing matches
     name, i, row = all_cases[0]
     other = all_cases[-1][2]["source_code"]
-    plain, spec = run_case(eng, row["source_code"], instruction(name, row), row["pl"], prediction=other)
-    report(f"control:{name[:7]}[{i}]", "control", plain, spec)
+    for d, e in engines.items():
+        plain, spec = run_case(e, row["source_code"], instruction(name, row), row["pl"], prediction=other)
+        report(f"control:{name[:7]}[{i}]", "control", plain, spec, d)
 
-    print(f"\n{'group':<10}{'tokens':>8}{'plain tok/s':>13}{'spec tok/s':>12}{'speedup':>9}{'decode x':>10}  all same")
-    for group, (n, tp, ts, dp, ds, same) in totals.items():
-        print(f"{group:<10}{n:>8}{n / tp:>13.1f}{n / ts:>12.1f}{tp / ts:>9.2f}{dp / ds:>10.2f}  {same}")
+    print(f"\n{'group':<10}{'dtype':>8}{'tokens':>8}{'plain tok/s':>13}{'spec tok/s':>12}{'speedup':>9}"
+          f"{'decode x':>10}  all same")
+    for (group, d), (n, tp, ts, dp, ds, same) in totals.items():
+        print(f"{group:<10}{d:>8}{n:>8}{n / tp:>13.1f}{n / ts:>12.1f}{tp / ts:>9.2f}{dp / ds:>10.2f}  {same}")
 
     if peer_rows:
-        print("\npeer: transformers generate, float32, prompt_lookup_num_tokens=10, same prompts, same run")
+        print(f"\npeer: transformers generate, float32, prompt_lookup_num_tokens=10, same prompts, same run; "
+              f"specedit {dtypes[-1]}")
         print(f"{'case':<22}{'tokens':>7}{'hf lookup tok/s':>16}{'specedit tok/s':>16}  same tokens")
-        ours = {r[0]: r[4] for r in rows}
+        ours = {r[0]: r[5] for r in rows if r[2] == dtypes[-1]}
         for label, n, hf_tps, same in peer_rows:
             print(f"{label:<22}{n:>7}{hf_tps:>16.1f}{ours[label]:>16.1f}  {same}")
         n = sum(r[1] for r in peer_rows)
@@ -180,7 +197,7 @@ def main():
     OUT.mkdir(parents=True, exist_ok=True)
     with open(OUT / "edit_speed.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["case", "group", "tokens", "plain_tok_s", "spec_tok_s", "plain_decode_tok_s",
+        w.writerow(["case", "group", "dtype", "tokens", "plain_tok_s", "spec_tok_s", "plain_decode_tok_s",
                     "spec_decode_tok_s", "tokens_per_forward", "acceptance", "ttft_s", "identical"])
         w.writerows(rows)
     print(f"wrote {OUT / 'edit_speed.csv'}")

@@ -24,11 +24,15 @@ from .weights import load_hf_tensors, parse_dtype, to_runtime_state
 K_MAX = 64  # largest draft verified in one forward
 
 
-def load(path: str | Path, dtype: str = "float32", device: str = "cpu", backend: str = "auto",
+def load(path: str | Path, dtype: str = "auto", device: str = "cpu", backend: str = "auto",
          cpu_kernels: bool | None = None) -> Engine:
     """Load a model: an HF directory (config.json + safetensors), a `.gguf` file, or `smollm2-135m-instruct`.
 
-    dtype: 'float32' | 'bfloat16' | 'float16' | 'int8'. backend: 'auto' (Triton on CUDA; on a CPU the C++
+    dtype: 'auto' | 'float32' | 'bfloat16' | 'float16' | 'int8'. 'auto' runs a GGUF file as stored on the CPU
+    kernels (its quantized tensors stay in their block formats, memory-mapped and repacked once; no conversion,
+    outputs equal the float32 model's on gguf's dequantized weights bit for bit); elsewhere 'auto' is float32,
+    except a GGUF on CUDA, which is dequantized to float16 at load. Any other dtype converts a GGUF once into a
+    cached HF directory (dequantized) and loads that in `dtype`. backend: 'auto' (Triton on CUDA; on a CPU the C++
     kernels when they can be built here, else PyTorch), 'cpu' (the C++ kernels, required), 'torch' (F.linear
     and SDPA) or 'triton' (the Triton kernels; under TRITON_INTERPRET=1 on a CPU). cpu_kernels (CPU only):
     None uses the C++ kernels when they run here, True requires them, False never uses them.
@@ -42,9 +46,19 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu", backend:
     check_load_args(path, dtype, device, backend, cpu_kernels)
     p = Path(path)
     if not p.is_dir():
-        from .gguf import resolve  # GGUF files and named models convert once into a cache directory
+        from .gguf import gguf_file, read_native, resolve, tokenizer_dir
 
-        p = resolve(path)
+        file = gguf_file(path)
+        if dtype == "auto":  # as stored on the CPU kernels; else dequantized (float16 on CUDA, float32 elsewhere)
+            config, tensors = read_native(file)
+            cfg = ModelConfig.from_hf(config, file)
+            be = select(device, backend, cpu_kernels, cfg, "float32")
+            if be.name == "cpu":
+                return _load_native(file, cfg, be, tensors, tokenizer_dir(file))
+            dtype = "float16" if be.device.type == "cuda" else "float32"
+        p = resolve(file)  # converted once into a cache directory
+    if dtype == "auto":
+        dtype = "float32"
     cfg = ModelConfig.from_hf_dir(p)
     be = select(device, backend, cpu_kernels, cfg, dtype)
     state = to_runtime_state(load_hf_tensors(p, cfg, be.param_dtype), cfg)
@@ -67,11 +81,29 @@ def check_load_args(path, dtype, device, backend, cpu_kernels) -> None:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike (an HF directory, a .gguf file or a model name), "
                         f"got {type(path).__name__}")
-    if dtype not in ("int8", torch.int8):
+    if dtype not in ("auto", "int8", torch.int8):
         parse_dtype(dtype)
     checks.device(device)
     checks.choice("backend", backend, CHOICES)
     checks.cpu_kernels(cpu_kernels)
+
+
+def _load_native(file: Path, cfg: ModelConfig, be: Backend, tensors, tok_dir: Path | None) -> Engine:
+    """A GGUF file's tensors as stored on the CPU kernels (backends.cpu.load_native)."""
+    from .backends.cpu import load_native
+
+    with torch.device("meta"):
+        model = Transformer(cfg, be.attend)
+    model.setup_rope(be.device, torch.float32)
+    load_native(model, tensors)
+    del tensors  # the last views of the memory-mapped file: its pages leave the process
+    model.eval().requires_grad_(False)
+    tokenizer = None
+    if tok_dir is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    return Engine(model, tokenizer, be, file)
 
 
 class Engine:

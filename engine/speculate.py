@@ -64,7 +64,7 @@ class CostModel:
                 reps=3) -> CostModel:
         """Time forwards of T rows after a `prefix`-token context: one warmup per T, then `reps` rounds that
         each time every T once (a burst of load from elsewhere hits all T alike), min per T."""
-        device = model.embed.weight.device
+        device = model.rope_cos.device
         cache = make_cache(prefix + max(rows))
         model(torch.zeros(1, prefix, dtype=torch.long, device=device), cache)
         xs = [torch.zeros(1, t, dtype=torch.long, device=device) for t in rows]

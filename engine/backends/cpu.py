@@ -4,11 +4,12 @@ streams the weights once and a verify row equals the 1-row step bit for bit."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..cache import KVCache
 from ..kernels.cpu.attention import attention
-from ..kernels.cpu.linear import PackedLinear
+from ..kernels.cpu.linear import GGUF_FORMATS, GGUFEmbedding, PackedLinear
 from ..kernels.cpu.stack import DecoderStack, LayerWeights, StackDims
 
 
@@ -47,6 +48,10 @@ def pack_model(model, weight_dtype: torch.dtype) -> None:
         lin = getattr(owner, name)
         delattr(owner, name)
         setattr(owner, name, PackedLinear(lin.weight, lin.bias, weight_dtype))
+    _fuse(model)
+
+
+def _fuse(model) -> None:
     layers = [
         LayerWeights(
             blk.attn_norm.weight, None if blk.attn.q_norm is None else blk.attn.q_norm.weight,
@@ -56,3 +61,90 @@ def pack_model(model, weight_dtype: torch.dtype) -> None:
         for blk in model.layers
     ]
     model.fused_layers = FusedLayers(DecoderStack(layers, model.rope_cos, model.rope_sin, stack_dims(model.cfg)))
+
+
+def _float32(a: np.ndarray, fmt: str) -> torch.Tensor:
+    """A float tensor of a GGUF file as a float32 torch tensor of its own (exact: widening only)."""
+    if fmt == "bfloat16":
+        return torch.from_numpy(np.array(a, dtype=np.uint16).astype(np.int32) << 16).view(torch.float32)
+    return torch.from_numpy(np.array(a, dtype=np.float32))
+
+
+def _part(name: str, tensors) -> tuple[str, torch.Tensor]:
+    fmt, a = tensors[name]
+    if fmt in GGUF_FORMATS:
+        return fmt, torch.from_numpy(a)  # raw blocks: repacked (copied) at once, the view is not kept
+    if fmt == "bfloat16":
+        return fmt, _float32(a, fmt)  # packed back to bfloat16 (exact)
+    return fmt, torch.from_numpy(np.asarray(a))
+
+
+def load_native(model, tensors: dict[str, tuple[str, np.ndarray]]) -> None:
+    """Fill a Transformer built on the meta device from GGUF tensors as stored (HF names -> (format, data), see
+    specedit.gguf.read_native): linears packed in their own formats (a fused q/k/v or gate/up keeps one part
+    per tensor type), the token embedding kept quantized (rows dequantized on lookup; a tied lm_head shares its
+    bytes), norms and biases in float32; then the blocks are fused. Nothing keeps a view of the file.
+
+    Strict like weights.load_hf_tensors: missing, unexpected and wrongly shaped tensors are listed."""
+    from ..weights import expected_shapes
+
+    cfg = model.cfg
+    want = expected_shapes(cfg)
+    shape = {n: tuple(a.shape if f not in GGUF_FORMATS else (a.shape[0], _cols(a, f))) for n, (f, a) in tensors.items()}
+    missing = [n for n in want if n not in tensors]
+    unexpected = [n for n in tensors if n not in want]
+    wrong = [f"{n}: {shape[n]}, expected {want[n]}" for n in want if n in tensors and shape[n] != want[n]]
+    problems = [f"{label}: {', '.join(items[:8])}" for label, items in
+                (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
+    if problems:
+        raise ValueError(f"GGUF tensors do not match the {cfg.architecture} config: " + "; ".join(problems))
+
+    norms = {"norm.weight": "model.norm.weight"}
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        norms[f"layers.{i}.attn_norm.weight"] = p + "input_layernorm.weight"
+        norms[f"layers.{i}.mlp_norm.weight"] = p + "post_attention_layernorm.weight"
+        if cfg.qk_norm:
+            norms[f"layers.{i}.attn.q_norm.weight"] = p + "self_attn.q_norm.weight"
+            norms[f"layers.{i}.attn.k_norm.weight"] = p + "self_attn.k_norm.weight"
+    model.load_state_dict({k: _float32(*tensors[v][::-1]) for k, v in norms.items()}, strict=False, assign=True)
+
+    def bias(names):
+        if not all(n in tensors for n in names):
+            return None
+        return torch.cat([_float32(*tensors[n][::-1]) for n in names])
+
+    def linear(names, k, bias_names=None):
+        return PackedLinear.from_parts([_part(n, tensors) for n in names], k, bias(bias_names) if bias_names else None)
+
+    for i, blk in enumerate(model.layers):
+        a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        qkv = [a + x + "_proj.weight" for x in "qkv"]
+        del blk.attn.wqkv, blk.attn.wo, blk.mlp.w13, blk.mlp.w2
+        blk.attn.wqkv = linear(qkv, cfg.dim, [n.replace("weight", "bias") for n in qkv] if cfg.qkv_bias else None)
+        o_bias = [a + "o_proj.bias"] if cfg.o_bias else None
+        blk.attn.wo = linear([a + "o_proj.weight"], cfg.n_heads * cfg.head_dim, o_bias)
+        blk.mlp.w13 = linear([m + "gate_proj.weight", m + "up_proj.weight"], cfg.dim)
+        blk.mlp.w2 = linear([m + "down_proj.weight"], cfg.intermediate_size)
+
+    fmt, emb = tensors["model.embed_tokens.weight"]
+    del model.embed, model.lm_head
+    if fmt in GGUF_FORMATS:
+        model.embed = GGUFEmbedding(torch.from_numpy(emb), fmt, cfg.dim)
+        model.lm_head = model.embed.as_linear() if cfg.tie_embeddings else None
+    else:
+        model.embed = torch.nn.Embedding.from_pretrained(_float32(emb, fmt), freeze=True)
+        model.lm_head = linear(["model.embed_tokens.weight"], cfg.dim) if cfg.tie_embeddings else None
+    if model.lm_head is None:
+        model.lm_head = linear(["lm_head.weight"], cfg.dim)
+    meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    assert not meta, f"left on the meta device: {meta}"
+    _fuse(model)
+
+
+def _cols(raw: np.ndarray, fmt: str) -> int:
+    """Columns (K) of a GGUF block tensor from its row bytes."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[fmt.upper()]]
+    return raw.shape[1] // size * block

@@ -29,6 +29,7 @@ SOURCES = (
     "decoder.cpp",
     "linear_avx2.cpp",
     "linear_avx512.cpp",
+    "quant.cpp",
     "attention.cpp",
     "attention_avx2.cpp",
     "attention_avx512.cpp",

@@ -13,6 +13,13 @@ so a row's bits do not depend on M, on the thread count, or on AVX2 vs AVX-512 (
 
     w = PackedLinear(weight, bias, torch.float16)   # weight [N, K], once at load time
     y = w(x)                                        # x [..., K] float32 -> y [..., N] float32
+
+GGUF's block-quantized formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) run as stored: their bytes are
+repacked once (pack_gguf; 32 output columns side by side, csrc/quant.h) and each block is dequantized in
+registers to exactly the float32 values `gguf.quants.dequantize` gives, then fed to the same FMA chain, so the
+output equals the float32 kernel's on the dequantized weight bit for bit:
+
+    w = PackedLinear.from_parts([("q4_1", raw_q), ("q6_k", raw_v)], k=576)  # raw: GGUF rows [n, bytes]
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ import torch
 from . import build
 
 GROUP = 32  # output columns per kernel group; N is padded to a multiple of it
+GGUF_FORMATS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")  # run as stored
+FLOAT_FORMATS = ("float32", "float16", "bfloat16")
 _HUGE_PAGE = 2 << 20
 _CHUNK = 64 << 20
 _linear_fn = None  # the extension's linear once loaded: the per-call fast path skips build.load()
@@ -37,6 +46,15 @@ def dtype_code(dtype: torch.dtype) -> int:
     if not isinstance(dtype, torch.dtype) or name not in table:
         raise ValueError(f"cpu linear: weight dtype must be one of {', '.join(table)}, got {dtype}")
     return table[name]
+
+
+def format_code(fmt: str) -> int:
+    """The extension's code for a storage format name: a torch float dtype name, 'int8', or a GGUF block
+    format (GGUF_FORMATS, lower case). ValueError names the supported ones."""
+    table = build.codes()[0]
+    if not isinstance(fmt, str) or fmt not in table:
+        raise ValueError(f"cpu linear: storage format must be one of {', '.join(table)}, got {fmt!r}")
+    return table[fmt]
 
 
 def map_huge(nbytes: int) -> torch.Tensor:
@@ -110,6 +128,23 @@ def pack_weight(weight: torch.Tensor, dtype: torch.dtype = torch.float16) -> tor
     return out.view({1: torch.int8, 2: torch.int16, 4: torch.int32}[dtype.itemsize])
 
 
+def pack_gguf(raw: torch.Tensor, fmt: str, k: int) -> torch.Tensor:
+    """GGUF blocks of a weight [N, K] -> the kernel's layout (csrc/quant.h), as uint8 bytes in huge pages.
+
+    raw: uint8 [N, K / block * block_bytes] (GGUF rows, e.g. a memory-mapped tensor's data); fmt: one of
+    GGUF_FORMATS. The bytes are only moved (scales and quants are kept as stored), at GGUF's size (Q4_K, Q5_K:
+    +1/8 bit per weight)."""
+    code = format_code(fmt)
+    if fmt not in GGUF_FORMATS:
+        raise ValueError(f"cpu linear: pack_gguf takes a GGUF block format ({', '.join(GGUF_FORMATS)}), got {fmt!r}")
+    if not isinstance(raw, torch.Tensor) or raw.dim() != 2 or raw.dtype != torch.uint8:
+        raise ValueError(f"cpu linear: GGUF blocks must be a uint8 [N, row bytes] tensor, got {_describe(raw)}")
+    ext = build.load()
+    out = _arena.alloc(ext.packed_nbytes(raw.shape[0], k, code))
+    ext.repack(raw.contiguous(), raw.shape[0], k, code, out)
+    return out
+
+
 def _describe(x) -> str:
     return f"{x.dtype} {tuple(x.shape)} on {x.device}" if isinstance(x, torch.Tensor) else type(x).__name__
 
@@ -119,33 +154,86 @@ class PackedLinear:
 
     weight: [N, K]; bias: [N] or None (kept in float32, added after the product); dtype: storage of the
     weight (float32, float16 or bfloat16, or int8: quantize_int8's q and a float32 scale per output column,
-    applied to the finished sum); products are accumulated in float32.
+    applied to the finished sum); products are accumulated in float32. `from_parts` builds one from GGUF
+    blocks (and float parts), e.g. a fused q/k/v whose tensors have different types.
     Calling it: x [..., K] float32 on the CPU -> y [..., N] float32. Row i of a call over M rows equals
     bit for bit the call over that row alone, for any M and thread count.
     A plain class, not an nn.Module: calls cost ~1 us of Python, and nothing can cast the packed bytes.
     """
 
-    __slots__ = ("bias", "code", "in_features", "out_features", "packed", "scale", "weight_dtype")
+    __slots__ = ("bias", "in_features", "out_features", "parts", "weight_dtype")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float16):
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise ValueError(f"cpu linear: weight must be a [N, K] tensor, got {_describe(weight)}")
         self.out_features, self.in_features = weight.shape
         self.weight_dtype = dtype
-        self.code = dtype_code(dtype)
-        self.scale = None  # [N] float32 for int8 weights
+        code = dtype_code(dtype)
+        scale = None  # [N] float32 for int8 weights
         if dtype == torch.int8:
-            weight, self.scale = quantize_int8(weight)
-        self.packed = pack_weight(weight, dtype)
+            weight, scale = quantize_int8(weight)
+        # parts: (packed bytes, columns, format code, int8 scale or None), as the extension takes them
+        self.parts = [(pack_weight(weight, dtype), self.out_features, code, scale)]
+        self._set_bias(bias)
+
+    @classmethod
+    def from_parts(cls, parts: list[tuple[str, torch.Tensor]], k: int, bias: torch.Tensor | None = None):
+        """A linear whose output columns are `parts` in order, each (format, data): a GGUF block format
+        (GGUF_FORMATS) with data its raw blocks uint8 [n, row bytes] (see pack_gguf), or a float format
+        (FLOAT_FORMATS) with data a float tensor [n, k] stored in that format. k: input features."""
+        self = cls.__new__(cls)
+        self.in_features, self.out_features = k, 0
+        self.parts = []
+        for fmt, data in parts:
+            if fmt in GGUF_FORMATS:
+                packed = pack_gguf(data, fmt, k)
+            elif fmt in FLOAT_FORMATS:
+                if not isinstance(data, torch.Tensor) or tuple(data.shape[1:]) != (k,):
+                    raise ValueError(f"cpu linear: a {fmt} part must be a [n, {k}] tensor, got {_describe(data)}")
+                packed = pack_weight(data, getattr(torch, fmt))
+            else:
+                raise ValueError(f"cpu linear: part format must be one of {GGUF_FORMATS + FLOAT_FORMATS}, got {fmt!r}")
+            self.parts.append((packed, data.shape[0], format_code(fmt), None))
+            self.out_features += data.shape[0]
+        fmts = sorted({fmt for fmt, _ in parts})
+        self.weight_dtype = fmts[0] if len(fmts) == 1 else "+".join(fmts)
+        self._set_bias(bias)
+        return self
+
+    def _set_bias(self, bias):
         if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (self.out_features,)):
             raise ValueError(f"cpu linear: bias must be a [{self.out_features}] tensor, got {_describe(bias)}")
         self.bias = None if bias is None else bias.detach().to("cpu", torch.float32).contiguous()
 
     @property
+    def packed(self) -> torch.Tensor:
+        """The packed bytes of a single-part weight."""
+        assert len(self.parts) == 1, "a multi-part weight has one packed tensor per part"
+        return self.parts[0][0]
+
+    @property
+    def code(self) -> int:
+        """The format code of a single-part weight."""
+        assert len(self.parts) == 1, "a multi-part weight has one format code per part"
+        return self.parts[0][2]
+
+    @property
+    def scale(self) -> torch.Tensor | None:
+        return self.parts[0][3] if len(self.parts) == 1 else None
+
+    @property
     def weight_bytes(self) -> int:
         """Bytes of weight one call reads (without the padding to 32 columns), int8 scales included."""
-        scales = 0 if self.scale is None else self.scale.numel() * 4
-        return self.out_features * self.in_features * self.packed.element_size() + scales
+        total = 0
+        for packed, n, _, scale in self.parts:
+            padded = -(-n // GROUP) * GROUP
+            total += packed.numel() * packed.element_size() * n // max(padded, 1)
+            total += 0 if scale is None else scale.numel() * 4
+        return total
+
+    def spec(self) -> tuple[list, torch.Tensor | None]:
+        """(parts, bias) as the extension's linear and Stack take them."""
+        return self.parts, self.bias
 
     def __call__(self, x: torch.Tensor, isa: str | None = None) -> torch.Tensor:
         global _linear_fn
@@ -153,12 +241,11 @@ class PackedLinear:
         if fn is None:
             fn = _linear_fn = build.load().linear
         if isa is None and type(x) is torch.Tensor and x.dim() == 2:  # the hot path: C++ checks dtype, device, K
-            return fn(x, self.packed, self.out_features, self.in_features, self.code, self.bias, self.scale, 0)
+            return fn(x, self.parts, self.in_features, self.bias, 0)
         code = build.isa_code(isa)
         if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"cpu linear: x must be a [..., {self.in_features}] tensor, got {_describe(x)}")
-        y = fn(x.reshape(-1, self.in_features), self.packed, self.out_features, self.in_features, self.code,
-               self.bias, self.scale, code)
+        y = fn(x.reshape(-1, self.in_features), self.parts, self.in_features, self.bias, code)
         return y.view(*x.shape[:-1], self.out_features)
 
     def __repr__(self) -> str:
@@ -166,6 +253,34 @@ class PackedLinear:
             f"PackedLinear(in_features={self.in_features}, out_features={self.out_features}, "
             f"dtype={self.weight_dtype}, bias={self.bias is not None})"
         )
+
+
+class GGUFEmbedding(torch.nn.Module):
+    """A token embedding kept in a GGUF block format: rows gathered and dequantized on lookup to exactly the
+    float32 values gguf's dequantize gives. Its packed bytes can be shared with a tied lm_head
+    (PackedLinear.from_parts on the same table: `as_linear`).
+
+    weight: the table's raw blocks uint8 [V, row bytes]; fmt: a GGUF_FORMATS name; dim: the embedding width."""
+
+    def __init__(self, raw: torch.Tensor, fmt: str, dim: int):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.fmt = raw.shape[0], dim, fmt
+        self.code = format_code(fmt)
+        self.packed = pack_gguf(raw, fmt, dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [...] int -> [..., dim] float32."""
+        rows = build.load().dequant_cols(self.packed, self.num_embeddings, self.embedding_dim, self.code,
+                                         tokens.reshape(-1))
+        return rows.view(*tokens.shape, self.embedding_dim)
+
+    def as_linear(self) -> PackedLinear:
+        """lm_head = this table (tied embeddings), sharing the packed bytes."""
+        lin = PackedLinear.__new__(PackedLinear)
+        lin.in_features, lin.out_features, lin.weight_dtype, lin.bias = (self.embedding_dim, self.num_embeddings,
+                                                                          self.fmt, None)
+        lin.parts = [(self.packed, self.num_embeddings, self.code, None)]
+        return lin
 
 
 def stored_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

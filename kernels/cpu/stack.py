@@ -38,7 +38,7 @@ class StackDims:
 class LayerWeights:
     """One decoder block: float32 norm weights ([dim], q/k norms [head_dim] or None) and packed linears
     (qkv [(H + 2 H_kv) D, dim] with q, k, v rows in that order; o [dim, H D]; gate_up [2 I, dim] with the
-    gate rows first; down [dim, I]), all in one storage dtype."""
+    gate rows first; down [dim, I]), each in its own storage format (parts of a GGUF file may differ)."""
 
     attn_norm: torch.Tensor
     q_norm: torch.Tensor | None
@@ -66,18 +66,14 @@ class DecoderStack:
         why = unsupported_reason(dims)
         if why is not None:
             raise ValueError(f"cpu stack: cannot run this model: {why}")
-        codes = {lw.qkv.code for lw in layers}
-        if len(codes) != 1:
-            raise ValueError("cpu stack: every packed weight must have the same storage dtype")
-        tensors = []
+        specs = []
         for lw in layers:
-            norms = [lw.attn_norm, lw.q_norm, lw.k_norm, lw.mlp_norm]
-            linears = [t for lin in (lw.qkv, lw.o, lw.gate_up, lw.down) for t in (lin.packed, lin.bias, lin.scale)]
-            tensors.append([None if t is None else t.detach() for t in norms] + linears)
+            norms = [None if t is None else t.detach() for t in (lw.attn_norm, lw.q_norm, lw.k_norm, lw.mlp_norm)]
+            specs.append((norms, [lin.spec() for lin in (lw.qkv, lw.o, lw.gate_up, lw.down)]))
         self.n_layers = len(layers)
         self._stack = build.load().Stack(
-            tensors, rope_cos, rope_sin, dims.dim, dims.n_heads, dims.n_kv_heads, dims.head_dim,
-            dims.intermediate_size, dims.norm_eps, dims.head_dim**-0.5, dims.sliding_window or 0, codes.pop(),
+            specs, rope_cos, rope_sin, dims.dim, dims.n_heads, dims.n_kv_heads, dims.head_dim,
+            dims.intermediate_size, dims.norm_eps, dims.head_dim**-0.5, dims.sliding_window or 0,
         )
 
     def __call__(self, x: torch.Tensor, cache: torch.Tensor, starts: list[int], counts: list[int] | None = None,

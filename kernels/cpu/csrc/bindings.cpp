@@ -7,6 +7,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include "decoder.h"
+#include "quant.h"
 
 using specedit_cpu::ISA_AUTO;
 using specedit_cpu::ISA_AVX2;
@@ -31,45 +32,103 @@ static int64_t resolve_isa(int64_t isa, const char* what) {
   return isa;
 }
 
-// A packed weight (the integer view made by pack_weight() for an [N, K] weight, in a WeightDtype), its bias
-// [N] float32 or None and, for W_I8, its scale [N] float32: checked and kept as pointers. `what` names the
-// weight in error messages.
-static specedit_cpu::Packed to_packed(const at::Tensor& packed, int64_t N, int64_t K, int64_t dtype,
-                                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
-                                      const std::string& what) {
+// One part of a packed weight from Python: (packed bytes, N, dtype code, scale [N] float32 or None).
+using PartSpec = std::tuple<at::Tensor, int64_t, int64_t, std::optional<at::Tensor>>;
+
+// Bytes of a packed part of N columns over K in a WeightDtype; ValueError when K does not fit its blocks.
+static int64_t packed_nbytes(int64_t N, int64_t K, int64_t dtype, const std::string& what) {
   using namespace specedit_cpu;
   TORCH_CHECK_VALUE(dtype >= 0 && dtype < W_NUM_DTYPES, what, ": unknown weight dtype code ", dtype);
-  const int64_t bytes = (N + 31) / 32 * 32 * K * (dtype == W_F32 ? 4 : dtype == W_I8 ? 1 : 2);
-  TORCH_CHECK_VALUE(packed.device().is_cpu() && packed.is_contiguous() && (int64_t)packed.nbytes() == bytes,
-                    what, ": packed weight must be a contiguous CPU tensor of ", bytes, " bytes for N=", N,
-                    " K=", K, " dtype code ", dtype, ", got ", packed.nbytes(), " bytes on ", packed.device());
-  auto vec = [&](const std::optional<at::Tensor>& t, const char* name) -> const float* {
+  TORCH_CHECK_VALUE(N >= 0 && K >= 0, what, ": bad shape N=", N, " K=", K);
+  const int64_t groups = (N + 31) / 32;
+  if (dtype >= W_Q8_0) {
+    TORCH_CHECK_VALUE(K % QK_OF[dtype] == 0, what, ": K=", K, " is not a multiple of the block size ",
+                      QK_OF[dtype], " of dtype code ", dtype);
+    return groups * (K / QK_OF[dtype]) * PACKED_BYTES_OF[dtype];
+  }
+  return groups * 32 * K * (dtype == W_F32 ? 4 : dtype == W_I8 ? 1 : 2);
+}
+
+// A packed weight: its parts (pack_weight()'s integer views or repack()'s bytes; their N add up to the
+// weight's), K, its bias [N] float32 or None: checked and kept as pointers. `what` names the weight in errors.
+static specedit_cpu::Packed to_packed(const std::vector<PartSpec>& parts, int64_t K,
+                                      const std::optional<at::Tensor>& bias, const std::string& what) {
+  using namespace specedit_cpu;
+  TORCH_CHECK_VALUE(!parts.empty() && (int)parts.size() <= MAX_PARTS, what, ": ", parts.size(),
+                    " parts, expected 1 to ", MAX_PARTS);
+  Packed w{};
+  w.K = K;
+  auto vec = [&](const std::optional<at::Tensor>& t, int64_t n, const char* name) -> const float* {
     if (!t.has_value() || !t->defined()) return nullptr;
     TORCH_CHECK_VALUE(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
-                          t->numel() == N,
-                      what, ": ", name, " must be a contiguous float32 [", N, "] on the CPU, got ",
+                          t->numel() == n,
+                      what, ": ", name, " must be a contiguous float32 [", n, "] on the CPU, got ",
                       t->scalar_type(), " ", t->sizes());
     return t->data_ptr<float>();
   };
-  const float* sc = vec(scale, "scale");
-  TORCH_CHECK_VALUE((dtype == W_I8) == (sc != nullptr), what, ": int8 weights (and only they) need a scale");
-  return {packed.data_ptr(), N, K, (int)dtype, vec(bias, "bias"), sc};
+  for (const auto& [packed, N, dtype, scale] : parts) {
+    const int64_t bytes = packed_nbytes(N, K, dtype, what);
+    TORCH_CHECK_VALUE(packed.device().is_cpu() && packed.is_contiguous() && (int64_t)packed.nbytes() == bytes,
+                      what, ": packed weight must be a contiguous CPU tensor of ", bytes, " bytes for N=", N,
+                      " K=", K, " dtype code ", dtype, ", got ", packed.nbytes(), " bytes on ", packed.device());
+    const float* sc = vec(scale, N, "scale");
+    TORCH_CHECK_VALUE((dtype == W_I8) == (sc != nullptr), what, ": int8 weights (and only they) need a scale");
+    w.part[w.nparts++] = {packed.data_ptr(), N, (int)dtype, sc};
+    w.N += N;
+  }
+  w.bias = vec(bias, w.N, "bias");
+  return w;
 }
 
 // x [M, K] float32; the weight as in to_packed(); isa an IsaCode.
 // Returns y [M, N] float32.
-static at::Tensor linear(const at::Tensor& x_, const at::Tensor& packed, int64_t N, int64_t K, int64_t dtype,
-                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
-                         int64_t isa) {
+static at::Tensor linear(const at::Tensor& x_, const std::vector<PartSpec>& parts, int64_t K,
+                         const std::optional<at::Tensor>& bias, int64_t isa) {
   TORCH_CHECK_VALUE(x_.device().is_cpu(), "cpu linear: x must be on the CPU, got ", x_.device());
   TORCH_CHECK_VALUE(x_.scalar_type() == at::kFloat, "cpu linear: x must be float32, got ", x_.scalar_type());
   TORCH_CHECK_VALUE(x_.dim() == 2 && x_.size(1) == K, "cpu linear: x must be [M, ", K, "], got ", x_.sizes());
-  const specedit_cpu::Packed w = to_packed(packed, N, K, dtype, bias, scale, "cpu linear");
+  const specedit_cpu::Packed w = to_packed(parts, K, bias, "cpu linear");
   isa = resolve_isa(isa, "cpu linear");
   const at::Tensor x = x_.contiguous();
-  auto y = at::empty({x.size(0), N}, x.options());
+  auto y = at::empty({x.size(0), w.N}, x.options());
   specedit_cpu::linear_run(x.data_ptr<float>(), x.size(0), w, y.data_ptr<float>(), isa);
   return y;
+}
+
+// raw: the GGUF tensor's bytes [N rows of K / QK blocks] (uint8, contiguous); out: uint8 of
+// packed_nbytes(N, K, dtype) bytes, filled with the repacked layout (quant.h). dtype: W_Q8_0 .. W_Q6_K.
+static void repack(const at::Tensor& raw, int64_t N, int64_t K, int64_t dtype, const at::Tensor& out) {
+  using namespace specedit_cpu;
+  TORCH_CHECK_VALUE(dtype >= W_Q8_0 && dtype < W_NUM_DTYPES, "repack: dtype code ", dtype,
+                    " is not a GGUF block format");
+  const int64_t nbytes = packed_nbytes(N, K, dtype, "repack");
+  TORCH_CHECK_VALUE(raw.device().is_cpu() && raw.scalar_type() == at::kByte && raw.is_contiguous() &&
+                        (int64_t)raw.nbytes() == N * (K / QK_OF[dtype]) * GGUF_BYTES_OF[dtype],
+                    "repack: raw must be contiguous uint8 of ", N * (K / QK_OF[dtype]) * GGUF_BYTES_OF[dtype],
+                    " bytes for N=", N, " K=", K, ", got ", raw.scalar_type(), " of ", raw.nbytes(), " bytes");
+  TORCH_CHECK_VALUE(out.device().is_cpu() && out.scalar_type() == at::kByte && out.is_contiguous() &&
+                        (int64_t)out.nbytes() == nbytes,
+                    "repack: out must be contiguous uint8 of ", nbytes, " bytes, got ", out.nbytes());
+  const uint8_t* src = raw.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, (N + 31) / 32, 16, [&](int64_t g0, int64_t g1) { specedit_cpu::repack(src, N, K, dtype, dst, g0, g1); });
+}
+
+// Columns `cols` (int64, each in [0, N)) of a repacked weight -> [len(cols), K] float32 (embedding rows).
+static at::Tensor dequant_cols(const at::Tensor& packed, int64_t N, int64_t K, int64_t dtype, const at::Tensor& cols_) {
+  using namespace specedit_cpu;
+  TORCH_CHECK_VALUE(dtype >= W_Q8_0 && dtype < W_NUM_DTYPES, "dequant: dtype code ", dtype,
+                    " is not a GGUF block format");
+  const int64_t nbytes = packed_nbytes(N, K, dtype, "dequant");
+  TORCH_CHECK_VALUE(packed.device().is_cpu() && packed.is_contiguous() && (int64_t)packed.nbytes() == nbytes,
+                    "dequant: packed must be a contiguous CPU tensor of ", nbytes, " bytes, got ", packed.nbytes());
+  const at::Tensor cols = cols_.to(at::kLong).contiguous();
+  const int64_t* c = cols.data_ptr<int64_t>();
+  for (int64_t i = 0; i < cols.numel(); ++i)
+    TORCH_CHECK_VALUE(c[i] >= 0 && c[i] < N, "dequant: index ", c[i], " outside [0, ", N, ")");
+  at::Tensor out = at::empty({cols.numel(), K}, at::TensorOptions().dtype(at::kFloat));
+  specedit_cpu::dequant_cols((const uint8_t*)packed.data_ptr(), K, (int)dtype, c, cols.numel(), out.data_ptr<float>());
+  return out;
 }
 
 // q [B, T, H, D] float32 (d contiguous, else copied); k, v [B, Hkv, S, D] float32 views (d contiguous,
@@ -116,15 +175,19 @@ static at::Tensor attention(const at::Tensor& q_, const at::Tensor& k, const at:
   return out;
 }
 
+// A linear layer from Python: (parts, bias or None), see to_packed().
+using LinearSpec = std::tuple<std::vector<PartSpec>, std::optional<at::Tensor>>;
+// One decoder layer from Python: 4 norms (attn_norm [dim], q_norm [D] or None, k_norm [D] or None, mlp_norm
+// [dim]) and 4 linears (qkv, o, gate_up, down), each in its own dtypes.
+using LayerSpec = std::tuple<std::vector<std::optional<at::Tensor>>, std::vector<LinearSpec>>;
+
 // The decoder stack of a model, built once from its tensors (kept alive here); forward() runs every layer
-// in one call (decoder.cpp). Per layer, 16 tensors in order: attn_norm [dim], q_norm [D] or None, k_norm [D]
-// or None, mlp_norm [dim], then (packed, bias or None, scale or None) for qkv, o, gate_up and down. Packed
-// weights are the integer views of pack_weight(), all in the same dtype code.
+// in one call (decoder.cpp).
 class Stack {
  public:
-  Stack(const std::vector<std::vector<std::optional<at::Tensor>>>& layers, const at::Tensor& cos,
+  Stack(const std::vector<LayerSpec>& layers, const at::Tensor& cos,
         const at::Tensor& sin, int64_t dim, int64_t H, int64_t Hkv, int64_t D, int64_t I, double eps,
-        double scale, int64_t window, int64_t dtype) {
+        double scale, int64_t window) {
     TORCH_CHECK_VALUE(dim > 0 && H > 0 && Hkv > 0 && H % Hkv == 0 && I > 0,
                       "cpu stack: bad dims dim=", dim, " H=", H, " Hkv=", Hkv, " I=", I);
     TORCH_CHECK_VALUE(D > 0 && D % 16 == 0 && D <= 512, "cpu stack: head dim must be a multiple of 16 up to 512, got ", D);
@@ -139,10 +202,19 @@ class Stack {
     max_pos_ = cos.size(0);
     const int64_t nqkv = (H + 2 * Hkv) * D;
     for (size_t l = 0; l < layers.size(); ++l) {
-      const auto& t = layers[l];
-      TORCH_CHECK_VALUE(t.size() == 16, "cpu stack: layer ", l, " has ", t.size(), " tensors, expected 16");
+      const auto& t = std::get<0>(layers[l]);
+      const auto& lin = std::get<1>(layers[l]);
+      TORCH_CHECK_VALUE(t.size() == 4 && lin.size() == 4, "cpu stack: layer ", l, " has ", t.size(), " norms and ",
+                        lin.size(), " linears, expected 4 and 4");
       for (const auto& x : t)
         if (x.has_value() && x->defined()) keep_.push_back(*x);
+      for (const auto& [parts, bias] : lin) {
+        for (const auto& p : parts) {
+          keep_.push_back(std::get<0>(p));
+          if (std::get<3>(p).has_value() && std::get<3>(p)->defined()) keep_.push_back(*std::get<3>(p));
+        }
+        if (bias.has_value() && bias->defined()) keep_.push_back(*bias);
+      }
       auto norm = [&](int i, int64_t n, bool optional) -> const float* {
         if (!t[i].has_value() || !t[i]->defined()) {
           TORCH_CHECK_VALUE(optional, "cpu stack: layer ", l, " norm ", i, " is missing");
@@ -156,18 +228,19 @@ class Stack {
       };
       auto linear = [&](int i, int64_t N, int64_t K, const char* name) {
         const std::string what = "cpu stack: layer " + std::to_string(l) + " " + name;
-        TORCH_CHECK_VALUE(t[i].has_value() && t[i]->defined(), what, " weight is missing");
-        return to_packed(*t[i], N, K, dtype, t[i + 1], t[i + 2], what);
+        specedit_cpu::Packed w = to_packed(std::get<0>(lin[i]), K, std::get<1>(lin[i]), what);
+        TORCH_CHECK_VALUE(w.N == N, what, ": ", w.N, " output columns, expected ", N);
+        return w;
       };
       specedit_cpu::Layer L{};
       L.attn_norm = norm(0, dim, false);
       L.q_norm = norm(1, D, true);
       L.k_norm = norm(2, D, true);
       L.mlp_norm = norm(3, dim, false);
-      L.qkv = linear(4, nqkv, dim, "qkv");
-      L.o = linear(7, dim, H * D, "o");
-      L.gate_up = linear(10, 2 * I, dim, "gate_up");
-      L.down = linear(13, dim, I, "down");
+      L.qkv = linear(0, nqkv, dim, "qkv");
+      L.o = linear(1, dim, H * D, "o");
+      L.gate_up = linear(2, 2 * I, dim, "gate_up");
+      L.down = linear(3, dim, I, "down");
       layers_.push_back(L);
     }
   }
@@ -230,11 +303,19 @@ class Stack {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "y[M, N] = x[M, K] @ W^T (+ bias) with packed W (see specedit.kernels.cpu.linear)");
+  m.def("repack", &repack, "GGUF blocks -> the kernel's layout (see specedit.kernels.cpu.linear.pack_gguf)");
+  m.def("dequant_cols", &dequant_cols, "float32 columns of a repacked GGUF weight (embedding rows)");
+  m.def("packed_nbytes", [](int64_t N, int64_t K, int64_t dtype) { return packed_nbytes(N, K, dtype, "packed_nbytes"); },
+        "bytes of a packed weight [N, K] in a dtype code");
   pybind11::dict dtypes, isas;
   dtypes["float32"] = (int)specedit_cpu::W_F32;
   dtypes["float16"] = (int)specedit_cpu::W_F16;
   dtypes["bfloat16"] = (int)specedit_cpu::W_BF16;
   dtypes["int8"] = (int)specedit_cpu::W_I8;
+  for (auto [name, code] : {std::pair<const char*, int>{"q8_0", specedit_cpu::W_Q8_0}, {"q4_0", specedit_cpu::W_Q4_0},
+                            {"q4_1", specedit_cpu::W_Q4_1}, {"q5_0", specedit_cpu::W_Q5_0}, {"q5_1", specedit_cpu::W_Q5_1},
+                            {"q4_k", specedit_cpu::W_Q4_K}, {"q5_k", specedit_cpu::W_Q5_K}, {"q6_k", specedit_cpu::W_Q6_K}})
+    dtypes[name] = code;
   isas["auto"] = (int)ISA_AUTO;
   isas["avx2"] = (int)ISA_AVX2;
   isas["avx512"] = (int)ISA_AVX512;
@@ -244,8 +325,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention", &attention,
         "row-invariant attention of q [B, T, H, D] over k/v [B, Hkv, S, D] (see specedit.kernels.cpu.attention)");
   pybind11::class_<Stack>(m, "Stack")
-      .def(pybind11::init<const std::vector<std::vector<std::optional<at::Tensor>>>&, const at::Tensor&,
-                          const at::Tensor&, int64_t, int64_t, int64_t, int64_t, int64_t, double, double, int64_t,
-                          int64_t>())
+      .def(pybind11::init<const std::vector<LayerSpec>&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
+                          int64_t, int64_t, int64_t, double, double, int64_t>())
       .def("forward", &Stack::forward, "hidden states [B*T, dim] through every layer (see specedit.kernels.cpu.stack)");
 }

@@ -24,21 +24,33 @@
 
 namespace specedit_cpu {
 namespace avx2 {
-void linear_cols(const float*, int64_t, int64_t, const void*, int, const float*, int64_t, float*, int64_t, int64_t);
+void linear_cols(const float*, int64_t, int64_t, const void*, int, const float*, int64_t, float*, int64_t, int64_t,
+                 int64_t);
 }
 namespace avx512 {
-void linear_cols(const float*, int64_t, int64_t, const void*, int, const float*, int64_t, float*, int64_t, int64_t);
+void linear_cols(const float*, int64_t, int64_t, const void*, int, const float*, int64_t, float*, int64_t, int64_t,
+                 int64_t);
 }
 
 void linear_run(const float* x, int64_t M, const Packed& w, float* y, int64_t isa) {
   if (M == 0 || w.N == 0) return;
   auto fn = isa == ISA_AVX512 ? avx512::linear_cols : avx2::linear_cols;
-  const int64_t N = w.N, K = w.K, groups = (N + 31) / 32;
-  // Threads split the columns in groups of 32; each streams its own contiguous slice of the weights.
-  // A chunk should carry at least ~64K weights, so small layers are not split into slivers.
+  const int64_t N = w.N, K = w.K;
+  // Threads split the columns in groups of 32 (numbered across the parts); each streams its own contiguous
+  // slice of the weights. A chunk should carry at least ~64K weights, so small layers are not split into slivers.
+  int64_t first[MAX_PARTS + 1] = {0}, col[MAX_PARTS + 1] = {0};
+  for (int p = 0; p < w.nparts; ++p) {
+    first[p + 1] = first[p] + (w.part[p].N + 31) / 32;
+    col[p + 1] = col[p] + w.part[p].N;
+  }
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, 32 * K));
-  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
-    fn(x, M, K, w.data, w.dtype, w.scale, N, y, g0 * 32, std::min(g1 * 32, N));
+  at::parallel_for(0, first[w.nparts], grain, [&](int64_t g0, int64_t g1) {
+    for (int p = 0; p < w.nparts; ++p) {
+      const int64_t a = std::max(g0, first[p]) - first[p], b = std::min(g1, first[p + 1]) - first[p];
+      const Part& part = w.part[p];
+      if (a < b)
+        fn(x, M, K, part.data, part.dtype, part.scale, part.N, y + col[p], N, a * 32, std::min(b * 32, part.N));
+    }
   });
   if (w.bias)
     for (int64_t m = 0; m < M; ++m)

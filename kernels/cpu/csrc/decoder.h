@@ -7,14 +7,24 @@
 
 namespace specedit_cpu {
 
-// A weight packed by specedit.kernels.cpu.linear.pack_weight: [ceil(N/32)][K][32] in a WeightDtype (codes.h);
-// W_I8 comes with scale [N]: W = scale[n] * q[n, k]; bias [N] float32 or null.
-struct Packed {
+// One part of a packed weight: N output columns in one WeightDtype (codes.h). Float and int8 formats are
+// pack_weight's [ceil(N/32)][K][32] (W_I8 with scale [N]: W = scale[n] * q[n, k]); GGUF block formats are
+// repack()'s layout (quant.h).
+struct Part {
   const void* data;
-  int64_t N, K;
+  int64_t N;
   int dtype;
-  const float* bias;
   const float* scale;
+};
+
+// A linear layer: its output columns are its parts' columns in order (a fused q/k/v or gate/up whose GGUF
+// tensors differ in type keeps one part each); bias [N] float32 or null, added after the product.
+constexpr int MAX_PARTS = 3;
+struct Packed {
+  Part part[MAX_PARTS];
+  int nparts;
+  int64_t N, K;
+  const float* bias;
 };
 
 // One decoder block of a Llama-family model. q_norm / k_norm ([D], Qwen3) may be null.
@@ -48,6 +58,12 @@ struct StackScratch {
 void linear_run(const float* x, int64_t M, const Packed& w, float* y, int64_t isa);
 
 void attention_run(AttnProblem P, int64_t isa);  // attention.cpp
+
+// quant.cpp. repack: groups [g0, g1) of a GGUF weight raw [N][K / QK blocks] (dtype W_Q8_0 .. W_Q6_K) into
+// out, laid out as quant.h says. dequant_cols: columns cols[0..n) of a repacked weight -> out [n, K] float32,
+// the values the kernel multiplies by.
+void repack(const uint8_t* raw, int64_t N, int64_t K, int dtype, uint8_t* out, int64_t g0, int64_t g1);
+void dequant_cols(const uint8_t* w, int64_t K, int dtype, const int64_t* cols, int64_t n, float* out);
 
 // Runs x [M, dim] through every layer in place: sequence b owns counts[b] consecutive rows (ragged: a
 // sequence may send one row while another sends a whole draft; M = sum of counts). cache: [L, 2, B, Hkv, S, D]

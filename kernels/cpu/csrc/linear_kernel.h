@@ -20,6 +20,7 @@
 #include <stdint.h>
 
 #include "codes.h"
+#include "quant.h"
 
 namespace specedit_cpu {
 namespace SPECEDIT_ISA_NS {
@@ -47,6 +48,25 @@ struct Isa {
   }
   static inline V load(const i8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
   static inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static inline V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static inline V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static inline V fms(V a, V b, V c) { return _mm512_fmsub_ps(a, b, c); }  // a * b - c, one rounding
+  // integer lanes for the quantized formats (quant_kernel.h): W bytes widened to W int32 lanes
+  using VI = __m512i;
+  static constexpr int QRMAX = 10;  // rows per quantized tile: 10 x 2 accumulators + scales, offsets, weights
+  static inline VI load_u8(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)); }
+  static inline VI load_i8(const uint8_t* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)); }
+  static inline VI set1i(int v) { return _mm512_set1_epi32(v); }
+  static inline VI iota(int step) {
+    return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), set1i(step));
+  }
+  static inline VI andi(VI a, VI b) { return _mm512_and_si512(a, b); }
+  static inline VI ori(VI a, VI b) { return _mm512_or_si512(a, b); }
+  static inline VI subi(VI a, VI b) { return _mm512_sub_epi32(a, b); }
+  static inline VI srli4(VI a) { return _mm512_srli_epi32(a, 4); }
+  static inline VI slli4(VI a) { return _mm512_slli_epi32(a, 4); }
+  static inline VI srlv(VI a, VI n) { return _mm512_srlv_epi32(a, n); }
+  static inline V cvt(VI a) { return _mm512_cvtepi32_ps(a); }
 };
 #else
 struct Isa {
@@ -68,6 +88,24 @@ struct Isa {
   }
   static inline V load(const i8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))); }
   static inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static inline V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static inline V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static inline V fms(V a, V b, V c) { return _mm256_fmsub_ps(a, b, c); }
+  using VI = __m256i;
+  static constexpr int QRMAX = 3;  // 3 x 2 accumulators + 2 scales + 2 offsets + 2 weights + temps <= 16 ymm
+  static inline VI load_u8(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
+  static inline VI load_i8(const uint8_t* p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
+  static inline VI set1i(int v) { return _mm256_set1_epi32(v); }
+  static inline VI iota(int step) {
+    return _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), set1i(step));
+  }
+  static inline VI andi(VI a, VI b) { return _mm256_and_si256(a, b); }
+  static inline VI ori(VI a, VI b) { return _mm256_or_si256(a, b); }
+  static inline VI subi(VI a, VI b) { return _mm256_sub_epi32(a, b); }
+  static inline VI srli4(VI a) { return _mm256_srli_epi32(a, 4); }
+  static inline VI slli4(VI a) { return _mm256_slli_epi32(a, 4); }
+  static inline VI srlv(VI a, VI n) { return _mm256_srlv_epi32(a, n); }
+  static inline V cvt(VI a) { return _mm256_cvtepi32_ps(a); }
 };
 #endif
 
@@ -184,15 +222,29 @@ void run(const float* x, int64_t M, int64_t K, const T* w, const float* scale, i
   run_tiles<T, Isa::RMAX, Isa::C>(x, M, K, w, scale, N, y, col0, col1);
 }
 
+#include "quant_kernel.h"
+
 }  // namespace
 
-// Entry point: dtype is a WeightDtype (codes.h); W_I8 weights carry a per-column scale [N].
+// Entry point: dtype is a WeightDtype (codes.h); W_I8 weights carry a per-column scale [N]. y has row
+// stride ldy (>= N: a weight may fill a slice of y's columns).
 void linear_cols(const float* x, int64_t M, int64_t K, const void* w, int dtype, const float* scale, int64_t N,
-                 float* y, int64_t col0, int64_t col1) {
-  if (dtype == W_F32) run(x, M, K, (const float*)w, nullptr, N, y, col0, col1);
-  else if (dtype == W_F16) run(x, M, K, (const f16_t*)w, nullptr, N, y, col0, col1);
-  else if (dtype == W_BF16) run(x, M, K, (const bf16_t*)w, nullptr, N, y, col0, col1);
-  else run(x, M, K, (const i8_t*)w, scale, N, y, col0, col1);
+                 float* y, int64_t ldy, int64_t col0, int64_t col1) {
+  switch (dtype) {
+    case W_F32: return run(x, M, K, (const float*)w, nullptr, ldy, y, col0, col1);
+    case W_F16: return run(x, M, K, (const f16_t*)w, nullptr, ldy, y, col0, col1);
+    case W_BF16: return run(x, M, K, (const bf16_t*)w, nullptr, ldy, y, col0, col1);
+    case W_I8: return run(x, M, K, (const i8_t*)w, scale, ldy, y, col0, col1);
+    case W_Q8_0: return run_q<W_Q8_0>(x, M, K, (const uint8_t*)w, ldy, y, col0, col1);
+    case W_Q4_0: return run_q<W_Q4_0>(x, M, K, (const uint8_t*)w, ldy, y, col0, col1);
+    case W_Q4_1: return run_q<W_Q4_1>(x, M, K, (const uint8_t*)w, ldy, y, col0, col1);
+    case W_Q5_0: return run_q<W_Q5_0>(x, M, K, (const uint8_t*)w, ldy, y, col0, col1);
+    case W_Q5_1: return run_q<W_Q5_1>(x, M, K, (const uint8_t*)w, ldy, y, col0, col1);
+    case W_Q4_K: return run_q<W_Q4_K>(x, M, K, (const uint8_t*)w, ldy, y, col0, col1);
+    case W_Q5_K: return run_q<W_Q5_K>(x, M, K, (const uint8_t*)w, ldy, y, col0, col1);
+    case W_Q6_K: return run_q<W_Q6_K>(x, M, K, (const uint8_t*)w, ldy, y, col0, col1);
+  }
+  (void)N;
 }
 
 }  // namespace SPECEDIT_ISA_NS

@@ -1,0 +1,205 @@
+// Repacking GGUF blocks into the kernel's layout (quant.h), and dequantizing columns of it (token embeddings,
+// tests). Scalar code: it runs once per weight at load, or on a few rows per step.
+#include <immintrin.h>
+
+#include <cstring>
+#include <type_traits>
+
+#include "decoder.h"
+#include "quant.h"
+
+namespace specedit_cpu {
+namespace {
+
+// One GGUF block, unpacked: f16 bits of d and m (dmin), sub-block scales and mins, unsigned quants.
+struct QBlock {
+  uint16_t d = 0, m = 0;
+  uint8_t sc[16] = {0}, mn[8] = {0};
+  uint8_t q[256] = {0};
+};
+
+inline uint16_t u16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
+inline uint32_t u32(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); return v; }
+
+// Q4_0/Q4_1/Q5_*: element e = s * 16 + i is nibble s of qs[i].
+inline void nibbles32(const uint8_t* qs, uint8_t* q) {
+  for (int i = 0; i < 16; ++i) q[i] = qs[i] & 15, q[i + 16] = qs[i] >> 4;
+}
+
+// Q4_K/Q5_K 6-bit scales and mins (gguf Q4_K.get_scale_min).
+inline void scale_min_k4(const uint8_t* s, uint8_t* sc, uint8_t* mn) {
+  for (int i = 0; i < 4; ++i) {
+    sc[i] = s[i] & 63;
+    mn[i] = s[4 + i] & 63;
+    sc[4 + i] = (s[8 + i] & 15) | ((s[i] >> 2) & 48);
+    mn[4 + i] = (s[8 + i] >> 4) | ((s[4 + i] >> 2) & 48);
+  }
+}
+
+// Q4_K/Q5_K: element e = j * 64 + s * 32 + i is nibble s of qs[j * 32 + i].
+inline void nibbles256(const uint8_t* qs, uint8_t* q) {
+  for (int j = 0; j < 4; ++j)
+    for (int i = 0; i < 32; ++i) q[j * 64 + i] = qs[j * 32 + i] & 15, q[j * 64 + 32 + i] = qs[j * 32 + i] >> 4;
+}
+
+template <int DT>
+void unpack(const uint8_t* b, QBlock& o) {
+  if constexpr (DT == W_Q8_0) {
+    o.d = u16(b);
+    std::memcpy(o.q, b + 2, 32);
+  } else if constexpr (DT == W_Q4_0) {
+    o.d = u16(b);
+    nibbles32(b + 2, o.q);
+  } else if constexpr (DT == W_Q4_1) {
+    o.d = u16(b), o.m = u16(b + 2);
+    nibbles32(b + 4, o.q);
+  } else if constexpr (DT == W_Q5_0 || DT == W_Q5_1) {
+    const int at = DT == W_Q5_0 ? 2 : 4;
+    o.d = u16(b);
+    if (DT == W_Q5_1) o.m = u16(b + 2);
+    const uint32_t qh = u32(b + at);
+    nibbles32(b + at + 4, o.q);
+    for (int e = 0; e < 32; ++e) o.q[e] |= ((qh >> e) & 1) << 4;
+  } else if constexpr (DT == W_Q4_K || DT == W_Q5_K) {
+    o.d = u16(b), o.m = u16(b + 2);
+    scale_min_k4(b + 4, o.sc, o.mn);
+    if constexpr (DT == W_Q4_K) {
+      nibbles256(b + 16, o.q);
+    } else {
+      const uint8_t* qh = b + 16;
+      nibbles256(b + 48, o.q);
+      for (int e = 0; e < 256; ++e) o.q[e] |= ((qh[e % 32] >> (e / 32)) & 1) << 4;
+    }
+  } else {  // Q6_K: ql[128] qh[64] scales[16] d
+    const uint8_t *ql = b, *qh = b + 128;
+    for (int e = 0; e < 256; ++e) {
+      const int h = e / 128, r = e % 128;
+      const int lo = (ql[h * 64 + r % 64] >> (4 * (r / 64))) & 15;
+      const int hi = (qh[h * 32 + r % 32] >> (2 * (r / 32))) & 3;
+      o.q[e] = (uint8_t)(lo | (hi << 4));
+    }
+    std::memcpy(o.sc, b + 192, 16);
+    o.d = u16(b + 208);
+  }
+}
+
+// Writes the 32 columns' blocks o[0..32) as one super-block `out` (quant.h).
+template <int DT>
+void put(const QBlock* o, uint8_t* out) {
+  using F = QFmt<DT>;
+  std::memset(out, 0, F::HDR);
+  for (int c = 0; c < 32; ++c) {
+    std::memcpy(out + 2 * c, &o[c].d, 2);
+    if (F::HAS_MIN) std::memcpy(out + 64 + 2 * c, &o[c].m, 2);
+  }
+  uint8_t* sc = out + 64 + 64 * F::HAS_MIN;
+  if constexpr (F::FORM == QF_MULSUB) {
+    for (int j = 0; j < 8; ++j)
+      for (int c = 0; c < 32; ++c) sc[32 * j + c] = o[c].sc[j], sc[256 + 32 * j + c] = o[c].mn[j];
+  } else if constexpr (F::SC_BYTES > 0) {
+    for (int j = 0; j < 16; ++j)
+      for (int c = 0; c < 32; ++c) sc[32 * j + c] = o[c].sc[j];
+  }
+  for (int k = 0; k < F::QK; ++k) {
+    uint8_t* rec = out + F::HDR + k * F::REC;
+    if (F::Q8) {
+      for (int c = 0; c < 32; ++c) rec[c] = o[c].q[k];
+      continue;
+    }
+    for (int j = 0; j < 16; ++j) rec[j] = (uint8_t)((o[j].q[k] & 15) | ((o[j + 16].q[k] & 15) << 4));
+    if (F::HI == 1) {
+      uint32_t hb = 0;
+      for (int c = 0; c < 32; ++c) hb |= (uint32_t)((o[c].q[k] >> 4) & 1) << c;
+      std::memcpy(rec + 16, &hb, 4);
+    } else if (F::HI == 2) {
+      uint64_t hb = 0;
+      for (int c = 0; c < 32; ++c) hb |= (uint64_t)((o[c].q[k] >> 4) & 3) << (2 * c);
+      std::memcpy(rec + 16, &hb, 8);
+    }
+  }
+}
+
+template <int DT>
+void repack_groups(const uint8_t* raw, int64_t N, int64_t K, uint8_t* out, int64_t g0, int64_t g1) {
+  using F = QFmt<DT>;
+  const int64_t nsb = K / F::QK, row_bytes = nsb * F::GGUF_BYTES;
+  QBlock o[32];
+  for (int64_t g = g0; g < g1; ++g) {
+    for (int64_t sb = 0; sb < nsb; ++sb) {
+      for (int c = 0; c < 32; ++c) {
+        if (g * 32 + c < N) unpack<DT>(raw + (g * 32 + c) * row_bytes + sb * F::GGUF_BYTES, o[c]);
+        else o[c] = QBlock();  // padding columns: zero bytes, w = 0
+      }
+      put<DT>(o, out + (g * nsb + sb) * F::BYTES);
+    }
+  }
+}
+
+inline float f16(const uint8_t* p) { return _cvtsh_ss(u16(p)); }
+
+// Column n of a repacked weight -> out[K] float32, the way the kernel (and gguf) dequantizes it.
+template <int DT>
+void dequant_col(const uint8_t* w, int64_t K, int64_t n, float* out) {
+  using F = QFmt<DT>;
+  const int64_t nsb = K / F::QK;
+  const int c = (int)(n % 32);
+  const uint8_t* g = w + n / 32 * nsb * F::BYTES;
+  for (int64_t sb = 0; sb < nsb; ++sb) {
+    const uint8_t* blk = g + sb * F::BYTES;
+    const float d = f16(blk + 2 * c), m = F::HAS_MIN ? f16(blk + 64 + 2 * c) : 0.0f;
+    const uint8_t* sc = blk + 64 + 64 * F::HAS_MIN;
+    for (int k = 0; k < F::QK; ++k) {
+      const uint8_t* rec = blk + F::HDR + k * F::REC;
+      int q;
+      if (F::Q8) {
+        q = (int8_t)rec[c];
+      } else {
+        q = (rec[c % 16] >> (4 * (c / 16))) & 15;
+        if (F::HI == 1) q |= ((rec[16 + c / 8] >> (c % 8)) & 1) << 4;
+        if (F::HI == 2) q |= ((rec[16 + c / 4] >> (2 * (c % 4))) & 3) << 4;
+      }
+      const float qf = (float)(q - F::OFF);
+      const int j = k / F::SUB;
+      float v;
+      if constexpr (F::FORM == QF_MULSUB) {
+        const float s = d * (float)sc[32 * j + c], o = m * (float)sc[256 + 32 * j + c];
+        v = s * qf - o;
+      } else if constexpr (F::SC_BYTES > 0) {
+        v = (d * (float)(int8_t)sc[32 * j + c]) * qf;
+      } else if constexpr (F::FORM == QF_MULADD) {
+        v = d * qf + m;  // -ffp-contract=off: a rounded product, then a rounded sum
+      } else {
+        v = d * qf;
+      }
+      out[sb * F::QK + k] = v;
+    }
+  }
+}
+
+template <class Fn>
+void dispatch(int dtype, Fn&& fn) {
+  switch (dtype) {
+    case W_Q8_0: return fn(std::integral_constant<int, W_Q8_0>());
+    case W_Q4_0: return fn(std::integral_constant<int, W_Q4_0>());
+    case W_Q4_1: return fn(std::integral_constant<int, W_Q4_1>());
+    case W_Q5_0: return fn(std::integral_constant<int, W_Q5_0>());
+    case W_Q5_1: return fn(std::integral_constant<int, W_Q5_1>());
+    case W_Q4_K: return fn(std::integral_constant<int, W_Q4_K>());
+    case W_Q5_K: return fn(std::integral_constant<int, W_Q5_K>());
+    case W_Q6_K: return fn(std::integral_constant<int, W_Q6_K>());
+  }
+}
+
+}  // namespace
+
+void repack(const uint8_t* raw, int64_t N, int64_t K, int dtype, uint8_t* out, int64_t g0, int64_t g1) {
+  dispatch(dtype, [&](auto dt) { repack_groups<decltype(dt)::value>(raw, N, K, out, g0, g1); });
+}
+
+void dequant_cols(const uint8_t* w, int64_t K, int dtype, const int64_t* cols, int64_t n, float* out) {
+  dispatch(dtype, [&](auto dt) {
+    for (int64_t i = 0; i < n; ++i) dequant_col<decltype(dt)::value>(w, K, cols[i], out + i * K);
+  });
+}
+
+}  // namespace specedit_cpu
