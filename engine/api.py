@@ -159,9 +159,11 @@ class Engine:
         return self._text
 
     def _cache(self, length: int, rows: int = 1) -> KVCache:
-        return KVCache(self.cfg, rows, length, self.backend.param_dtype, self.backend.device)
+        return KVCache(self.cfg, rows, length, self.backend.param_dtype, self.backend.device,
+                       zeroed=self.backend.reads_past_lengths)
 
-    def _prepare(self, ids_or_text, max_new_tokens: int) -> tuple[list[int], int, KVCache]:
+    def _prepare(self, ids_or_text, max_new_tokens: int) -> tuple[list[int], int]:
+        """(prompt ids, new tokens allowed): the prompt checked against the context."""
         prompt = self.encode(ids_or_text)
         if not prompt:
             raise ValueError("empty prompt: at least one token is needed")
@@ -170,24 +172,23 @@ class Engine:
             raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context of {limit} tokens")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        max_new = min(max_new_tokens, limit - len(prompt))
-        return prompt, max_new, self._cache(min(limit, len(prompt) + max_new + K_MAX + 1))
+        return prompt, min(max_new_tokens, limit - len(prompt))
 
     # ---- decoding -----------------------------------------------------------------------------------------
     @torch.inference_mode()
     def logits(self, ids: str | Sequence[int]) -> torch.Tensor:
         """Float32 logits [T, V] of a fresh prefill of `ids` (row t predicts token t + 1)."""
         checks.text_or_ids("ids", ids)
-        prompt, _, cache = self._prepare(ids, 1)
-        return self.model(torch.tensor([prompt], device=cache.buf.device), cache, all_logits=True)[0]
+        prompt, _ = self._prepare(ids, 1)
+        return self.model(torch.tensor([prompt], device=self.backend.device), self._cache(len(prompt)), True)[0]
 
     def _sequence(self, ids_or_text, max_new_tokens, prediction, temperature, stop, seed,
-                  stats: Stats | None = None) -> tuple[SequenceState, KVCache]:
-        """The loop state of one generation and a batch-1 cache sized for it."""
-        prompt, max_new, cache = self._prepare(ids_or_text, max_new_tokens)
+                  stats: Stats | None = None) -> SequenceState:
+        """The loop state of one generation."""
+        prompt, max_new = self._prepare(ids_or_text, max_new_tokens)
         seq = SequenceState(
             prompt, Stopper(self.eos_ids, max_new, stop, self.token_bytes), temperature,
-            torch.Generator(device=cache.buf.device).manual_seed(seed) if temperature > 0 else None,
+            torch.Generator(device=self.backend.device).manual_seed(seed) if temperature > 0 else None,
             stats=stats if stats is not None else Stats(),
         )
         if prediction is not None:
@@ -196,10 +197,12 @@ class Engine:
                 Drafter(self.encode(prediction), self.token_bytes), ChunkPolicy(cost, k_max=K_MAX),
                 OutputLookup(), ChunkPolicy(cost, k_max=K_MAX, prior=0.5),
             )
-        return seq, cache
+        return seq
 
     def _steps(self, ids_or_text, max_new_tokens, prediction, temperature, stop, seed, stats) -> Iterator[list[int]]:
-        seq, cache = self._sequence(ids_or_text, max_new_tokens, prediction, temperature, stop, seed, stats)
+        seq = self._sequence(ids_or_text, max_new_tokens, prediction, temperature, stop, seed, stats)
+        limit = engine_limit(self.backend, self.cfg)
+        cache = self._cache(min(limit, len(seq.prompt) + seq.stopper.max_new + K_MAX + 1))
         if seq.source is None:
             yield from plain_decode(self.model, cache, seq)
         else:
@@ -327,13 +330,14 @@ class Engine:
         each one's greedy output equals its own `generate`'s token for token on the CPU kernels.
         """
         with torch.inference_mode():
-            seq, cache = self._sequence(ids_or_text, max_new_tokens, prediction, temperature, stop, seed)
+            seq = self._sequence(ids_or_text, max_new_tokens, prediction, temperature, stop, seed)
+        cache = self._cache(len(seq.prompt))  # for its prefill; the scheduler then copies it into a batch row
         return self.service().submit(lambda emit, finish: Job(seq, cache, emit, finish))
 
     def generate_batch(self, prompts_: Sequence[str | Sequence[int]], max_new_tokens: int = 256,
                        prediction: Sequence | None = None, temperature: float = 0.0, stop: Sequence[str] = (),
                        seed: int = 0) -> list[GenerateResult]:
-        """Decode several prompts together: one forward per step for all of them (ragged drafts padded).
+        """Decode several prompts together: one forward per step for all of them (ragged rows).
 
         prediction: None, or one prediction (text, ids or None) per prompt. Other arguments as in `generate`,
         applied to every prompt. Returns one GenerateResult per prompt, in order; each equals that prompt's own

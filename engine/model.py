@@ -139,7 +139,7 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(x)).float()
 
     def forward_rows(self, rows: list[list[int]], cache: KVCache) -> torch.Tensor:
-        """Append rows[b] (at least one token each; the counts may differ) to cache row b in one forward.
+        """Append rows[b] (any number of tokens, none for a free row) to cache row b in one forward.
 
         Returns float32 logits [M, V] of every new row, sequence after sequence (M = total tokens). The fused
         layers take the rows ragged; the per-layer path pads every row to the longest with its last token and
@@ -149,7 +149,8 @@ class Transformer(nn.Module):
         device = self.rope_cos.device
         if self.fused_layers is None:
             T = max(counts)
-            logits = self(torch.tensor([r + r[-1:] * (T - len(r)) for r in rows], device=device), cache, True)
+            padded = [r + (r[-1:] or [0]) * (T - len(r)) for r in rows]
+            logits = self(torch.tensor(padded, device=device), cache, True)
             for b, n in enumerate(counts):
                 cache.rollback(b, cache.lengths[b] - (T - n))
             return torch.cat([logits[b, :n] for b, n in enumerate(counts)])  # [M, V]

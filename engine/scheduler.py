@@ -8,10 +8,10 @@ its batch-1 `generate`'s. (Backends without ragged fused layers pad the rows to 
 padding back.)
 
 Sequences join at step boundaries: a new one is prefilled in a cache of its own, `prefill_chunk` tokens
-between two steps (a long prompt never stalls the others for its whole length), then copied into the batched
-cache. A finished or cancelled sequence leaves at the next boundary and frees its row. The batched cache is
-rebuilt (valid positions copied) whenever the set of sequences changes, so a forward only ever covers live
-rows.
+between two steps (a long prompt never stalls the others for its whole length), then its positions are copied
+into a free row of the batched cache (`max_batch` rows; its length grows by doubling when a sequence needs
+more). A finished or cancelled sequence leaves at the next boundary and frees its row; a free row sends no
+rows to the forward, so it costs nothing. The batched cache is released when no sequence is left.
 
 The rows per forward come from the measured cost model (speculate.plan_drafts): draft tokens are handed out
 where they are most likely to be accepted (each sequence's own acceptance estimate) for as long as the
@@ -61,26 +61,29 @@ class Scheduler:
         self.k_max, self.max_batch, self.prefill_chunk = k_max, max_batch, prefill_chunk
         self.cost = cost
         self.joining: deque[Job] = deque()
-        self.active: list[Job] = []  # row b of self.cache holds active[b]
+        self.slots: list[Job | None] = [None] * max_batch  # row b of self.cache holds slots[b]
         self.cache: KVCache | None = None
 
     def add(self, job: Job) -> None:
         self.joining.append(job)
 
     @property
+    def active(self) -> list[Job]:
+        return [j for j in self.slots if j is not None]
+
+    @property
     def busy(self) -> bool:
-        return bool(self.joining or self.active)
+        return bool(self.joining) or any(j is not None for j in self.slots)
 
     def step(self) -> None:
         """One boundary: drop cancelled jobs, advance one joining prefill by a chunk, one batched forward."""
         for job in [j for j in self.joining if j.cancelled]:
             self.joining.remove(job)
             job.finish()
-        if any(j.cancelled for j in self.active):
-            self._regroup([j for j in self.active if not j.cancelled], [j for j in self.active if j.cancelled])
-        if self.joining and len(self.active) < self.max_batch:
+        self._leave([j for j in self.active if j.cancelled])
+        if self.joining and None in self.slots:
             self._prefill_chunk(self.joining[0])
-        if self.active:
+        if self.busy and any(j is not None for j in self.slots):
             self._decode_step()
 
     # ---- joining ----------------------------------------------------------------------------------------------
@@ -97,26 +100,34 @@ class Scheduler:
         seq.stats.prompt_tokens = len(seq.prompt)
         job.t_first = time.perf_counter()
         if self._push(job, [pick(logits[0], seq.temperature, seq.generator)]):
-            self._regroup(self.active + [job], [])
+            self._join(job)
         else:
             job.finish()
 
-    def _regroup(self, keep: list[Job], leaving: list[Job]) -> None:
-        """Rebuild the batched cache for `keep` (rows copied from where each job's positions are now)."""
-        for job in leaving:
+    def _join(self, job: Job) -> None:
+        """Copy a prefilled job's positions into a free row (growing the batched cache if it needs more room)."""
+        need = min(self.limit, len(job.seq.prompt) + job.seq.stopper.max_new + self.k_max + 1)
+        if self.cache is None or self.cache.max_len < need:
+            size = need if self.cache is None else min(self.limit, max(need, 2 * self.cache.max_len))
+            grown = self.make_cache(self.max_batch, size)
+            for b, other in enumerate(self.slots):
+                if other is not None:
+                    grown.copy_row(b, self.cache, b)
+                    other.cache = grown
+            self.cache = grown
+        b = self.slots.index(None)
+        self.cache.copy_row(b, job.cache, 0)
+        job.cache, job.seq.row, self.slots[b] = self.cache, b, job
+
+    def _leave(self, jobs: list[Job]) -> None:
+        """Free the rows of `jobs` (finished or cancelled) and tell their callers."""
+        for job in jobs:
+            b = self.slots.index(job)
+            self.slots[b] = None
+            self.cache.rollback(b, 0)
             job.finish()
-        old_rows = {id(j): b for b, j in enumerate(self.active)}
-        if not keep:
-            self.active, self.cache = [], None
-            return
-        need = max(len(j.seq.prompt) + j.seq.stopper.max_new + self.k_max + 1 for j in keep)
-        cache = self.make_cache(len(keep), min(self.limit, need))
-        for b, job in enumerate(keep):
-            src, row = (self.cache, old_rows[id(job)]) if id(job) in old_rows else (job.cache, 0)
-            cache.copy_row(b, src, row)
-            job.cache = cache
-            job.seq.row = b
-        self.active, self.cache = keep, cache
+        if all(j is None for j in self.slots):
+            self.cache = None
 
     # ---- decoding ---------------------------------------------------------------------------------------------
     def _push(self, job: Job, new: list[int]) -> bool:
@@ -136,23 +147,25 @@ class Scheduler:
         return True
 
     def _decode_step(self) -> None:
-        cache, jobs = self.cache, self.active
+        cache = self.cache
+        jobs = [(b, job) for b, job in enumerate(self.slots) if job is not None]
         rooms, acceptance = [], []
-        for b, job in enumerate(jobs):
+        for b, job in jobs:
             seq = job.seq
             room = min(seq.stopper.max_new - seq.stopper.count - 1, cache.max_len - cache.lengths[b] - 1, self.k_max)
             rooms.append(max(0, room) if seq.source is not None else 0)
             acceptance.append(seq.source.acceptance() if seq.source is not None else 0.0)
         ks = plan_drafts(self.cost, acceptance, rooms) if self.cost is not None else rooms
-        drafts = [job.seq.source.draft(k) if job.seq.source is not None else ([], True) for job, k in zip(jobs, ks)]
-        rows = [[job.last] + d for job, (d, _) in zip(jobs, drafts)]
-        logits = self.model.forward_rows(rows, cache)  # [M, V], sequence after sequence
+        drafts = {b: job.seq.source.draft(k) if job.seq.source is not None else ([], True)
+                  for (b, job), k in zip(jobs, ks)}
+        rows = [[job.last] + drafts[b][0] if job is not None else [] for b, job in enumerate(self.slots)]
+        logits = self.model.forward_rows(rows, cache)  # [M, V], cache row after cache row (free rows send none)
         first = [0]
         for r in rows:
             first.append(first[-1] + len(r))
         decided = self._accept_greedy(jobs, rows, first, logits)
         leaving = []
-        for b, job in enumerate(jobs):
+        for b, job in jobs:
             seq, (draft, from_prediction) = job.seq, drafts[b]
             if b not in decided:
                 mine = logits[first[b] : first[b + 1]]  # [K+1, V]
@@ -168,13 +181,12 @@ class Scheduler:
             if not self._push(job, draft[:n] + [nxt]):
                 leaving.append(job)
             seq.stats.decode_s = time.perf_counter() - job.t_first
-        if leaving:
-            self._regroup([j for j in jobs if j not in leaving], leaving)
+        self._leave(leaving)
 
     def _accept_greedy(self, jobs, rows, first, logits) -> dict[int, tuple[int, int]]:
         """(accepted count, next token) of every greedy sequence, in one batched accept: the ragged logits are
         gathered into [G, T, V] (a short sequence repeats its last row, past its draft length)."""
-        greedy = [b for b, job in enumerate(jobs) if job.seq.temperature <= 0]
+        greedy = [b for b, job in jobs if job.seq.temperature <= 0]
         if not greedy:
             return {}
         T = max(len(rows[b]) for b in greedy)
@@ -280,4 +292,4 @@ class Service:
                     job.error = e
                     job.finish()
                 s.joining.clear()
-                s.active, s.cache = [], None
+                s.slots, s.cache = [None] * s.max_batch, None

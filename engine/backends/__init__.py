@@ -37,6 +37,7 @@ class Backend:
     row_invariant: bool  # a verify row equals the 1-row decode step bit for bit
     why: str  # what row_invariant rests on, or why it does not hold
     max_context: int | None = None  # positions the attention can serve, if below the model's own
+    reads_past_lengths: bool = True  # attention reads (and masks) cache slots past a row's length
 
     def prepare(self, model) -> None:
         """Turn a loaded model into this backend's form (in place)."""
@@ -105,7 +106,7 @@ def select(device: str | torch.device = "cpu", backend: str = "auto", cpu_kernel
         from .cpu import attend_cpu
 
         return Backend("cpu", dev, attend_cpu, accept_ref, torch.float32, weight_dtype, True,
-                       "C++ kernels: every reduction in a fixed order whatever the rows")
+                       "C++ kernels: every reduction in a fixed order whatever the rows", reads_past_lengths=False)
     if name == "torch":
         from .pytorch import attend_torch
 
