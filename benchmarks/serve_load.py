@@ -79,7 +79,7 @@ def main():
     bodies = requests_from_nofuneval(args.requests)
     one(client, bodies[0])  # warm up
 
-    print(f"machine: {machine()}; model {args.model}, {eng.backend.name} backend, float32; "
+    print(f"machine: {machine()}; model {args.model} as load() opens it ({eng.backend.name} backend); "
           f"{len(bodies)} NoFunEval edits with the original as the prediction, streamed")
     alone = [one(client, b) for b in bodies]
     alone_wall = sum(r[2] for r in alone)
