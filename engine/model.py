@@ -102,7 +102,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.attend = attend
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # given its weight, Embedding skips a random init (on the meta device it would import torch._dynamo, ~1.4 s)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim, _weight=torch.empty(cfg.vocab_size, cfg.dim))
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
