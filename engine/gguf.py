@@ -206,14 +206,8 @@ def read_native(path: Path) -> tuple[dict, dict[str, tuple[str, np.ndarray]]]:
     if arch not in ARCHS:
         raise ValueError(f"{path}: architecture {arch!r} is not supported; supported: {', '.join(ARCHS)}")
     config = _config(reader, path, arch, "float32")
-    permuted = ARCHS[arch][2]
     out = {}
-    for t in reader.tensors:
-        if t.name == "rope_freqs.weight":  # turned into config["rope_scaling"]
-            continue
-        name = _hf_name(t.name)
-        if name is None:
-            raise ValueError(f"{path}: tensor {t.name} has no HF counterpart for {config['model_type']}")
+    for t, name, unpermute in _weights(reader, path, config):
         fmt = NATIVE_FORMATS.get(t.tensor_type)
         if fmt is None:
             raise ValueError(
@@ -221,12 +215,7 @@ def read_native(path: Path) -> tuple[dict, dict[str, tuple[str, np.ndarray]]]:
                 f"stored (supported: {', '.join(f.name for f in NATIVE_FORMATS)}); load it with "
                 f"dtype='float32' to dequantize it"
             )
-        data = t.data
-        if permuted and ".attn_q." in t.name:
-            data = _unpermute(data, config["num_attention_heads"])
-        elif permuted and ".attn_k." in t.name:
-            data = _unpermute(data, config["num_key_value_heads"])
-        out[name] = (fmt, data)
+        out[name] = (fmt, unpermute(t.data))
     return config, out
 
 
@@ -487,27 +476,35 @@ def _hf_name(name: str) -> str | None:
     return None
 
 
-def _tensors(reader, path: Path, config: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """All weights, dequantized, under HF names, in `dtype`."""
+def _weights(reader, path: Path, config: dict):
+    """(tensor, HF name, unpermute) for every weight of the file; unpermute(rows) undoes llama.cpp's Q/K row
+    order for this tensor (identity elsewhere). rope_freqs is skipped (it became config["rope_scaling"])."""
     permuted = ARCHS[config["model_type"]][2]
-    out = {}
     for t in reader.tensors:
-        if t.name == "rope_freqs.weight":  # turned into config["rope_scaling"]
+        if t.name == "rope_freqs.weight":
             continue
         name = _hf_name(t.name)
         if name is None:
             raise ValueError(f"{path}: tensor {t.name} has no HF counterpart for {config['model_type']}")
+        heads = None
+        if permuted and ".attn_q." in t.name:
+            heads = config["num_attention_heads"]
+        elif permuted and ".attn_k." in t.name:
+            heads = config["num_key_value_heads"]
+        yield t, name, (lambda w: w) if heads is None else (lambda w, h=heads: _unpermute(w, h))
+
+
+def _tensors(reader, path: Path, config: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """All weights, dequantized, under HF names, in `dtype`."""
+    out = {}
+    for t, name, unpermute in _weights(reader, path, config):
         try:
             w = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
             raise ValueError(
                 f"{path}: tensor {t.name} has type {t.tensor_type.name}, which gguf cannot dequantize"
             ) from None
-        w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF [cols, rows] -> numpy [rows, cols]
-        if permuted and ".attn_q." in t.name:
-            w = _unpermute(w, config["num_attention_heads"])
-        elif permuted and ".attn_k." in t.name:
-            w = _unpermute(w, config["num_key_value_heads"])
+        w = unpermute(w.reshape([int(d) for d in reversed(t.shape)]))  # GGUF [cols, rows] -> numpy [rows, cols]
         out[name] = torch.from_numpy(np.array(w, dtype=np.float32)).to(dtype)
     return out
 
