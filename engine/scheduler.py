@@ -26,7 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -48,7 +48,6 @@ class Job:
     last: int = -1  # the last decided token: the first row of its next verify step
     cancelled: bool = False
     error: BaseException | None = None
-    t_submit: float = field(default_factory=time.perf_counter)
     t_first: float = 0.0
 
 
@@ -83,7 +82,7 @@ class Scheduler:
         self._leave([j for j in self.active if j.cancelled])
         if self.joining and None in self.slots:
             self._prefill_chunk(self.joining[0])
-        if self.busy and any(j is not None for j in self.slots):
+        if any(j is not None for j in self.slots):
             self._decode_step()
 
     # ---- joining ----------------------------------------------------------------------------------------------
