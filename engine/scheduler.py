@@ -124,9 +124,10 @@ class Scheduler:
             b = self.slots.index(job)
             self.slots[b] = None
             self.cache.rollback(b, 0)
-            job.finish()
         if all(j is None for j in self.slots):
             self.cache = None
+        for job in jobs:  # after the rows are free, so a caller woken by finish() sees them free
+            job.finish()
 
     # ---- decoding ---------------------------------------------------------------------------------------------
     def _push(self, job: Job, new: list[int]) -> bool:

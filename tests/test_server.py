@@ -199,8 +199,8 @@ def test_disconnected_stream_frees_its_row(srv):
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         assert b"200" in s.recv(200)
-    for _ in range(300):
-        if not sched.busy:
+    for _ in range(300):  # the scheduler runs on its own thread: poll until it has freed the row
+        if not sched.busy and sched.cache is None:
             break
         time.sleep(0.02)
     assert not sched.busy and sched.cache is None
