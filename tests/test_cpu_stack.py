@@ -130,28 +130,33 @@ def test_bad_input_names_the_problem(tmp_path, case, match):
         m.fused_layers(x, c, starts)
 
 
-def test_ragged_rows_equal_each_sequence_alone(path):
-    """Sequences sending 1, 5 and 3 rows in one call (ragged): each equals its own call, bit for bit."""
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_ragged_rows_equal_each_sequence_alone(path, isa):
+    """Sequences sending 1, 5, 0, 19 and 3 rows in one call (ragged: one attention problem per layer), one
+    of them past the first key block and over two row tiles: each equals its own call, bit for bit."""
+    if isa == "avx512" and build.best_isa() != "avx512":
+        pytest.skip("only AVX2 on this CPU")
     eng = specedit.load(path)
     m = eng.model
-    starts, counts = [9, 4, 12], [1, 5, 3]
-    both = KVCache(eng.cfg, 3, 64, torch.float32, "cpu")
+    ids = torch.randint(0, 128, (330,), generator=torch.Generator().manual_seed(5)).tolist()
+    starts, counts = [9, 4, 7, 300, 12], [1, 5, 0, 19, 3]
+    both = KVCache(eng.cfg, len(starts), 512, torch.float32, "cpu")
     for b, s in enumerate(starts):
-        one = KVCache(eng.cfg, 1, 64, torch.float32, "cpu")
-        m.fused_layers(m.embed(torch.tensor([IDS[:s]])), one, [0])
+        one = KVCache(eng.cfg, 1, 512, torch.float32, "cpu")
+        m.fused_layers(m.embed(torch.tensor([ids[:s]])), one, [0], isa=isa)
         both.buf[:, :, b] = one.buf[:, :, 0]
-    rows = [IDS[30 + 10 * b : 30 + 10 * b + c] for b, c in enumerate(counts)]
-    out = m.fused_layers(m.embed(torch.tensor([t for r in rows for t in r])), both, starts, counts)
+    rows = [ids[s : s + c] for s, c in zip(starts, counts)]
+    out = m.fused_layers(m.embed(torch.tensor([t for r in rows for t in r])), both, starts, counts, isa=isa)
     at = 0
     for b, (s, c) in enumerate(zip(starts, counts)):
-        one = KVCache(eng.cfg, 1, 64, torch.float32, "cpu")
-        m.fused_layers(m.embed(torch.tensor([IDS[:s]])), one, [0])
-        alone = m.fused_layers(m.embed(torch.tensor([rows[b]])), one, [s])[0]
+        one = KVCache(eng.cfg, 1, 512, torch.float32, "cpu")
+        m.fused_layers(m.embed(torch.tensor([ids[:s]])), one, [0], isa=isa)
+        alone = m.fused_layers(m.embed(torch.tensor([rows[b]], dtype=torch.long)), one, [s], isa=isa)[0]
         assert torch.equal(out[at : at + c], alone)
         assert torch.equal(both.buf[:, :, b, :, : s + c], one.buf[:, :, 0, :, : s + c])
         at += c
-    with pytest.raises(ValueError, match="row counts add up to 9 but x has 8 rows"):
-        m.fused_layers(torch.zeros(8, eng.cfg.dim), both, starts, counts)
+    with pytest.raises(ValueError, match="row counts add up to 28 but x has 27 rows"):
+        m.fused_layers(torch.zeros(27, eng.cfg.dim), both, starts, counts)
 
 
 def test_forward_rows_pads_where_the_layers_are_not_fused(path):

@@ -56,9 +56,9 @@ namespace specedit_cpu {
 
 namespace {
 
-// One pass over all rows of P (P.part must hold B * T * H * nblk * (D + 2) floats).
+// One pass over all rows of P (P.part must hold rows * H * nblk * (D + 2) floats, see AttnProblem).
 void run_rows(AttnProblem P, int64_t isa, int64_t nblk, float* part) {
-  const int64_t B = P.B, T = P.T, H = P.H, Hkv = P.Hkv, D = P.D, window = P.window;
+  const int64_t B = P.B, H = P.H, Hkv = P.Hkv, D = P.D, window = P.window;
   const int64_t* lengths = P.lengths;
   const int64_t G = H / Hkv;
   const int64_t rows = std::max<int64_t>(1, QMAX / G);  // rows per tile
@@ -67,7 +67,8 @@ void run_rows(AttnProblem P, int64_t isa, int64_t nblk, float* part) {
   std::vector<Tile> tiles;
   std::vector<int32_t> item_tile;
   int64_t pairs = 0;
-  for (int64_t b = 0; b < B; ++b)
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t T = P.rows ? P.rows[b] : P.T;
     for (int64_t g = 0; g < Hkv; ++g)
       for (int64_t t0 = 0; t0 < T; t0 += rows) {
         const int64_t t1 = std::min(T, t0 + rows);
@@ -77,6 +78,7 @@ void run_rows(AttnProblem P, int64_t isa, int64_t nblk, float* part) {
         for (int64_t k0 = lo / ATT_KB; k0 <= hi / ATT_KB; ++k0) item_tile.push_back((int32_t)tiles.size() - 1);
         pairs += (hi - lo + 1) * (t1 - t0) * G;
       }
+  }
   const int64_t nitems = (int64_t)item_tile.size();
 
   P.nblk = nblk;
@@ -120,18 +122,38 @@ void run_rows(AttnProblem P, int64_t isa, int64_t nblk, float* part) {
 // torch bindings live) has checked every shape, stride and length. isa: ISA_AVX2 or ISA_AVX512.
 void attention_run(AttnProblem P, int64_t isa) {
   const int64_t B = P.B, T = P.T, H = P.H, D = P.D;
-  if (B == 0 || T == 0 || H == 0) return;
-  int64_t maxlen = 0;
-  for (int64_t b = 0; b < B; ++b) maxlen = std::max(maxlen, P.lengths[b]);
+  int64_t maxlen = 0, nrows = P.rows ? 0 : B * T;  // nrows: rows of the partials
+  for (int64_t b = 0; b < B; ++b) {
+    maxlen = std::max(maxlen, P.lengths[b]);
+    if (P.rows) nrows = std::max(nrows, P.first[b] + P.rows[b]);
+  }
+  if (nrows == 0 || H == 0) return;
   const int64_t nblk = (maxlen + ATT_KB - 1) / ATT_KB;
-  // The partials take B * T * H * nblk * (D + 2) floats: 5 MB for a verify pass of 65 rows over 8k keys
+  // The partials take rows * H * nblk * (D + 2) floats: 5 MB for a verify pass of 65 rows over 8k keys
   // (SmolLM2), but 0.6 GB for a prefill of 8k rows. Rows are independent, so long calls go in chunks of
   // rows whose partials fit PART_BYTES; every row's bits stay the same.
   constexpr int64_t PART_BYTES = 32 << 20;
-  const int64_t per_row = B * H * nblk * (D + 2);
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(T, PART_BYTES / 4 / per_row));
+  const int64_t per_row = H * nblk * (D + 2);
   static thread_local std::vector<float> part_buf;  // grows, never shrinks: no page faults per call
-  if ((int64_t)part_buf.size() < chunk * per_row) part_buf.resize(chunk * per_row);
+  if (P.rows) {
+    if (nrows * per_row <= PART_BYTES / 4) {
+      if ((int64_t)part_buf.size() < nrows * per_row) part_buf.resize(nrows * per_row);
+      return run_rows(P, isa, nblk, part_buf.data());
+    }
+    for (int64_t b = 0; b < B; ++b) {  // a long prefill in the batch: one problem per sequence, in chunks
+      AttnProblem C = P;
+      C.rows = C.first = nullptr;
+      C.B = 1, C.T = P.rows[b];
+      C.q = P.q + b * P.sq_b + P.first[b] * P.sq_t;
+      C.out = P.out + b * P.so_b + P.first[b] * P.so_t;
+      C.k = P.k + b * P.sk_b, C.v = P.v + b * P.sv_b;
+      C.lengths = P.lengths + b;
+      attention_run(C, isa);
+    }
+    return;
+  }
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(T, PART_BYTES / 4 / (B * per_row)));
+  if ((int64_t)part_buf.size() < chunk * B * per_row) part_buf.resize(chunk * B * per_row);
   if (chunk == T) return run_rows(P, isa, nblk, part_buf.data());
   std::vector<int64_t> lengths(B);
   for (int64_t r0 = 0; r0 < T; r0 += chunk) {  // rows [r0, r1) as a call of their own

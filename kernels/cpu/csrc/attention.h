@@ -24,12 +24,17 @@ struct AttnProblem {
   int64_t sv_b, sv_h, sv_s;
   float* out;  // out[b, t, h, d] at out + b*so_b + t*so_t + h*so_h + d
   int64_t so_b, so_t, so_h;
-  const int64_t* lengths;  // [B] valid positions per row, the T new rows included
+  const int64_t* lengths;  // [B] valid positions per sequence, its new rows included
   int64_t B, T, H, Hkv, D;
+  // Ragged rows (null: every sequence has T rows). Sequence b has rows[b] rows; its row t is q/out row
+  // first[b] + t (sq_b and so_b still apply) and partials row first[b] + t: the sequences' row ranges must
+  // not overlap. T is unused then. One problem for a whole batched step: one parallel region, not B.
+  const int64_t* rows;
+  const int64_t* first;
   int64_t window;  // 0: none; else key j is visible from position p iff p - window < j <= p
   float qscale;    // scale * log2(e): scores are in base 2
   int64_t nblk;    // block slots per query in part
-  float* part;     // partials [B, T, H, nblk, D + 2]: o (D), block max, block sum
+  float* part;     // partials [rows, H, nblk, D + 2]: o (D), block max, block sum (rows: B * T or ragged)
 };
 
 }  // namespace specedit_cpu

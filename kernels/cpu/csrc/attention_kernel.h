@@ -290,15 +290,20 @@ inline void pv_tiles(int q, int dv, const float* p, int64_t c0, const float* v, 
 inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// Rows of sequence b, and the q/out row of its row 0 (see AttnProblem::rows).
+inline int64_t seq_rows(const AttnProblem& P, int64_t b) { return P.rows ? P.rows[b] : P.T; }
+inline int64_t row0(const AttnProblem& P, int64_t b) { return P.rows ? P.first[b] : 0; }
+
 // Visible keys [lo, hi] of query row t of sequence b.
 inline void row_range(const AttnProblem& P, int64_t b, int64_t t, int64_t* lo, int64_t* hi) {
-  const int64_t pos = P.lengths[b] - P.T + t;
+  const int64_t pos = P.lengths[b] - seq_rows(P, b) + t;
   *hi = pos;
   *lo = P.window > 0 ? imax(0, pos - P.window + 1) : 0;
 }
 
 inline float* part_of(const AttnProblem& P, int64_t b, int64_t t, int64_t h, int64_t blk) {
-  return P.part + (((b * P.T + t) * P.H + h) * P.nblk + blk) * (P.D + 2);
+  const int64_t row = (P.rows ? P.first[b] : b * P.T) + t;
+  return P.part + ((row * P.H + h) * P.nblk + blk) * (P.D + 2);
 }
 
 }  // namespace
@@ -323,7 +328,7 @@ void attn_block(const AttnProblem& P, int64_t b, int64_t g, int64_t t0, int64_t 
   const V qscale = Isa::set1(P.qscale);
   for (int64_t t = t0; t < t1; ++t)
     for (int64_t i = 0; i < G; ++i) {
-      const float* src = P.q + b * P.sq_b + t * P.sq_t + (g * G + i) * P.sq_h;
+      const float* src = P.q + b * P.sq_b + (row0(P, b) + t) * P.sq_t + (g * G + i) * P.sq_h;
       float* dst = qs + ((t - t0) * G + i) * D;
       for (int64_t d = 0; d < D; d += W) Isa::store(dst + d, Isa::mul(Isa::load(src + d), qscale));
     }
@@ -408,7 +413,7 @@ void attn_combine(const AttnProblem& P, int64_t b, int64_t g, int64_t t0, int64_
         l = _mm_fmadd_ss(_mm_set_ss(base[k * stride + D + 1]), _mm_set_ss(c), l);
       }
       const V lv = Isa::set1(_mm_cvtss_f32(l));
-      float* out = P.out + b * P.so_b + t * P.so_t + h * P.so_h;
+      float* out = P.out + b * P.so_b + (row0(P, b) + t) * P.so_t + h * P.so_h;
       for (int64_t d = 0; d < D; d += W) {
         V acc = Isa::zero();
         for (int64_t k = b0; k <= b1; ++k) acc = Isa::fma(Isa::load(base + k * stride + d), Isa::set1(scratch[k]), acc);

@@ -166,24 +166,22 @@ void stack_forward(const StackDims& d, const Layer* layers, float* x, int64_t B,
       }
     });
 
-    // One attention problem per sequence (its own row count); each is split over the threads internally.
-    for (int64_t b = 0; b < B; ++b) {
-      if (counts[b] == 0) continue;
-      AttnProblem P{};
-      P.q = s.qkv + first[b] * nqkv;
-      P.sq_b = 0, P.sq_t = nqkv, P.sq_h = D;
-      P.k = kc + b * Hkv * S * D;
-      P.sk_b = 0, P.sk_h = S * D, P.sk_s = D;
-      P.v = vc + b * Hkv * S * D;
-      P.sv_b = 0, P.sv_h = P.sk_h, P.sv_s = P.sk_s;
-      P.out = s.o + first[b] * H * D;
-      P.so_b = 0, P.so_t = H * D, P.so_h = D;
-      P.lengths = &lengths[b];
-      P.B = 1, P.T = counts[b], P.H = H, P.Hkv = Hkv, P.D = D;
-      P.window = d.window;
-      P.qscale = (float)(d.scale * 1.4426950408889634);  // scores in base 2, as the attention binding does
-      attention_run(P, isa);
-    }
+    // Every sequence's rows in one attention problem (ragged): one parallel region per layer, not B.
+    AttnProblem P{};
+    P.q = s.qkv;
+    P.sq_b = 0, P.sq_t = nqkv, P.sq_h = D;
+    P.k = kc;
+    P.sk_b = Hkv * S * D, P.sk_h = S * D, P.sk_s = D;
+    P.v = vc;
+    P.sv_b = P.sk_b, P.sv_h = P.sk_h, P.sv_s = P.sk_s;
+    P.out = s.o;
+    P.so_b = 0, P.so_t = H * D, P.so_h = D;
+    P.lengths = lengths.data();
+    P.rows = counts, P.first = first.data();
+    P.B = B, P.H = H, P.Hkv = Hkv, P.D = D;
+    P.window = d.window;
+    P.qscale = (float)(d.scale * 1.4426950408889634);  // scores in base 2, as the attention binding does
+    attention_run(P, isa);
 
     linear_run(s.o, M, L.o, s.y, isa);
     for_rows(M, dim, [&](int64_t r) {
