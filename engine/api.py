@@ -14,7 +14,7 @@ from .backends import CHOICES, Backend, engine_limit, select
 from .cache import KVCache
 from .config import ModelConfig
 from .decode import SequenceState, Stopper, plain_decode
-from .drafter import Drafter, OutputLookup, special_bytes, token_bytes_table
+from .drafter import Drafter, NgramLookup, special_bytes, token_bytes_table
 from .model import Transformer
 from .results import EditResult, GenerateResult, Stats
 from .scheduler import Handle, Job, Scheduler, Service
@@ -193,9 +193,10 @@ class Engine:
         )
         if prediction is not None:
             cost = self.cost_model()
+            ids = self.encode(prediction)
             seq.source = DraftSource(
-                Drafter(self.encode(prediction), self.token_bytes), ChunkPolicy(cost, k_max=K_MAX),
-                OutputLookup(), ChunkPolicy(cost, k_max=K_MAX, prior=0.5),
+                Drafter(ids, self.token_bytes), ChunkPolicy(cost, k_max=K_MAX),
+                NgramLookup(ids), ChunkPolicy(cost, k_max=K_MAX, prior=0.5),
             )
         return seq
 

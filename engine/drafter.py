@@ -50,7 +50,7 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Sequence
 
-__all__ = ["Drafter", "OutputLookup", "special_bytes", "token_bytes_table"]
+__all__ = ["Drafter", "NgramLookup", "special_bytes", "token_bytes_table"]
 
 
 def special_bytes(token_id: int) -> bytes:
@@ -241,37 +241,64 @@ class Drafter:
         return None
 
 
-class OutputLookup:
-    """Drafts from the model's own output while the prediction has nothing to offer (diverged).
+class NgramLookup:
+    """Drafts while the drafter has diverged: what followed the longest recent n-gram of the output, looked up
+    in the output so far and in the prediction.
 
-    An n-gram index over the output tokens: the last `n` tokens are looked up, and the tokens that followed
-    their most recent earlier occurrence are proposed. It pays off where a rewrite repeats itself (a loop of
-    identical lines, a renamed identifier used again, boilerplate written twice); elsewhere it proposes
-    nothing or a short draft that one verify rejects.
+    Candidates are the latest `candidates` earlier occurrences of the output's last token in the output (a
+    rewrite repeats itself: a loop of similar lines, a renamed identifier used again) and its `candidates`
+    occurrences in the prediction nearest at or after `near`, the drafter's committed position (new code
+    reuses the original's phrases, and an edit's end resumes the original before the drafter has evidence
+    enough to re-sync), else the last ones before it. The candidate whose preceding tokens agree longest with
+    the output's (up to `n_max` tokens, at least `n_min`) wins, the output's first on a tie; the tokens that
+    followed it are proposed.
+
+    Costs: one list append per observed token; the prediction is indexed once (one append per token); a
+    proposal compares at most 2 * candidates * n_max tokens.
     """
 
-    def __init__(self, n: int = 3):
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        self._n = n
+    def __init__(self, prediction: Sequence[int] = (), n_max: int = 8, n_min: int = 1, candidates: int = 16):
+        if not 1 <= n_min <= n_max or candidates < 1:
+            raise ValueError(f"need 1 <= n_min <= n_max and candidates >= 1, got n_min={n_min}, n_max={n_max}, "
+                             f"candidates={candidates}")
+        self._n_max, self._n_min, self._c = n_max, n_min, candidates
         self._toks: list[int] = []
-        self._next: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token that followed it last
+        self._out_at: dict[int, list[int]] = {}  # token -> its indices in the output
+        self._pred = list(prediction)
+        self._pred_at: dict[int, list[int]] = {}  # token -> its indices in the prediction
+        for i, t in enumerate(self._pred):
+            self._pred_at.setdefault(t, []).append(i)
 
     def observe(self, tokens: Sequence[int]) -> None:
         """Append output tokens (the same calls as Drafter.observe)."""
-        n = self._n
         for t in tokens:
+            self._out_at.setdefault(t, []).append(len(self._toks))
             self._toks.append(t)
-            i = len(self._toks) - 1
-            if i >= n:
-                self._next[tuple(self._toks[i - n : i])] = i
 
-    def propose(self, k: int) -> list[int]:
-        """Up to k tokens that followed the latest earlier occurrence of the last n output tokens; [] if none."""
-        if k <= 0 or len(self._toks) < self._n:
+    def _agree(self, seq: list[int], i: int) -> int:
+        """How many tokens ending at seq[i] equal the output's last ones (at most n_max)."""
+        out, n = self._toks, 0
+        while n < self._n_max and n <= i and n < len(out) and seq[i - n] == out[-1 - n]:
+            n += 1
+        return n
+
+    def propose(self, k: int, near: int = 0) -> list[int]:
+        """Up to k tokens that followed the best-agreeing earlier occurrence of the output's end; [] if none."""
+        if k <= 0 or not self._toks:
             return []
-        i = self._next.get(tuple(self._toks[-self._n :]))
-        return [] if i is None else self._toks[i : i + k]
+        last, c = self._toks[-1], self._c
+        best, best_n = [], self._n_min - 1
+        for i in reversed(self._out_at[last][-1 - c : -1]):  # not the last token itself
+            n = self._agree(self._toks, i)
+            if n > best_n and i + 1 < len(self._toks):
+                best, best_n = self._toks[i + 1 : i + 1 + k], n
+        at = self._pred_at.get(last, [])
+        j = bisect_left(at, near)
+        for i in [*at[j : j + c], *reversed(at[max(0, j - c) : j])]:
+            n = self._agree(self._pred, i)
+            if n > best_n and i + 1 < len(self._pred):
+                best, best_n = self._pred[i + 1 : i + 1 + k], n
+        return best
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ class Stats:
     draft_proposed: int = 0  # prediction tokens sent for verification
     draft_accepted: int = 0
     draft_rejected: int = 0
-    lookup_proposed: int = 0  # drafts from the output's own repeats, while the prediction had none
+    lookup_proposed: int = 0  # drafts from the n-gram lookup (output and prediction) while the drafter had none
     lookup_accepted: int = 0
     finish_reason: str = ""  # "stop" (EOS or a stop string) or "length" (max_new_tokens or the context)
 

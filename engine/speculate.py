@@ -17,7 +17,7 @@ import torch
 
 from .cache import KVCache
 from .decode import SequenceState, prefill
-from .drafter import Drafter, OutputLookup
+from .drafter import Drafter, NgramLookup
 from .results import Stats
 
 # accept(logits [B, Q, V], draft [B, K], draft_lens [B]) -> (num_accepted [B], next_token [B], argmax [B, Q])
@@ -142,12 +142,12 @@ class ChunkPolicy:
 @dataclass
 class DraftSource:
     """Where a sequence's drafts come from: the prediction (drafter, with its chunk policy) and, while the
-    drafter is diverged, the output's own repeats (lookup, with a policy of its own: its acceptance is tracked
-    apart from the prediction's)."""
+    drafter is diverged, an n-gram lookup in the output and the prediction (lookup, with a policy of its own:
+    its acceptance is tracked apart from the drafter's)."""
 
     drafter: Drafter
     policy: ChunkPolicy
-    lookup: OutputLookup | None = None
+    lookup: NgramLookup | None = None
     lookup_policy: ChunkPolicy | None = None
 
     def observe(self, new: list[int]) -> None:
@@ -169,7 +169,7 @@ class DraftSource:
         if room > 0 and self.drafter.aligned:
             return self.drafter.propose(self.policy.choose(room)), True
         if room > 0 and self.lookup is not None:
-            return self.lookup.propose(self.lookup_policy.choose(room)), False
+            return self.lookup.propose(self.lookup_policy.choose(room), self.drafter.pointer), False
         return [], True
 
     def draft(self, k: int) -> tuple[list[int], bool]:
@@ -177,7 +177,7 @@ class DraftSource:
         caller (the batched scheduler)."""
         if self.drafter.aligned or self.lookup is None:
             return self.drafter.propose(k), True
-        return self.lookup.propose(k), False
+        return self.lookup.propose(k, self.drafter.pointer), False
 
     def update(self, proposed: int, accepted: int, from_prediction: bool, stats: Stats) -> None:
         """Feed a verify step's outcome to the policy that chose its size, and count it."""

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 import pytest
-from specedit.drafter import Drafter, OutputLookup, special_bytes, token_bytes_table
+from specedit.drafter import Drafter, NgramLookup, special_bytes, token_bytes_table
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -529,11 +529,11 @@ def test_local_resync_is_tentative_and_only_looks_nearby():
 
 
 # ------------------------------------------------------------------------------------------------
-# OutputLookup: drafts from the output's own repeats
+# NgramLookup: drafts from the output's own repeats and from the prediction, while diverged
 
 
-def test_output_lookup_proposes_what_followed_the_last_occurrence():
-    lk = OutputLookup(n=2)
+def test_lookup_proposes_what_followed_the_last_occurrence():
+    lk = NgramLookup(n_max=2, n_min=2)
     lk.observe([1, 2, 3, 4, 9, 1, 2])
     assert lk.propose(3) == [3, 4, 9]
     lk.observe([7, 1, 2])  # the latest occurrence wins
@@ -541,11 +541,31 @@ def test_output_lookup_proposes_what_followed_the_last_occurrence():
     assert lk.propose(0) == []
 
 
-def test_output_lookup_follows_a_loop():
-    lk = OutputLookup(n=3)
+def test_lookup_follows_a_loop():
+    lk = NgramLookup(n_max=3, n_min=3)
     line = [10, 11, 12, 13]
     lk.observe(line * 2 + line[:3])
     assert lk.propose(8) == [13] + line[:3]  # up to the end of the output
-    assert OutputLookup().propose(4) == []  # nothing yet
-    with pytest.raises(ValueError, match="n must be >= 1"):
-        OutputLookup(n=0)
+    assert NgramLookup().propose(4) == []  # nothing yet
+    with pytest.raises(ValueError, match="n_min <= n_max"):
+        NgramLookup(n_min=0)
+    with pytest.raises(ValueError, match="n_min <= n_max"):
+        NgramLookup(n_max=2, n_min=3)
+
+
+def test_lookup_prefers_the_longest_context():
+    lk = NgramLookup(n_max=3, n_min=1)
+    lk.observe([5, 1, 2, 8, 9, 7, 2, 6])  # "2" was last followed by 6, but "1 2" by 8
+    lk.observe([1, 2])
+    assert lk.propose(2) == [8, 9]
+
+
+def test_lookup_drafts_from_the_prediction_nearest_the_pointer():
+    pred = [1, 2, 3, 50, 60, 1, 2, 3, 70, 80]
+    lk = NgramLookup(pred, n_max=3, n_min=2)
+    lk.observe([9, 2, 3])  # not in the output before: the prediction's occurrences
+    assert lk.propose(2, near=0) == [50, 60]
+    assert lk.propose(2, near=4) == [70, 80]  # the first one at or after the drafter's position
+    assert lk.propose(2, near=9) == [70, 80]  # none after it: the last one
+    lk.observe([4, 2, 3])  # now the output has "2 3" followed by 4: the output wins
+    assert lk.propose(2, near=0) == [4, 2]
