@@ -306,7 +306,7 @@ class Engine:
     def cost_model(self) -> CostModel:
         """Forward time vs rows on this machine: measured once per machine, model shape and weight format
         (~0.1-1 s) and kept under $SPECEDIT_CACHE/cost, so a fresh engine's first speculative call doesn't pay
-        for it."""
+        for it (only a steady measurement is kept: see CostModel.measure)."""
         if self._cost is None:
             from . import costcache
 
@@ -317,7 +317,8 @@ class Engine:
                 rows = [r for r in (1, 2, 4, 8, 16, 32, K_MAX + 1) if prefix + r <= self.cfg.max_position]
                 with torch.inference_mode():
                     self._cost = CostModel.measure(self.model, self._cache, rows, prefix)
-                costcache.save(key, self._cost)
+                if self._cost.steady:  # a timing taken on a busy machine would steer chunk sizes for a week
+                    costcache.save(key, self._cost)
         return self._cost
 
     # ---- many sequences ---------------------------------------------------------------------------------------

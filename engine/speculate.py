@@ -27,8 +27,9 @@ AcceptFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tens
 class CostModel:
     """Forward time as a function of rows T, measured on the running machine, interpolated linearly."""
 
-    def __init__(self, rows: Sequence[int], seconds: Sequence[float]):
+    def __init__(self, rows: Sequence[int], seconds: Sequence[float], steady: bool = True):
         self.rows, self.seconds = list(rows), list(seconds)
+        self.steady = steady  # False: the timings disagreed (a busy machine); use it, but don't keep it on disk
         # A noisy timing can't claim that more rows cost less, or that T rows cost more than T 1-row forwards.
         for i in range(len(self.seconds) - 2, -1, -1):
             self.seconds[i] = min(self.seconds[i], self.seconds[i + 1])
@@ -63,12 +64,13 @@ class CostModel:
     def measure(cls, model, make_cache: Callable[[int], KVCache], rows=(1, 2, 4, 8, 16, 32, 64), prefix=128,
                 reps=3) -> CostModel:
         """Time forwards of T rows after a `prefix`-token context: one warmup per T, then `reps` rounds that
-        each time every T once (a burst of load from elsewhere hits all T alike), min per T."""
+        each time every T once (a burst of load from elsewhere hits all T alike), min per T. Not `steady` when
+        some T's two best rounds differ by more than a quarter."""
         device = model.rope_cos.device
         cache = make_cache(prefix + max(rows))
         model(torch.zeros(1, prefix, dtype=torch.long, device=device), cache)
         xs = [torch.zeros(1, t, dtype=torch.long, device=device) for t in rows]
-        best = [float("inf")] * len(rows)
+        times: list[list[float]] = [[] for _ in rows]
         for rep in range(reps + 1):
             for i, x in enumerate(xs):
                 cache.rollback(0, prefix)
@@ -79,8 +81,9 @@ class CostModel:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 if rep:  # the first call of a shape may build kernels or caches
-                    best[i] = min(best[i], time.perf_counter() - t0)
-        return cls(rows, best)
+                    times[i].append(time.perf_counter() - t0)
+        best = [sorted(ts)[:2] for ts in times]
+        return cls(rows, [b[0] for b in best], steady=all(b[-1] <= 1.25 * b[0] for b in best))
 
 
 def plan_drafts(cost: CostModel, acceptance: Sequence[float], rooms: Sequence[int]) -> list[int]:

@@ -161,7 +161,9 @@ def test_cost_model_is_measured_once_and_cached_on_disk(ckpt, tmp_path, monkeypa
 
     def counting(cls, *a, **k):
         calls.append(1)
-        return measure(cls, *a, **k)
+        c = measure(cls, *a, **k)
+        c.steady = True  # the tiny model's microsecond timings may disagree on a busy machine
+        return c
 
     monkeypatch.setattr(CostModel, "measure", classmethod(counting))
     first = specedit.load(ckpt)
@@ -177,6 +179,15 @@ def test_cost_model_is_measured_once_and_cached_on_disk(ckpt, tmp_path, monkeypa
     files[0].write_text("{not json")  # a damaged cache entry is measured again and rewritten
     specedit.load(ckpt).cost_model()
     assert len(calls) == 3 and CostModel.from_dict(json.loads(files[0].read_text())).rows == c1.rows
+
+
+def test_unsteady_cost_model_is_used_but_not_kept(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECEDIT_CACHE", str(tmp_path))
+    busy = CostModel([1, 2, 4], [0.01, 0.03, 0.02], steady=False)
+    monkeypatch.setattr(CostModel, "measure", classmethod(lambda cls, *a, **k: busy))
+    eng = specedit.load(ckpt)
+    assert eng.cost_model() is busy and not list(tmp_path.glob("cost/*.json"))
+    assert specedit.load(ckpt).cost_model() is busy  # the next engine measures again
 
 
 def test_cost_cache_key_covers_machine_model_and_format(eng, ckpt, monkeypatch):
