@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -31,6 +32,13 @@ def machine(device: torch.device | None = None) -> str:
     return f"{cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+def stopwatch(fn):
+    """(fn(), wall seconds of that call)."""
+    t0 = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - t0
+
+
 def interleaved(series: dict[str, list], reps: int, warmup: int = 1) -> dict[str, list[float]]:
     """Wall seconds per call for each named series of zero-argument callables. The series are interleaved
     call by call, so a change in the machine's memory bandwidth (shared host) hits all of them alike; within a
@@ -42,10 +50,7 @@ def interleaved(series: dict[str, list], reps: int, warmup: int = 1) -> dict[str
     ts: dict[str, list[float]] = {name: [] for name in series}
     for i in range(reps):
         for name, fns in series.items():
-            f = fns[i % len(fns)]
-            t0 = time.perf_counter()
-            f()
-            ts[name].append(time.perf_counter() - t0)
+            ts[name].append(stopwatch(fns[i % len(fns)])[1])
     return ts
 
 
@@ -66,9 +71,9 @@ def spread(xs) -> str:
 _PROBE: torch.Tensor | None = None
 
 
-def _probe_module():
-    """benchmarks/read_probe.cpp compiled once (None where the CPU kernels cannot be built). This is a
-    benchmark process, so it may put ninja on its own PATH for torch's builder."""
+def _extension(name: str, cflags: list[str]):
+    """benchmarks/<name>.cpp compiled once (None where the CPU kernels cannot be built). This is a benchmark
+    process, so it may put ninja on its own PATH for torch's builder."""
     from specedit.kernels.cpu import build
 
     if not build.available():
@@ -76,10 +81,10 @@ def _probe_module():
     from torch.utils.cpp_extension import load
 
     os.environ["PATH"] = build._ninja_dir() + os.pathsep + os.environ.get("PATH", "")
-    out = build.cache_root() / "ext" / "bench_read_probe"
+    out = build.cache_root() / "ext" / f"bench_{name}"
     out.mkdir(parents=True, exist_ok=True)
-    return load(name="bench_read_probe", sources=[str(ROOT / "benchmarks" / "read_probe.cpp")],
-                extra_cflags=["-O3", "-mavx2", "-fopenmp"], extra_ldflags=["-fopenmp"], build_directory=str(out))
+    return load(name=f"bench_{name}", sources=[str(ROOT / "benchmarks" / f"{name}.cpp")], extra_cflags=cflags,
+                extra_ldflags=["-fopenmp"], build_directory=str(out))
 
 
 def _probe_buffer() -> torch.Tensor:
@@ -102,7 +107,7 @@ def read_probe():
     """(fn, bytes): fn() reads the 1 GiB probe buffer once with read_probe.cpp, which prefetches like the
     matmul does (torch's sum where it cannot be built): the read-bandwidth yardstick."""
     x = _probe_buffer()
-    module = _probe_module()
+    module = _extension("read_probe", ["-O3", "-mavx2", "-fopenmp"])
     if module is None:
         return (lambda: x.sum()), x.numel() * 4
     return (lambda: module.read_probe(x)), x.numel() * 4
@@ -114,6 +119,23 @@ def read_bandwidth(reps: int = 5) -> float:
     x = _probe_buffer()
     probe, nbytes = read_probe()
     return nbytes / min(med(timed(lambda: x.sum(), reps=reps)), med(timed(probe, reps=reps)))
+
+
+def matmul_rate(n: int = 2048, reps: int = 5) -> float:
+    """Measured float32 FLOP/s of torch.mm on two n x n matrices (2 n^3 FLOPs a call, median of `reps`) with
+    this process's threads."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / med(timed(lambda: torch.mm(a, b), reps=reps))
+
+
+def fma_peak(reps: int = 5) -> float:
+    """Measured peak float32 FLOP/s: fma_probe.cpp, independent FMAs on registers on every thread, the widest
+    vectors the CPU has (median of `reps`): the compute yardstick. torch.mm's rate where it cannot be built."""
+    module = _extension("fma_probe", ["-O3", "-march=native", "-fopenmp"])
+    if module is None:
+        return matmul_rate(reps=reps)
+    iters = 1 << 21
+    return module.fma_probe(iters) / med(timed(lambda: module.fma_probe(iters), reps=reps))
 
 
 def weight_bytes_per_token(model) -> int:
@@ -132,6 +154,31 @@ def weight_bytes_per_token(model) -> int:
             if isinstance(value, PackedLinear):
                 total += value.weight_bytes + (value.bias.numel() * 4 if value.bias is not None else 0)
     return total
+
+
+def run_info() -> dict:
+    """machine, git sha of HEAD (+dirty when engine/ or kernels/ differ from it: the code timed is not HEAD's)
+    and date: the columns every CSV carries."""
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        sha = git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "engine", "kernels")
+                                                      else "")
+    except (OSError, subprocess.CalledProcessError):
+        sha = "unknown"
+    return {"machine": machine(), "git_sha": sha, "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def nofuneval(name: str) -> list[dict]:
