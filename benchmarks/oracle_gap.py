@@ -18,6 +18,7 @@ Two request styles (--style, comma-separated):
     chat   a chat request as OpenAI's Predicted Outputs receives one: the chat template, the original inside the
            user message, no prefilled fence and no stop string (the answer may carry prose around the code),
            prediction = the original code
+    chat-fence  the same with the answer's opening fence prefilled (still no stop string)
 
     python benchmarks/oracle_gap.py [--short 4] [--long 2] [--dtype auto] [--style edit] [--reps 1]
 """
@@ -109,6 +110,8 @@ def requests(eng, style: str, row: dict, name: str):
     user = f"{instruction(name, row)}\n\n```{row['pl']}\n{row['source_code']}\n```"
     prompt = eng.tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                                add_generation_prompt=True)
+    if style == "chat-fence":
+        prompt += f"```{row['pl']}\n"
     return prompt, row["source_code"], [], len(eng.encode(row["source_code"])) + 256
 
 
@@ -116,7 +119,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--dtype", default="auto", help="weights: auto (a GGUF as stored), float32, float16")
-    ap.add_argument("--style", default="edit", help="comma-separated: edit, chat")
+    ap.add_argument("--style", default="edit", help="comma-separated: edit, chat, chat-fence")
     ap.add_argument("--short", type=int, default=4, help="cases from each short dataset")
     ap.add_argument("--long", type=int, default=2, help="cases from each long-file dataset")
     ap.add_argument("--max-long-tokens", type=int, default=2000)
