@@ -8,6 +8,8 @@ decoding would not (the lossless invariant in DESIGN.md). The first test in a fr
 extension shared with the packed linear (~15 s on 2 cores).
 """
 
+import threading
+
 import pytest
 import torch
 
@@ -125,11 +127,22 @@ def test_threads_bitwise_long_context():
         finally:
             torch.set_num_threads(2)
     assert torch.equal(outs[0], outs[1])
+    # off the main thread the work goes to the extension's own workers (csrc/pool.h), not libgomp's team
+    assert torch.equal(outs[0], on_thread(lambda: attention(q, k, v, lengths, 0.125)))
     for b, n in enumerate(lengths):
         for i in (0, 16, 32):
             one = attention(q[b : b + 1, i : i + 1], k[b : b + 1], v[b : b + 1], [n - 33 + i + 1], 0.125)
             assert torch.equal(one[0, 0], outs[0][b, i])
     torch.testing.assert_close(outs[0], attention_ref(q, k, v, lengths, 0.125), **TOL)
+
+
+def on_thread(fn):
+    """fn() run on a new thread (as the server's scheduler thread runs forwards)."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn()))
+    t.start()
+    t.join()
+    return out[0]
 
 
 def test_strided_cache_views_ignore_slots_past_lengths():

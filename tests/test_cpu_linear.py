@@ -9,6 +9,8 @@ the 1-row call on that row, whatever M, so a verify pass cannot flip a near-tie 
 would not. The first test in a fresh cache compiles the extension (~20-40 s on 2 cores).
 """
 
+import threading
+
 import pytest
 import torch
 
@@ -131,6 +133,11 @@ def test_row_invariance_bitwise(name, dtype):
         assert torch.equal(p(x), singles), "1 thread"
     finally:
         torch.set_num_threads(2)
+    off_main = []  # another thread: the extension's own workers (csrc/pool.h) instead of libgomp's team
+    t = threading.Thread(target=lambda: off_main.append(p(x)))
+    t.start()
+    t.join()
+    assert torch.equal(off_main[0], singles), "off the main thread"
 
 
 def test_row_invariance_full_lm_head():

@@ -5,6 +5,8 @@ residuals are computed (C++ loops vs torch ops), so floats agree to ~1e-6 relati
 Against transformers, test_runtime covers every architecture (load() fuses by default).
 """
 
+import threading
+
 import pytest
 import torch
 
@@ -146,7 +148,9 @@ def test_ragged_rows_equal_each_sequence_alone(path, isa):
         m.fused_layers(m.embed(torch.tensor([ids[:s]])), one, [0], isa=isa)
         both.buf[:, :, b] = one.buf[:, :, 0]
     rows = [ids[s : s + c] for s, c in zip(starts, counts)]
-    out = m.fused_layers(m.embed(torch.tensor([t for r in rows for t in r])), both, starts, counts, isa=isa)
+    x = m.embed(torch.tensor([t for r in rows for t in r]))
+    before = both.buf.clone()
+    out = m.fused_layers(x, both, starts, counts, isa=isa)
     at = 0
     for b, (s, c) in enumerate(zip(starts, counts)):
         one = KVCache(eng.cfg, 1, 512, torch.float32, "cpu")
@@ -155,6 +159,14 @@ def test_ragged_rows_equal_each_sequence_alone(path, isa):
         assert torch.equal(out[at : at + c], alone)
         assert torch.equal(both.buf[:, :, b, :, : s + c], one.buf[:, :, 0, :, : s + c])
         at += c
+    # off the main thread the loops run on the extension's own workers (csrc/pool.h): the same bits
+    again = KVCache(eng.cfg, len(starts), 512, torch.float32, "cpu")
+    again.buf.copy_(before)
+    res = []
+    t = threading.Thread(target=lambda: res.append(m.fused_layers(x, again, starts, counts, isa=isa)))
+    t.start()
+    t.join()
+    assert torch.equal(res[0], out) and torch.equal(again.buf, both.buf)
     with pytest.raises(ValueError, match="row counts add up to 28 but x has 27 rows"):
         m.fused_layers(torch.zeros(27, eng.cfg.dim), both, starts, counts)
 

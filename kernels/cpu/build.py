@@ -33,6 +33,7 @@ SOURCES = (
     "attention.cpp",
     "attention_avx2.cpp",
     "attention_avx512.cpp",
+    "pool.cpp",
 )
 # -fopenmp: at::parallel_for is inline and only spawns threads when compiled with it; at run time libgomp.so.1
 # resolves to the copy torch already loaded (one thread pool). -ffp-contract=off: GCC would otherwise fuse a

@@ -4,8 +4,7 @@
 // atomic counter by however many threads run, and whoever finishes the last block of a tile combines
 // that tile's rows. Which thread computes what never changes a bit: an item's partials are a function of
 // the item alone, and the combine reads them in a fixed order.
-// Only <ATen/Parallel.h> from torch (cheap to compile): tensors and pybind stay in bindings.cpp.
-#include <ATen/Parallel.h>
+// No torch header (threads: pool.h): tensors and pybind stay in bindings.cpp.
 #include <xmmintrin.h>
 
 #include <algorithm>
@@ -14,6 +13,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "pool.h"
 
 namespace specedit_cpu {
 namespace avx2 {
@@ -105,14 +105,12 @@ void run_rows(AttnProblem P, int64_t isa, int64_t nblk, float* part) {
         combine(P, tl.b, tl.g, tl.t0, tl.t1, scratch.data());
     }
   };
-  const int64_t nw = std::min<int64_t>({(int64_t)at::get_num_threads(), nitems,
+  const int64_t nw = std::min<int64_t>({pool_threads(), nitems,
                                         std::max<int64_t>(1, pairs / MIN_PAIRS_PER_THREAD)});
   if (nw <= 1) {
     worker();
   } else {
-    at::parallel_for(0, nw, 1, [&](int64_t w0, int64_t w1) {
-      for (int64_t w = w0; w < w1; ++w) worker();
-    });
+    run_tasks(nw, nw, [&](int64_t) { worker(); });
   }
 }
 

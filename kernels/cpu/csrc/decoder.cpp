@@ -12,7 +12,6 @@
 // an order fixed by the feature index, and the matmul and attention kernels are row-invariant themselves, so
 // row i of a T-row call equals the 1-row call at that position bit for bit. Compiled with
 // -ffp-contract=off: each multiply and add rounds as written.
-#include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -21,6 +20,7 @@
 #include <vector>
 
 #include "decoder.h"
+#include "pool.h"
 
 namespace specedit_cpu {
 namespace avx2 {
@@ -44,7 +44,7 @@ void linear_run(const float* x, int64_t M, const Packed& w, float* y, int64_t is
     col[p + 1] = col[p] + w.part[p].N;
   }
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, 32 * K));
-  at::parallel_for(0, first[w.nparts], grain, [&](int64_t g0, int64_t g1) {
+  parallel_for(0, first[w.nparts], grain, [&](int64_t g0, int64_t g1) {
     for (int p = 0; p < w.nparts; ++p) {
       const int64_t a = std::max(g0, first[p]) - first[p], b = std::min(g1, first[p + 1]) - first[p];
       const Part& part = w.part[p];
@@ -64,7 +64,7 @@ namespace {
 template <class F>
 void for_rows(int64_t M, int64_t per_row, const F& f) {
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, per_row));
-  at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
+  parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) f(r);
   });
 }
