@@ -35,10 +35,10 @@ SOURCES = (
     "attention_avx512.cpp",
     "pool.cpp",
 )
-# -fopenmp: at::parallel_for is inline and only spawns threads when compiled with it; at run time libgomp.so.1
-# resolves to the copy torch already loaded (one thread pool). -ffp-contract=off: GCC would otherwise fuse a
-# written a * b + c into an FMA where it sees fit, maybe differently in the AVX2 and AVX-512 copies; every
-# FMA is explicit.
+# -fopenmp: at::parallel_for (the main thread's loops, see csrc/pool.h) is inline and only spawns threads when
+# compiled with it; at run time libgomp.so.1 resolves to the copy torch already loaded (one thread pool).
+# -ffp-contract=off: GCC would otherwise fuse a written a * b + c into an FMA where it sees fit, maybe differently
+# in the AVX2 and AVX-512 copies; every FMA is explicit.
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off")
 LDFLAGS = ("-fopenmp",)
 REQUIRED_FLAGS = {"avx2", "fma", "f16c"}
