@@ -52,7 +52,7 @@ import gguf
 import numpy as np
 import torch
 from common import OUT, pyplot, run_info, stopwatch
-from edit_speed import LONG, SHORT, cases, instruction
+from edit_speed import LONG, SHORT, cases, edit_request
 from tqdm import tqdm
 
 import specedit
@@ -313,9 +313,8 @@ def main():
     tok = first.tokenizer
     case_list = []
     for name, i, row in cases(args.short, args.long, tok, args.max_long_tokens):
-        prompt, pred = prompts.build_edit_prompt(tok, row["source_code"], instruction(name, row), row["pl"])
-        case_list.append(Case(f"{name}[{i}]", "long" if name in LONG else "short", first.encode(prompt), pred,
-                              len(first.encode(pred)) + 128))
+        prompt, pred, n = edit_request(first, name, row)
+        case_list.append(Case(f"{name}[{i}]", "long" if name in LONG else "short", first.encode(prompt), pred, n))
     hf = Transformers(resolve(src), tok)
     engines += [Engine("transformers", "F32", m, partial(hf.run, m == "lookup")) for m in ("plain", "lookup")]
     try:

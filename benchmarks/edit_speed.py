@@ -50,12 +50,19 @@ def cases(short: int, long: int, tok, max_long_tokens: int):
                 yield name, i, row
 
 
-def run_case(eng, source: str, instr: str, lang: str, prediction: str | None = None):
+def edit_request(eng, name: str, row: dict) -> tuple[str, str, int]:
+    """(prompt, prediction, max new tokens) of one case: the edit prompt, the original + closing fence, and a
+    budget of the prediction's tokens + 128."""
+    prompt, pred = prompts.build_edit_prompt(eng.tokenizer, row["source_code"], instruction(name, row), row["pl"])
+    return prompt, pred, len(eng.encode(pred)) + 128
+
+
+def run_case(eng, name: str, row: dict, prediction: str | None = None):
     """Plain then speculative decoding of one edit; prediction defaults to the original."""
-    prompt, pred = prompts.build_edit_prompt(eng.tokenizer, source, instr, lang)
+    prompt, pred, n = edit_request(eng, name, row)
     if prediction is not None:
         pred = prediction
-    n = len(eng.encode(pred)) + 128
+        n = len(eng.encode(pred)) + 128
     plain = eng.generate(prompt, max_new_tokens=n, stop=[prompts.FENCE])
     spec = eng.generate(prompt, max_new_tokens=n, stop=[prompts.FENCE], prediction=pred)
     return plain, spec
@@ -74,8 +81,7 @@ def first_call(eng, case, cold: bool) -> None:
         cached.unlink(missing_ok=True)
     source = "read from the on-disk cache" if cached.exists() else "measured in this call"
     name, i, row = case
-    prompt, pred = prompts.build_edit_prompt(eng.tokenizer, row["source_code"], instruction(name, row), row["pl"])
-    n = len(eng.encode(pred)) + 128
+    prompt, pred, n = edit_request(eng, name, row)
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
@@ -88,7 +94,7 @@ def first_call(eng, case, cold: bool) -> None:
 _hf = {}
 
 
-def run_peer(eng, source: str, instr: str, lang: str, plain) -> tuple[int, float, bool]:
+def run_peer(eng, name: str, row: dict, plain) -> tuple[int, float, bool]:
     """transformers generate with its prompt lookup on the same prompt: (tokens, end-to-end tok/s, same tokens)."""
     import time
 
@@ -100,7 +106,7 @@ def run_peer(eng, source: str, instr: str, lang: str, plain) -> tuple[int, float
 
         path = eng.path if eng.path.is_dir() else resolve(eng.path)  # a GGUF run as stored: its float32 dir
         _hf["model"] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    prompt, _ = prompts.build_edit_prompt(eng.tokenizer, source, instr, lang)
+    prompt, _, _ = edit_request(eng, name, row)
     ids = torch.tensor([eng.encode(prompt)])
     n = len(plain.token_ids)
     t0 = time.perf_counter()
@@ -164,17 +170,16 @@ def main():
     peer_rows = []
     for name, i, row in all_cases:
         for d, e in engines.items():  # interleaved: the host's speed drifts over minutes
-            plain, spec = run_case(e, row["source_code"], instruction(name, row), row["pl"])
+            plain, spec = run_case(e, name, row)
             report(f"{name[:15]}[{i}]", "long" if name in LONG else "short", plain, spec, d)
         if args.peer:
-            peer_rows.append((f"{name[:15]}[{i}]", *run_peer(eng, row["source_code"], instruction(name, row),
-                                                              row["pl"], plain)))
+            peer_rows.append((f"{name[:15]}[{i}]", *run_peer(eng, name, row, plain)))
 
     # low-overlap control: the prediction is another file, so nearly nothing matches
     name, i, row = all_cases[0]
     other = all_cases[-1][2]["source_code"]
     for d, e in engines.items():
-        plain, spec = run_case(e, row["source_code"], instruction(name, row), row["pl"], prediction=other)
+        plain, spec = run_case(e, name, row, prediction=other)
         report(f"control:{name[:7]}[{i}]", "control", plain, spec, d)
 
     print(f"\n{'group':<10}{'dtype':>8}{'tokens':>8}{'plain tok/s':>13}{'spec tok/s':>12}{'speedup':>9}"

