@@ -5,7 +5,7 @@ time (each request's "alone" latency), then by 1, 2, 4 and 8 concurrent clients.
 completion tokens/s, p50/p95 latency, p50 time to first token, the worst latency relative to that request's
 alone latency, and whether every answer equals its alone answer. Writes benchmarks/out/serve_load.csv.
 
-    python benchmarks/serve_load.py [--requests 8] [--levels 1,2,4,8] [--model smollm2-135m-instruct]
+    python benchmarks/serve_load.py [--dtype auto] [--requests 8] [--levels 1,2,4,8] [--model smollm2-135m-instruct]
 """
 
 from __future__ import annotations
@@ -64,11 +64,13 @@ def level(client, bodies, clients: int) -> tuple[list, float]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--dtype", default="auto", help="as specedit.load takes it (auto: the GGUF as stored)")
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--levels", default="1,2,4,8")
+    ap.add_argument("--per-request", action="store_true", help="print each request's latency against its alone one")
     args = ap.parse_args()
 
-    eng = specedit.load(args.model)
+    eng = specedit.load(args.model, dtype=args.dtype)
     eng.cost_model()
     server = uvicorn.Server(uvicorn.Config(create_app(eng, NAME), host="127.0.0.1", port=0, log_level="error"))
     threading.Thread(target=server.run, daemon=True).start()
@@ -79,7 +81,7 @@ def main():
     bodies = requests_from_nofuneval(args.requests)
     one(client, bodies[0])  # warm up
 
-    print(f"machine: {machine()}; model {args.model} as load() opens it ({eng.backend.name} backend); "
+    print(f"machine: {machine()}; model {args.model}, dtype {args.dtype} ({eng.backend.name} backend); "
           f"{len(bodies)} NoFunEval edits with the original as the prediction, streamed")
     alone = [one(client, b) for b in bodies]
     alone_wall = sum(r[2] for r in alone)
@@ -98,10 +100,14 @@ def main():
         ttft = statistics.median(r[3] for r in results)
         print(f"{c:>8}{rate:>11.1f}{rate / base_rate:>9.2f}{statistics.median(lat):>11.2f}{p95:>11.2f}{ttft:>12.2f}"
               f"{worst:>17.2f}{str(same):>11}")
+        if args.per_request:
+            for i, (r, a) in enumerate(zip(results, alone)):
+                print(f"{'':>8}request {i}: {a[1]:>4} tokens, alone {a[2]:5.2f} s (first token {a[3]:.2f} s), "
+                      f"here {r[2]:5.2f} s (first token {r[3]:.2f} s): {r[2] / a[2]:.2f}x")
         rows.append({"clients": c, "agg_tok_s": round(rate, 1), "x_alone": round(rate / base_rate, 3),
                      "p50_latency_s": round(statistics.median(lat), 3), "p95_latency_s": round(p95, 3),
                      "p50_ttft_s": round(ttft, 3), "worst_latency_ratio": round(worst, 3), "identical": same,
-                     "machine": machine(), "model": args.model})
+                     "machine": machine(), "model": args.model, "dtype": args.dtype})
     server.should_exit = True
     OUT.mkdir(parents=True, exist_ok=True)
     with open(OUT / "serve_load.csv", "w", newline="") as f:

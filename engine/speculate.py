@@ -86,27 +86,6 @@ class CostModel:
         return cls(rows, [b[0] for b in best], steady=all(b[-1] <= 1.25 * b[0] for b in best))
 
 
-def plan_drafts(cost: CostModel, acceptance: Sequence[float], rooms: Sequence[int]) -> list[int]:
-    """Draft lengths for one ragged verify forward of B = len(acceptance) sequences (sequence b sends
-    1 + k[b] rows, k[b] <= rooms[b]) that maximize expected tokens per second.
-
-    The j-th draft token of sequence b adds acceptance[b] ** j expected tokens (all before it accepted) and one
-    row; taking the best additions first, the forward of B + R rows decides B + (sum of the R best) tokens in
-    cost(B + R) seconds: R is the count with the best ratio."""
-    gains = sorted(((min(a, 0.999) ** j, b) for b, (a, r) in enumerate(zip(acceptance, rooms))
-                    for j in range(1, r + 1)), reverse=True)
-    n = len(acceptance)
-    best, best_rate, tokens = 0, n / cost(n), float(n)
-    for r, (gain, _) in enumerate(gains, 1):
-        tokens += gain
-        if tokens / cost(n + r) > best_rate:
-            best, best_rate = r, tokens / cost(n + r)
-    ks = [0] * n
-    for _, b in gains[:best]:
-        ks[b] += 1
-    return ks
-
-
 class ChunkPolicy:
     """Chooses the draft length K that maximizes expected tokens per second.
 
@@ -159,13 +138,6 @@ class DraftSource:
         if self.lookup is not None:
             self.lookup.observe(new)
 
-    def acceptance(self) -> float:
-        """Expected per-token acceptance of the next draft (its policy's estimate); 0 when there is none to
-        offer (diverged with no lookup)."""
-        if self.drafter.aligned:
-            return self.policy.acceptance
-        return self.lookup_policy.acceptance if self.lookup is not None else 0.0
-
     def propose(self, room: int) -> tuple[list[int], bool]:
         """(draft of at most `room` tokens, whether it comes from the prediction), its length chosen by the
         chunk policy of the source in use."""
@@ -174,13 +146,6 @@ class DraftSource:
         if room > 0 and self.lookup is not None:
             return self.lookup.propose(self.lookup_policy.choose(room), self.drafter.pointer), False
         return [], True
-
-    def draft(self, k: int) -> tuple[list[int], bool]:
-        """(up to k draft tokens from the source in use, whether it is the prediction): a length chosen by the
-        caller (the batched scheduler)."""
-        if self.drafter.aligned or self.lookup is None:
-            return self.drafter.propose(k), True
-        return self.lookup.propose(k, self.drafter.pointer), False
 
     def update(self, proposed: int, accepted: int, from_prediction: bool, stats: Stats) -> None:
         """Feed a verify step's outcome to the policy that chose its size, and count it."""

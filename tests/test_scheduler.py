@@ -7,6 +7,7 @@ row's bits).
 """
 
 import random
+import time
 import threading
 
 import pytest
@@ -104,3 +105,17 @@ def test_generate_batch_checks_its_arguments(eng):
         eng.generate_batch("abc")
     with pytest.raises(ValueError, match="prediction has 1 entries for 2 prompts"):
         eng.generate_batch([[1, 2], [3]], prediction=[None])
+
+
+def test_a_job_ahead_of_its_alone_pace_sits_out_the_step():
+    from specedit.scheduler import FAIR, Job, Scheduler
+
+    s = Scheduler(None, None, lambda rows: 0.01, None, 100)
+    now = time.perf_counter()
+    # slowdown = time since submitted / (alone cost so far + one 1-row forward)
+    behind = Job(None, None, None, None, t_add=now - 1.0, alone_s=0.09)  # 10x
+    close = Job(None, None, None, None, t_add=now - 1.0, alone_s=1 / (10 * FAIR) - 0.01 - 0.005)  # ~0.83 of it
+    ahead = Job(None, None, None, None, t_add=now - 1.0, alone_s=1 / (10 * FAIR) - 0.01 + 0.05)  # ~0.7 of it
+    new = Job(None, None, None, None, t_add=now)  # just submitted: no time behind yet
+    assert s._behind([behind, close, ahead, new]) == [behind, close]
+    assert s._behind([ahead, new]) == [ahead]  # the furthest behind always goes
