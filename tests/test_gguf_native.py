@@ -127,3 +127,25 @@ def test_other_backends_dequantize(tmp_path):
     with pytest.warns(UserWarning, match="backend 'torch'"):
         eng = specedit.load(path, cpu_kernels=False)
     assert eng.model.fused_layers is None and eng.path.is_dir()  # the converted float32 directory
+
+
+@pytest.mark.skipif(build.available() and build.best_isa() != "avx512", reason="no AVX-512 here to compare AVX2 with")
+@pytest.mark.parametrize("fmt", ["mixed", "q4_0", "q4_1", "q5_0", "q5_1"])
+def test_avx2_and_avx512_agree_on_the_whole_model(tmp_path, fmt):
+    """Every layer, the K/V written and the logits of a quantized model, bit for bit, whichever ISA runs."""
+    if fmt == "mixed":
+        path = write(tmp_path, "qwen2", lambda n: next((f for k, f in MIXED.items() if f".{k}." in f".{n}"), "q4_k"),
+                     tied=False, fmts=("q4_k",))
+    else:
+        path = write(tmp_path, "llama", lambda name: fmt, fmts=(fmt,))  # tied: the Q-format embedding is lm_head
+    eng = specedit.load(path)
+    m = eng.model
+    x = m.embed(torch.tensor([IDS]))  # [1, T, dim]
+    outs = []
+    for isa in ("avx2", "avx512"):
+        c = eng._cache(len(IDS))
+        h = m.fused_layers(x, c, [0], isa=isa)  # [1, T, dim]
+        outs.append((m.lm_head(m.norm(h), isa=isa), c.buf.clone()))
+    (a, ka), (b, kb) = outs
+    assert torch.isfinite(a).all() and a.abs().max() > 0
+    assert torch.equal(a, b) and torch.equal(ka, kb)
