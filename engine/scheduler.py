@@ -20,9 +20,11 @@ instead of N), N sequences together decide at least as many tokens per second as
 
 Fairness: each job keeps what its forwards so far would have cost it alone (the cost model of its own rows)
 against the time since it was submitted. A job less than FAIR (0.8) as far behind its alone pace as the
-job furthest behind sits out the step, so those behind get a shorter forward; a joining job's prefill chunk
-goes by the same rule. Nobody starves: a job sitting out falls behind until it goes again. Only where rows are
-ragged (`fair=True`): a backend that pads every row to the longest computes absent rows anyway.
+job furthest behind sits out the step, so those behind get a shorter forward. Nobody starves: a job sitting
+out falls behind until it goes again. Prefill chunks are not held back (held by the same rule, a newcomer's
+first 256 tokens put it ahead and its next chunk waited: p50 time to first token 0.27-0.41 s against 0.20 s, and
+the worst latency at 8 clients 8.2-8.4x against 6.1-7.7x). Only where rows are ragged (`fair=True`): a backend
+that pads every row to the longest computes absent rows anyway.
 
 (Measured against the planner this replaced, which spent rows wherever one forward's expected tokens per second
 grew most: 8 NoFunEval edits through the server, 4 clients, 4 interleaved runs each, default model: aggregate
@@ -95,16 +97,15 @@ class Scheduler:
         return bool(self.joining) or any(j is not None for j in self.slots)
 
     def step(self) -> None:
-        """One boundary: drop cancelled jobs; then, of the jobs furthest behind their alone pace, advance the
-        first joining prefill by a chunk and decode the active ones in one batched forward."""
+        """One boundary: drop cancelled jobs, advance the first joining prefill by a chunk, and decode the active
+        jobs furthest behind their alone pace in one batched forward."""
         for job in [j for j in self.joining if j.cancelled]:
             self.joining.remove(job)
             job.finish()
         self._leave([j for j in self.active if j.cancelled])
-        waiting = [self.joining[0]] if self.joining and None in self.slots else []
-        go = self._behind(self.active + waiting)
-        if waiting and waiting[0] in go:
-            self._prefill_chunk(waiting[0])
+        if self.joining and None in self.slots:
+            self._prefill_chunk(self.joining[0])
+        go = self._behind(self.active)
         decoding = [(b, j) for b, j in enumerate(self.slots) if j in go]
         if decoding:
             self._decode_step(decoding)
