@@ -35,6 +35,7 @@ compute-bound; the worst request's latency 3.5-5.4x its alone latency against 4.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import queue
 import threading
 import time
@@ -286,13 +287,16 @@ class Handle:
 
 class Service:
     """A Scheduler running in a daemon thread: `submit()` is safe from any thread and any number of callers.
-    The thread starts with the first submission and idles when nothing is queued."""
+    The thread starts with the first submission, idles when nothing is queued, and is stopped at interpreter
+    exit: a daemon thread still running when the interpreter finalizes is killed where it next takes the GIL,
+    and inside torch (a tensor freed on the way) that aborts the whole process."""
 
     def __init__(self, scheduler: Scheduler):
         self.scheduler = scheduler
         self._incoming: deque[Job] = deque()
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._stopping = False
 
     def submit(self, make_job: Callable[[Callable[[list[int]], None], Callable[[], None]], Job]) -> Handle:
         """make_job(emit, finish) -> Job; returns its Handle."""
@@ -302,27 +306,46 @@ class Service:
 
         handle = Handle(factory)
         with self._wake:
+            if self._stopping:
+                raise RuntimeError("the engine's scheduler has stopped")
             self._incoming.append(handle.job)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="specedit-scheduler", daemon=True)
                 self._thread.start()
+                atexit.register(self.stop)
             self._wake.notify()
         return handle
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """End the thread after its current step; sequences still running end with an error."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     @torch.inference_mode()
     def _loop(self) -> None:
         s = self.scheduler
         while True:
             with self._wake:
-                while not self._incoming and not s.busy:
+                while not self._incoming and not s.busy and not self._stopping:
                     self._wake.wait()
                 while self._incoming:
                     s.add(self._incoming.popleft())
+                if self._stopping:
+                    self._fail(RuntimeError("the engine's scheduler has stopped"))
+                    return
             try:
                 s.step()
             except BaseException as e:  # noqa: BLE001 - every waiting caller must hear of it
-                for job in list(s.joining) + s.active:
-                    job.error = e
-                    job.finish()
-                s.joining.clear()
-                s.slots, s.cache = [None] * s.max_batch, None
+                self._fail(e)
+
+    def _fail(self, e: BaseException) -> None:
+        """End every queued and running sequence with error `e` and free the batch."""
+        s = self.scheduler
+        for job in list(s.joining) + s.active:
+            job.error = e
+            job.finish()
+        s.joining.clear()
+        s.slots, s.cache = [None] * s.max_batch, None
