@@ -27,9 +27,9 @@ the worst latency at 8 clients 8.2-8.4x against 6.1-7.7x). Only where rows are r
 that pads every row to the longest computes absent rows anyway.
 
 (Measured against the planner this replaced, which spent rows wherever one forward's expected tokens per second
-grew most: 8 NoFunEval edits through the server, 4 clients, 4 interleaved runs each, default model: aggregate
-365-469 tok/s against 379-488, the same within the host's noise, since the Q4_1 engine's verify forwards are
-compute-bound; the worst request's latency 3.5-5.4x its alone latency against 4.6-6.1x.)
+grew most: 8 NoFunEval edits through the server, default model, both on the same cost model, 3 interleaved
+runs each: at 4 clients 468-510 tok/s against 459-471, worst latency 4.0-4.1x its alone latency against
+4.2-5.2x, p95 latency 2.6-2.8 s against 3.6-4.2 s; at 8 clients 474-501 tok/s against 428-462.)
 """
 
 from __future__ import annotations
