@@ -39,3 +39,17 @@ def test_triton_greedy_plain_and_speculative_match_torch(engines):
     r = tri.generate(prompt, max_new_tokens=24, prediction=mutated)
     assert r.token_ids == plain
     assert r.stats.draft_accepted > 0
+
+
+@pytest.mark.parametrize("which", ["torch", "triton"])
+def test_padded_batches_equal_each_prompts_own_generate(engines, which):
+    """Backends without ragged fused layers (the GPU path) pad every row of a batched step to the longest and
+    roll the padding back: sequences of different lengths, drafts accepted, rejected and absent."""
+    eng = dict(zip(("torch", "triton"), engines))[which]
+    rng = random.Random(2)
+    prompts = [rng.choices(range(128), k=k) for k in (5, 23, 12)]
+    plain = [eng.generate(p, max_new_tokens=16).token_ids for p in prompts]
+    preds = [plain[0], plain[1][:6] + [(plain[1][6] + 1) % 128] + plain[1][7:], None]
+    rs = eng.generate_batch(prompts, max_new_tokens=16, prediction=preds)
+    assert [r.token_ids for r in rs] == plain
+    assert rs[0].stats.draft_accepted > 0 and rs[1].stats.draft_rejected > 0
