@@ -114,7 +114,7 @@ class Scheduler:
     def _behind(self, jobs: list[Job]) -> list[Job]:
         """The jobs at least FAIR as far behind their alone pace (time since submitted / alone cost) as the
         one furthest behind."""
-        if not self.fair:
+        if not self.fair or not jobs:
             return jobs
         now, floor = time.perf_counter(), self.cost(1)
         slow = [(now - j.t_add) / (j.alone_s + floor) for j in jobs]
