@@ -62,10 +62,12 @@ class CostModel:
 
     @classmethod
     def measure(cls, model, make_cache: Callable[[int], KVCache], rows=(1, 2, 4, 8, 16, 32, 64), prefix=128,
-                reps=3) -> CostModel:
+                reps=5) -> CostModel:
         """Time forwards of T rows after a `prefix`-token context: one warmup per T, then `reps` rounds that
         each time every T once (a burst of load from elsewhere hits all T alike), min per T. Not `steady` when
-        some T's two best rounds differ by more than a quarter."""
+        some T's two best rounds differ by more than a quarter. (5 rounds, not 3: one cached model 10% high at 8
+        rows cut its drafts by a token and a server's throughput by ~10%; on a busy host 3 rounds gave 8 rows
+        7.2-7.6 ms, 5 rounds 6.9-7.2 ms, for 0.2 s more, paid once per machine, model and format.)"""
         device = model.rope_cos.device
         cache = make_cache(prefix + max(rows))
         model(torch.zeros(1, prefix, dtype=torch.long, device=device), cache)
