@@ -305,7 +305,7 @@ class Engine:
 
     def cost_model(self) -> CostModel:
         """Forward time vs rows on this machine: measured once per machine, model shape and weight format
-        (~0.1-1 s) and kept under $SPECEDIT_CACHE/cost, so a fresh engine's first speculative call doesn't pay
+        (~1 s) and kept under $SPECEDIT_CACHE/cost, so a fresh engine's first speculative call doesn't pay
         for it (only a steady measurement is kept: see CostModel.measure)."""
         if self._cost is None:
             from . import costcache

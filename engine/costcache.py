@@ -1,6 +1,6 @@
 """The cost model (forward time vs rows) on disk: measured once per machine, model shape and weight format.
 
-A fresh engine's first speculative call would otherwise pay for the timing (0.1-1 s on SmolLM2-135M, more on
+A fresh engine's first speculative call would otherwise pay for the timing (0.9-1.5 s on SmolLM2-135M, more on
 larger models), which on a short edit is more than speculation saves. Files live in `$SPECEDIT_CACHE/cost`
 (default ~/.cache/specedit/cost), one small JSON per key; a missing, unreadable, malformed or week-old file
 means measuring again. The key covers the machine (CPU model, threads, GPU name), the torch build, the model's
