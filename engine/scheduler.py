@@ -39,6 +39,7 @@ import atexit
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -287,9 +288,13 @@ class Handle:
 
 class Service:
     """A Scheduler running in a daemon thread: `submit()` is safe from any thread and any number of callers.
-    The thread starts with the first submission, idles when nothing is queued, and is stopped at interpreter
-    exit: a daemon thread still running when the interpreter finalizes is killed where it next takes the GIL,
-    and inside torch (a tensor freed on the way) that aborts the whole process."""
+
+    The thread starts with a submission and ends after IDLE_S seconds with nothing to do (the next submission
+    starts another), so an engine nobody holds any more can be freed with its weights. It is stopped at
+    interpreter exit: a daemon thread still running when the interpreter finalizes is killed where it next
+    takes the GIL, and inside torch (a tensor freed on the way) that aborts the whole process."""
+
+    IDLE_S = 5.0
 
     def __init__(self, scheduler: Scheduler):
         self.scheduler = scheduler
@@ -297,6 +302,8 @@ class Service:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        me = weakref.ref(self)  # not self.stop: atexit would keep the engine alive
+        atexit.register(lambda: (svc := me()) is not None and svc.stop())
 
     def submit(self, make_job: Callable[[Callable[[list[int]], None], Callable[[], None]], Job]) -> Handle:
         """make_job(emit, finish) -> Job; returns its Handle."""
@@ -312,7 +319,6 @@ class Service:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="specedit-scheduler", daemon=True)
                 self._thread.start()
-                atexit.register(self.stop)
             self._wake.notify()
         return handle
 
@@ -321,8 +327,9 @@ class Service:
         with self._wake:
             self._stopping = True
             self._wake.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
 
     @torch.inference_mode()
     def _loop(self) -> None:
@@ -330,7 +337,9 @@ class Service:
         while True:
             with self._wake:
                 while not self._incoming and not s.busy and not self._stopping:
-                    self._wake.wait()
+                    if not self._wake.wait(self.IDLE_S) and not self._incoming and not s.busy:
+                        self._thread = None
+                        return
                 while self._incoming:
                     s.add(self._incoming.popleft())
                 if self._stopping:

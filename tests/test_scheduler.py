@@ -6,11 +6,13 @@ cancelled. float32 and float16 weights on the CPU kernels (row-invariant: paddin
 row's bits).
 """
 
+import gc
 import random
 import subprocess
 import sys
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -132,3 +134,24 @@ def test_exiting_while_the_scheduler_decodes_is_a_clean_exit(tmp_path):
     for _ in range(3):  # without the fix about one exit in four aborted; here the thread is always mid-decode
         r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0 and r.stdout == "exiting\n", (r.returncode, r.stderr[-2000:])
+
+
+def test_the_thread_ends_when_idle_and_an_engine_nobody_holds_is_freed(tmp_path, monkeypatch):
+    from specedit.scheduler import Service
+
+    monkeypatch.setattr(Service, "IDLE_S", 0.05)
+    eng = specedit.load(make_checkpoint(tmp_path, "llama"))
+    first = eng.generate_batch([[1, 2, 3]], max_new_tokens=4)[0].token_ids
+    service = eng.service()
+    for _ in range(200):
+        if service._thread is None:
+            break
+        time.sleep(0.01)
+    assert service._thread is None  # idle: gone
+    assert eng.generate_batch([[1, 2, 3]], max_new_tokens=4)[0].token_ids == first  # a new one starts
+    thread, ref = service._thread, weakref.ref(eng)
+    del eng, service
+    if thread is not None:
+        thread.join(5)
+    gc.collect()
+    assert ref() is None
