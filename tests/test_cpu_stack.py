@@ -5,6 +5,9 @@ residuals are computed (C++ loops vs torch ops), so floats agree to ~1e-6 relati
 Against transformers, test_runtime covers every architecture (load() fuses by default).
 """
 
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -186,3 +189,34 @@ def test_forward_rows_pads_where_the_layers_are_not_fused(path):
         m.fused_layers = saved
     assert fused.shape == layered.shape == (11, eng.cfg.vocab_size)
     assert (fused - layered).abs().max().item() < 1e-5 * layered.abs().max().item()
+
+
+ENGINE_RUN = """
+import sys, torch, specedit
+from specedit.kernels.cpu import build
+eng = specedit.load(sys.argv[1])
+r = eng.generate([1, 5, 9, 2], max_new_tokens=12, prediction=[7, 7, 7])
+torch.save({"isa": build.best_isa(), "logits": eng.logits([1, 5, 9, 2, 11, 3]), "tokens": r.token_ids}, sys.argv[2])
+"""
+
+
+def test_specedit_isa_avx2_runs_the_whole_engine_on_avx2_with_the_same_bits(path, tmp_path):
+    """SPECEDIT_ISA=avx2 makes every kernel take the AVX2 path (as on an AVX2-only machine); on an AVX-512 CPU
+    the logits and tokens must equal the AVX-512 run's bit for bit."""
+    runs = {}
+    for isa in ("avx2", "auto"):
+        out = tmp_path / f"{isa}.pt"
+        env = {**os.environ, "SPECEDIT_ISA": isa}
+        r = subprocess.run([sys.executable, "-c", ENGINE_RUN, str(path), str(out)], env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs[isa] = torch.load(out)
+    assert runs["avx2"]["isa"] == "avx2" and runs["auto"]["isa"] == build.best_isa()
+    assert torch.equal(runs["avx2"]["logits"], runs["auto"]["logits"])
+    assert runs["avx2"]["tokens"] == runs["auto"]["tokens"]
+
+
+def test_specedit_isa_rejects_what_it_cannot_run():
+    r = subprocess.run([sys.executable, "-c", "from specedit.kernels.cpu import build; build.load()"],
+                       env={**os.environ, "SPECEDIT_ISA": "sse"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "SPECEDIT_ISA='sse': use avx2, avx512 or auto" in r.stderr

@@ -146,10 +146,15 @@ def _build(out: Path) -> None:
 def load():
     """The compiled extension module; built on first use (tens of seconds), then loaded from the cache.
 
-    Raises BuildError (one line, naming the build log) when it cannot be built or loaded here."""
+    Raises BuildError (one line, naming the build log) when it cannot be built or loaded here, ValueError when
+    $SPECEDIT_ISA asks for what it cannot run (`avx2` runs the AVX2 kernels on an AVX-512 CPU, as an AVX2-only
+    machine would; `avx512` requires AVX-512; unset or `auto`: the best this CPU has)."""
     global _ext, _error
     if _ext is not None:
         return _ext
+    want = os.environ.get("SPECEDIT_ISA", "auto")
+    if want not in ("auto", "avx2", "avx512"):
+        raise ValueError(f"SPECEDIT_ISA={want!r}: use avx2, avx512 or auto")
     with _lock:
         if _ext is not None:
             return _ext
@@ -173,6 +178,8 @@ def load():
         except (OSError, ImportError) as e:
             _error = BuildError(f"loading the CPU kernels from {library} failed: {e}")
             raise _error from e
+        if want == "avx512" and module.best_isa() != "avx512":
+            raise ValueError("SPECEDIT_ISA=avx512, but this CPU has no AVX-512")
         _ext = module
         return _ext
 

@@ -3,6 +3,8 @@
 // binding because the torch and pybind headers are what takes time to compile.
 // Narrow includes on purpose: <torch/extension.h> alone takes ~19 s to compile here, these ~5 s.
 #include <ATen/Parallel.h>
+#include <cstdlib>
+#include <string>
 #include <ATen/ops/empty.h>
 #include <torch/csrc/utils/pybind.h>
 
@@ -21,12 +23,24 @@ static bool has_avx512() {
   return yes;
 }
 
-// "avx512" or "avx2": what ISA_AUTO picks on this CPU.
-static std::string best_isa() { return has_avx512() ? "avx512" : "avx2"; }
+// What ISA_AUTO runs: AVX-512 where the CPU has it, unless SPECEDIT_ISA=avx2 (read once, at the first call)
+// asks for the AVX2 kernels, so a whole run takes the path an AVX2-only machine takes (build.py checks the
+// variable's value when it loads the extension).
+static int64_t auto_isa() {
+  static const int64_t isa = [] {
+    const char* env = std::getenv("SPECEDIT_ISA");
+    const bool avx2 = env != nullptr && std::string(env) == "avx2";
+    return (int64_t)(has_avx512() && !avx2 ? ISA_AVX512 : ISA_AVX2);
+  }();
+  return isa;
+}
+
+// "avx512" or "avx2": what ISA_AUTO picks.
+static std::string best_isa() { return auto_isa() == ISA_AVX512 ? "avx512" : "avx2"; }
 
 // An IsaCode from Python -> the instruction set to run (ISA_AUTO resolved); ValueError if not runnable here.
 static int64_t resolve_isa(int64_t isa, const char* what) {
-  if (isa == ISA_AUTO) return has_avx512() ? ISA_AVX512 : ISA_AVX2;
+  if (isa == ISA_AUTO) return auto_isa();
   TORCH_CHECK_VALUE(isa == ISA_AVX2 || (isa == ISA_AVX512 && has_avx512()), what, ": isa code ", isa,
                     " is not available here");
   return isa;
