@@ -21,7 +21,9 @@ instead of N), N sequences together decide at least as many tokens per second as
 Fairness: each job keeps what its forwards so far would have cost it alone (the cost model of its own rows)
 against the time since it was submitted. A job less than FAIR (0.8) as far behind its alone pace as the
 job furthest behind sits out the step, so those behind get a shorter forward. Nobody starves: a job sitting
-out falls behind until it goes again. Prefill chunks are not held back (held by the same rule, a newcomer's
+out falls behind until it goes again; and the time a job waited for a free row counts only up to what
+max_batch sequences sharing the machine would have cost it, or after a long queue it would hold everyone
+else back until it caught up. Prefill chunks are not held back (held by the same rule, a newcomer's
 first 256 tokens put it ahead and its next chunk waited: p50 time to first token 0.27-0.41 s against 0.20 s, and
 the worst latency at 8 clients 8.2-8.4x against 6.1-7.7x). Only where rows are ragged (`fair=True`): a backend
 that pads every row to the longest computes absent rows anyway.
@@ -151,6 +153,10 @@ class Scheduler:
                     grown.copy_row(b, self.cache, b)
                     other.cache = grown
             self.cache = grown
+        # A long wait for a free row would make it the furthest behind by far and stall everyone else until it
+        # caught up: its claim is capped at what max_batch sequences sharing the machine would have cost it.
+        now = time.perf_counter()
+        job.t_add = max(job.t_add, now - self.max_batch * (job.alone_s + self.cost(1)))
         b = self.slots.index(None)
         self.cache.copy_row(b, job.cache, 0)
         job.cache, job.seq.row, self.slots[b] = self.cache, b, job

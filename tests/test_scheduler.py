@@ -155,3 +155,21 @@ def test_the_thread_ends_when_idle_and_an_engine_nobody_holds_is_freed(tmp_path,
         thread.join(5)
     gc.collect()
     assert ref() is None
+
+
+def test_a_long_wait_for_a_row_gives_a_bounded_claim(tmp_path):
+    """A job that waited long for a free row joins at most max_batch times behind its alone pace."""
+    from specedit.scheduler import Job, Scheduler
+
+    eng = specedit.load(make_checkpoint(tmp_path, "llama"))
+    cost = eng.cost_model()
+    s = Scheduler(eng.model, eng.backend.accept, cost, lambda rows, length: eng._cache(length, rows), 512,
+                  max_batch=4)
+    seq = eng._sequence([1, 2, 3, 4], 8, None, 0.0, (), 0)
+    job = Job(seq, eng._cache(len(seq.prompt)), lambda toks: None, lambda: None)
+    s.add(job)
+    job.t_add -= 100.0  # as if it had queued for 100 s
+    s._prefill_chunk(job)  # prefilled and joined
+    assert job in s.active
+    behind = (time.perf_counter() - job.t_add) / (job.alone_s + cost(1))
+    assert 4.0 <= behind < 4.5  # max_batch, not 100 s worth
