@@ -1,10 +1,21 @@
-"""Test setup: run Triton kernels under the interpreter when no GPU is present.
+"""Test setup: run Triton kernels under the interpreter when no GPU is present, and keep the repository root off
+sys.path.
 
 TRITON_INTERPRET must be set before anything imports triton-jitted code, so this runs first.
 No GPU driver is queried: the check looks for a device node only.
+
+`make test` runs the pytest console script, which does not put the current directory on sys.path; `python -m
+pytest` from the root does, and the root's `kernels/` folder then shadows the PyPI package `kernels` that
+transformers imports (ImportError at collection). The package is installed as `specedit.kernels`, so the root is
+never needed on sys.path: drop it for either way of starting pytest.
 """
 
 import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 
 if not os.path.exists("/dev/nvidia0") and "TRITON_INTERPRET" not in os.environ:
     os.environ["TRITON_INTERPRET"] = "1"

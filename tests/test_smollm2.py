@@ -88,3 +88,18 @@ def test_stream_is_the_edit_text(eng):
     deltas = list(eng.stream(prompt, max_new_tokens=300, prediction=pred, stop=[prompts.FENCE]))
     assert "".join(deltas) == r.text and len(deltas) > 1
     assert prompts.FENCE not in r.text
+
+
+def test_the_demo_edit_is_right(eng):
+    """`make demo` shows this edit: the 135M model must keep getting it right (the file opened with a context
+    manager, closed by it, everything else unchanged), or the demo must change."""
+    src = (Path(__file__).resolve().parents[1] / "examples" / "word_counts.py").read_text()
+    e = eng.edit(src, "Use a context manager to open the file.", "python")
+    assert e.complete
+    compile(e.text, "word_counts.py", "exec")
+    head, tail = e.text.split("    counts = {}\n")
+    assert head.splitlines()[0] == "def word_counts(path):"
+    assert [line.strip() for line in head.splitlines()[1:]] in (
+        ["with open(path) as f:", "text = f.read()"], ["with open(path, 'r') as f:", "text = f.read()"],
+        ['with open(path, "r") as f:', "text = f.read()"])
+    assert tail == src.split("    counts = {}\n")[1]
