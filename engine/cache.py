@@ -75,6 +75,16 @@ class KVCache:
             raise ValueError(f"rollback of row {row} to {length} outside 0..{self._lengths[row]}")
         self._lengths[row] = length
 
+    def fill(self, row: int, kv: torch.Tensor) -> None:
+        """Make row `row` hold the K/V rows kv [L, 2, H_kv, n, D] at positions 0..n-1 (rows computed earlier,
+        e.g. a cached prompt prefix), as if a forward had appended them."""
+        n, (layers, two, _, heads, _, dim) = kv.shape[3], self.buf.shape
+        if n > self.max_len or kv.shape[:3] + kv.shape[4:] != (layers, two, heads, dim):
+            raise ValueError(f"K/V rows of shape {tuple(kv.shape)} do not fit a row of this cache "
+                             f"{tuple(self.buf.shape)}")
+        self.buf[:, :, row, :, :n] = kv
+        self._lengths[row] = n
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the new rows' keys and values k, v [B, T, H_kv, D] at `positions` (set by advance)."""
         kc, vc = self._views[layer]
@@ -84,11 +94,4 @@ class KVCache:
     def copy_row(self, row: int, src: KVCache, src_row: int = 0) -> None:
         """Make row `row` a copy of `src`'s row `src_row`: its K/V slots and its length (e.g. a sequence
         prefilled in a cache of its own joining a batch). Both caches must have the same layers and heads."""
-        n = src._lengths[src_row]
-        if n > self.max_len or src.buf.shape[:2] + src.buf.shape[3:4] + src.buf.shape[5:] != (
-            self.buf.shape[:2] + self.buf.shape[3:4] + self.buf.shape[5:]
-        ):
-            raise ValueError(f"copy_row: a row of {n} positions in a cache of shape {tuple(src.buf.shape)} does not "
-                             f"fit this cache {tuple(self.buf.shape)}")
-        self.buf[:, :, row, :, :n] = src.buf[:, :, src_row, :, :n]
-        self._lengths[row] = n
+        self.fill(row, src.buf[:, :, src_row, :, : src._lengths[src_row]])
