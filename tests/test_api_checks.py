@@ -264,7 +264,8 @@ def test_every_entry_point_checks_arguments_alike(eng, entry, kw, exc, words):
 
 def test_surrogates_in_messages_and_edit_name_the_argument(eng):
     with pytest.raises(ValueError, match=r"messages\[1\]\['content'\] is not valid text"):
-        eng.chat([{"role": "system", "content": "hi"}, {"role": "user", "content": [{"type": "text", "text": "\ud800"}]}])
+        eng.chat([{"role": "system", "content": "hi"},
+                  {"role": "user", "content": [{"type": "text", "text": "\ud800"}]}])
     with pytest.raises(ValueError, match=r"original is not valid text"):
         eng.edit("a\udc00", "fix it")
     with pytest.raises(ValueError, match=r"instruction is not valid text"):
