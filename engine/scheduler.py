@@ -14,13 +14,16 @@ its row; a free row sends no rows to the forward, so it costs nothing. The batch
 sequence is left.
 
 Each step has a prompt-token budget, as vLLM's chunked prefill has: `prefill_chunk` (64) tokens when no
-sequence decodes; while some do, the tokens that cost (cost model) at most PREFILL_SHARE (2) times their
-forward, so a decoding sequence keeps a third of its alone speed or better beside a long prefill. The budget is
-shared max-min fairly between the waiting prompts that have a free row to go to: a short prompt sent behind a
-long one is in after a step or two and decodes while the long one is still being prefilled. (First come, first
-served, a short request sent 1 s after an 8,000-token prompt waited 24.6 s for that whole prefill against
-0.20 s alone.) Chunking changes no bits: the CPU kernels give every row the same result whatever its
-neighbours, so a prompt prefilled in any chunks leaves the same cache and logits.
+sequence decodes; while some do, the tokens that cost at most PREFILL_SHARE (2) times their forward, so a
+decoding sequence keeps about a third of its alone speed or better beside a long prefill (costs from the cost
+model, scaled by how much slower than it the recent decode forwards and each prompt's recent chunks ran: a
+chunk deep in a long prompt attends over thousands of positions, which the model, measured after 128, misses).
+The budget is shared between the waiting prompts that have a free row to go to: each gets a floor (a quarter of
+an equal share), the rest goes shortest first. A short prompt sent behind a long one is in after one step and
+decodes while the long one is still being prefilled. (First come, first served, a short request sent 1 s after
+an 8,000-token prompt waited 24.6 s for that whole prefill against 0.20 s alone.) Chunking changes no bits: the
+CPU kernels give every row the same result whatever its neighbours, so a prompt prefilled in any chunks leaves
+the same cache and logits.
 
 One sequence's fault is its own: an exception while working one sequence (its prefill, first token, draft,
 accept, stop check, emitting its tokens, joining a row) ends that sequence alone with the error on its handle,
@@ -84,10 +87,16 @@ class Job:
     t_add: float = 0.0  # when the scheduler got it
     alone_s: float = 0.0  # what its forwards so far would have cost it alone (cost model)
     done: bool = False  # finish() has been called
+    slow: float | None = None  # its prefill chunks' wall time over their cost model's (recent average)
 
 
 FAIR = 0.8
 PREFILL_SHARE = 2.0  # while sequences decode, a step's prefill costs at most this times their forward
+
+
+def ema(old: float | None, new: float) -> float:
+    """A recent average: half the last value, half the one before."""
+    return new if old is None else 0.5 * old + 0.5 * new
 
 
 def end(job: Job, error: BaseException | None = None) -> None:
@@ -108,13 +117,16 @@ class Scheduler:
     """The batched loop over Jobs; single-threaded (see Service for many callers). `cost(rows)`: seconds of a
     forward of that many rows (the engine's cost model), for each job's alone pace and the prefill budget;
     `fair`: jobs ahead of it sit out steps (see the module's docstring); `prefill_chunk`: the most prompt tokens
-    one step prefills."""
+    one step prefills; `timed`: the prefill budget scales the cost model by the forwards' measured times (False:
+    the cost model alone, for tests that count steps)."""
 
     def __init__(self, model, accept: AcceptFn, cost: Callable[[int], float],
                  make_cache: Callable[[int, int], KVCache], limit: int, k_max: int = 64, max_batch: int = 8,
-                 prefill_chunk: int = 64, fair: bool = True):
+                 prefill_chunk: int = 64, fair: bool = True, timed: bool = True):
         self.model, self.accept, self.cost, self.make_cache, self.limit = model, accept, cost, make_cache, limit
         self.k_max, self.max_batch, self.prefill_chunk, self.fair = k_max, max_batch, prefill_chunk, fair
+        self.timed = timed
+        self._slow: float | None = None  # the decode forwards' wall time over their cost model's (recent average)
         self.joining: deque[Job] = deque()
         self.slots: list[Job | None] = [None] * max_batch  # row b of self.cache holds slots[b]
         self.cache: KVCache | None = None
@@ -170,13 +182,25 @@ class Scheduler:
         return [j for j, s in zip(jobs, slow) if s >= FAIR * max(slow)]
 
     # ---- joining ----------------------------------------------------------------------------------------------
+    def _waiting(self) -> list[Job]:
+        """The waiting prompts that have a free row to join (the first ones in arrival order), shortest rest
+        first."""
+        free = sum(j is None for j in self.slots)
+        return sorted(list(self.joining)[:free], key=lambda j: len(j.seq.prompt) - j.prefilled)
+
     def _prefill_budget(self, rows: int) -> int:
         """Prompt tokens this step may prefill: `prefill_chunk` when nothing decodes; while `rows` rows decode, as
-        many as cost (cost model) at most PREFILL_SHARE times their forward, so a decoding sequence runs at a
-        third of its alone speed or better while a long prompt is prefilled beside it (at least 1 token)."""
+        many as cost at most PREFILL_SHARE times their forward, so a decoding sequence keeps a third of its alone
+        speed or better while a long prompt is prefilled beside it (at least 1 token). Costs are the cost
+        model's, and with `timed` each scaled by how much slower than the model such forwards have lately run:
+        a deep prompt's chunks attend over thousands of positions, which the model (measured after 128) misses,
+        and a busy host slows everything."""
         if rows == 0:
             return self.prefill_chunk
         cap = PREFILL_SHARE * self.cost(rows)
+        if self.timed:
+            decode_slow = self._slow or 1.0
+            cap *= decode_slow / max((j.slow for j in self._waiting() if j.slow), default=decode_slow)
         lo, hi = 1, self.prefill_chunk  # the largest t <= hi with cost(t) <= cap (cost is non-decreasing)
         while lo < hi:
             mid = (lo + hi + 1) // 2
@@ -184,18 +208,23 @@ class Scheduler:
         return lo
 
     def _prefill(self, budget: int) -> None:
-        """Share `budget` prompt tokens between the waiting prompts that have a free row to join (the first ones
-        in arrival order), max-min fairly: each gets an equal share, and what a shorter prompt leaves over goes
-        to the longer ones. So a short prompt sent behind a long one is prefilled in a step or two, and no
-        prompt waits for another's whole prefill."""
-        free = sum(j is None for j in self.slots)
-        waiting = sorted(list(self.joining)[:free], key=lambda j: len(j.seq.prompt) - j.prefilled)
-        for i, job in enumerate(waiting):
-            share = max(1, budget // (len(waiting) - i))
-            n = min(len(job.seq.prompt) - job.prefilled, share)
-            budget -= n
+        """Share `budget` prompt tokens between the waiting prompts: each gets a floor of a quarter of an equal
+        share (no prompt starves), and the rest goes shortest first. So a short prompt sent behind a long one
+        is in after one step, and no prompt waits for another's whole prefill."""
+        waiting = self._waiting()
+        if not waiting:
+            return
+        rest = {j: len(j.seq.prompt) - j.prefilled for j in waiting}
+        floor = max(1, budget // (4 * len(waiting)))
+        take = {j: min(rest[j], floor) for j in waiting}
+        left = budget - sum(take.values())
+        for job in waiting:
+            more = max(0, min(rest[job] - take[job], left))
+            take[job] += more
+            left -= more
+        for job in waiting:
             try:
-                self._prefill_chunk(job, n)
+                self._prefill_chunk(job, take[job])
             except Exception as e:  # noqa: BLE001 - its own fault: it ends alone
                 self.drop(job, e)
 
@@ -206,8 +235,10 @@ class Scheduler:
         chunk = seq.prompt[job.prefilled : job.prefilled + (n or self.prefill_chunk)]
         t0 = time.perf_counter()
         logits = self.model(torch.tensor([chunk], device=job.cache.buf.device), job.cache)  # [1, V]
+        wall = time.perf_counter() - t0
         job.alone_s += self.cost(len(chunk))
-        seq.stats.prefill_s += time.perf_counter() - t0
+        job.slow = ema(job.slow, wall / self.cost(len(chunk)))
+        seq.stats.prefill_s += wall
         job.prefilled += len(chunk)
         if job.prefilled < len(seq.prompt):
             return
@@ -291,6 +322,7 @@ class Scheduler:
         for b, job in jobs:
             job.alone_s += self.cost(len(rows[b]))
         before = cache.lengths
+        t0 = time.perf_counter()
         try:
             logits = self.model.forward_rows(rows, cache)  # [M, V], row after row (rows sitting out send none)
         except Exception as e:  # noqa: BLE001 - the forward is shared: it ends the jobs in it, no others
@@ -300,6 +332,7 @@ class Scheduler:
             for _, job in jobs:
                 self.drop(job, e)
             return
+        self._slow = ema(self._slow, (time.perf_counter() - t0) / self.cost(len(logits)))
         first = [0]
         for r in rows:
             first.append(first[-1] + len(r))

@@ -339,7 +339,7 @@ def test_a_short_prompt_is_not_held_behind_a_long_prefill(eng):
 
     cost = CostModel([1, 8, 64], [1.0, 1.2, 8.0])  # fixed: the budget does not depend on this machine's load
     s = Scheduler(eng.model, eng.backend.accept, cost, lambda rows, length: eng._cache(length, rows), 512,
-                  prefill_chunk=32)
+                  prefill_chunk=32, timed=False)
     rng = random.Random(5)
     long_p, short_p = rng.choices(range(eng.cfg.vocab_size), k=490), rng.choices(range(eng.cfg.vocab_size), k=12)
     want_long = eng.generate(long_p, max_new_tokens=8).token_ids
@@ -361,7 +361,8 @@ def test_a_short_prompt_is_not_held_behind_a_long_prefill(eng):
         s.step()
         steps += 1
     assert out == {"long": want_long, "short": want_short}
-    # Two steps of 32 long tokens, then one step shares its 32 (12 short, 20 long); while the short one decodes
+    # Two steps of 32 long tokens, then one step shares its 32 (a floor of 4 each, then the short one's other 8
+    # first: 12 short, 20 long, so the short one is in after one step); while the short one decodes
     # its 19 other tokens a step prefills what costs at most twice its 1-row forward: 14 tokens here (cost 1.98).
     # So it ends with 64 + 20 + 19 * 14 = 350 of the 490 in (first come, first served: all 490, waiting behind).
     assert ended["short"] <= 64 + 20 + 19 * 14 < len(long_p)
