@@ -12,7 +12,7 @@ alone latency (p50, p99 = the worst of them), when the long prompt's prefill end
 every answer equals its alone answer. Writes benchmarks/out/serve_load_long_prompt.csv.
 
     python benchmarks/serve_load.py [--dtype auto] [--requests 8] [--levels 1,2,4,8] [--model smollm2-135m-instruct]
-    python benchmarks/serve_load.py --scenario long-prompt [--long-tokens 6000] [--shorts 6]
+    python benchmarks/serve_load.py --scenario long-prompt [--long-tokens 6000] [--shorts 6] [--long-alone]
 """
 
 from __future__ import annotations
@@ -100,6 +100,11 @@ def long_prompt(client, eng, args) -> None:
     alone = [one(client, b) for b in shorts]
     print(f"short requests alone: latency p50 {statistics.median(r[2] for r in alone):.2f} s, "
           f"max {max(r[2] for r in alone):.2f} s")
+    long_alone = None
+    if args.long_alone:
+        long_alone = one(client, long_body)
+        print(f"long prompt alone: first token (its prefill done) at {long_alone[3]:.2f} s, "
+              f"done at {long_alone[2]:.2f} s")
     t0 = time.perf_counter()
     long_result = {}
 
@@ -122,7 +127,8 @@ def long_prompt(client, eng, args) -> None:
     last_done = max(sent + r[2] for sent, r in beside)
     prefill_end = long_result["ttft"]
     p99 = ratios[min(len(ratios) - 1, round(0.99 * (len(ratios) - 1)))]
-    print(f"long prompt: first token (its prefill done) at {prefill_end:.2f} s, done at {long_result['latency']:.2f} s")
+    print(f"long prompt: first token (its prefill done) at {prefill_end:.2f} s, done at {long_result['latency']:.2f} s"
+          + ("" if long_alone is None else f"; same answer as alone: {long_result['text'] == long_alone[0]}"))
     print(f"short requests beside it: latency p50 {statistics.median(lat):.2f} s, worst {lat[-1]:.2f} s; "
           f"latency / alone p50 {statistics.median(ratios):.2f}x, p99 (worst of {len(ratios)}) {p99:.2f}x; "
           f"the last one done at {last_done:.2f} s; identical to alone: {same}")
@@ -152,6 +158,7 @@ def main():
     ap.add_argument("--long-tokens", type=int, default=6000, help="long-prompt: the long prompt's tokens")
     ap.add_argument("--shorts", type=int, default=6, help="long-prompt: short requests sent beside it")
     ap.add_argument("--short-tokens", type=int, default=32, help="long-prompt: max_tokens of a short request")
+    ap.add_argument("--long-alone", action="store_true", help="long-prompt: time the long request alone too")
     args = ap.parse_args()
 
     eng = specedit.load(args.model, dtype=args.dtype)

@@ -343,7 +343,8 @@ class Engine:
 
         prediction: None, or one prediction (text, ids or None) per prompt. Other arguments as in `generate`,
         applied to every prompt. Returns one GenerateResult per prompt, in order; each equals that prompt's own
-        `generate(...)` token for token on the CPU kernels (row-invariant backends)."""
+        `generate(...)` token for token on the CPU kernels (row-invariant backends). If one prompt's generation
+        fails, its error is raised and the others are cancelled."""
         if isinstance(prompts_, (str, bytes)) or not isinstance(prompts_, Sequence):
             raise TypeError(f"prompts must be a list of prompts (text or token ids), got {type(prompts_).__name__}")
         if prediction is not None and (isinstance(prediction, (str, bytes)) or not isinstance(prediction, Sequence)):
@@ -360,10 +361,15 @@ class Engine:
             seqs = [self._sequence(p, max_new_tokens, q, temperature, stop, seed) for p, q in zip(prompts_, preds)]
         handles = [self._submit(seq) for seq in seqs]
         results = []
-        for h in handles:
-            tokens = h.wait()
-            text = prompts.TextStream(self._text_bytes(), stop)
-            results.append(GenerateResult(tokens, text.feed(tokens) + text.finish(), h.stats))
+        try:
+            for h in handles:
+                tokens = h.wait()
+                text = prompts.TextStream(self._text_bytes(), stop)
+                results.append(GenerateResult(tokens, text.feed(tokens) + text.finish(), h.stats))
+        except BaseException:  # one failed (its error is raised here): the rest are not waited for, free their rows
+            for h in handles:
+                h.cancel()
+            raise
         return results
 
     def service(self, max_batch: int = 8) -> Service:

@@ -367,3 +367,38 @@ def test_a_short_prompt_is_not_held_behind_a_long_prefill(eng):
     # So it ends with 64 + 20 + 19 * 14 = 350 of the 490 in (first come, first served: all 490, waiting behind).
     assert ended["short"] <= 64 + 20 + 19 * 14 < len(long_p)
     assert steps < 100
+
+
+def test_generate_batch_raises_a_failed_prompts_error_and_cancels_the_rest(eng, monkeypatch):
+    prompts, plain, _ = cases(eng)
+    sequence = eng._sequence
+
+    def planted(ids_or_text, *a, **k):
+        seq = sequence(ids_or_text, *a, **k)
+        if list(ids_or_text) == prompts[0]:
+            def faulty(tok):
+                raise Injected("stop check fault")
+            seq.stopper.push = faulty
+        return seq
+
+    from specedit.scheduler import Handle
+
+    cancel, cancelled = Handle.cancel, []
+
+    def counting(h):
+        cancelled.append(h.job)
+        cancel(h)
+
+    monkeypatch.setattr(eng, "_sequence", planted)
+    monkeypatch.setattr(Handle, "cancel", counting)
+    with pytest.raises(Injected):
+        eng.generate_batch(prompts[:3], max_new_tokens=400)
+    assert len(cancelled) == 3 and all(j.cancelled or j.done for j in cancelled)
+    s = eng.service().scheduler
+    for _ in range(500):
+        if not s.busy:
+            break
+        time.sleep(0.01)
+    assert not s.busy and s.cache is None  # the other two were cancelled, not left decoding 400 tokens
+    monkeypatch.undo()
+    assert eng.generate_batch(prompts[1:3], max_new_tokens=36)[1].token_ids == plain[2]
