@@ -92,3 +92,29 @@ def test_a_failing_request_gets_a_500_and_the_others_their_answers(srv):
             assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
         else:
             assert json.loads(body)["choices"][0]["text"] == w
+
+
+def test_the_reported_tiny_temperature_is_greedy_beside_other_requests(srv):
+    """The report's case: "temperature": 1e-300 (passes ge=0) made the sampler divide by zero in the scheduler
+    thread and ended every request in flight. Now it decodes greedily, and a stream beside it gets its answer."""
+    eng, port = srv
+    want = eng.generate("def add(a, b):", max_new_tokens=24).text
+    out = {}
+
+    def run(key, body):
+        out[key] = post(port, body)
+
+    threads = [threading.Thread(target=run, args=("tiny", {"prompt": "def add(a, b):", "max_tokens": 24,
+                                                              "temperature": 1e-300})),
+               threading.Thread(target=run, args=("beside", {"prompt": "def add(a, b):", "max_tokens": 24,
+                                                             "stream": True}))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    status, body = out["tiny"]
+    assert status == 200 and json.loads(body)["choices"][0]["text"] == want
+    status, body = out["beside"]
+    events = [json.loads(line[6:]) for line in body.split("\n") if line.startswith("data: {")]
+    assert status == 200 and body.rstrip().endswith("data: [DONE]")
+    assert "".join(e["choices"][0]["text"] for e in events) == want
