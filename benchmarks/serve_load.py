@@ -5,7 +5,14 @@ time (each request's "alone" latency), then by 1, 2, 4 and 8 concurrent clients.
 completion tokens/s, p50/p95 latency, p50 time to first token, the worst latency relative to that request's
 alone latency, and whether every answer equals its alone answer. Writes benchmarks/out/serve_load.csv.
 
+`--scenario long-prompt` measures head-of-line blocking instead: a request with a long prompt (`--long-tokens`,
+6,000 by default; SmolLM2's context is 8,192) is sent, and 1 s later short requests are sent one after another
+(`--shorts`), each while that prompt is still being prefilled. Reports each short request's latency against its
+alone latency (p50, p99 = the worst of them), when the long prompt's prefill ended (its first token), and whether
+every answer equals its alone answer. Writes benchmarks/out/serve_load_long_prompt.csv.
+
     python benchmarks/serve_load.py [--dtype auto] [--requests 8] [--levels 1,2,4,8] [--model smollm2-135m-instruct]
+    python benchmarks/serve_load.py --scenario long-prompt [--long-tokens 6000] [--shorts 6] [--long-alone]
 """
 
 from __future__ import annotations
@@ -61,6 +68,85 @@ def level(client, bodies, clients: int) -> tuple[list, float]:
     return results, time.perf_counter() - t0
 
 
+SHORT_ASKS = ["Write a Python function that adds two numbers.", "What is a list comprehension? One sentence.",
+              "Name three sorting algorithms.", "Write a haiku about compilers.",
+              "Give a regular expression for a US zip code.", "What does `git rebase` do? One sentence.",
+              "Write a SQL query counting rows in a table named users.", "Explain recursion in one sentence."]
+
+
+def long_prompt_body(eng, tokens: int) -> dict:
+    """A chat request whose prompt is about `tokens` tokens: NoFunEval source files, cut to length."""
+    def count(content: str) -> int:
+        text = eng.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                 add_generation_prompt=True)
+        return len(eng.encode(text))
+
+    code = "\n\n".join(r["source_code"] for name in ("latency", "resource_util") for r in nofuneval(name))
+    ask = "Summarize what the following code does, in one sentence.\n\n"
+    ids = eng.encode(code[: 5 * tokens])[: tokens - count(ask)]
+    content = ask + eng.tokenizer.decode(ids)
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": 8, "_prompt_tokens": count(content)}
+
+
+def long_prompt(client, eng, args) -> None:
+    long_body = long_prompt_body(eng, args.long_tokens)
+    n_long = long_body.pop("_prompt_tokens")
+    shorts = [{"messages": [{"role": "user", "content": a}], "max_tokens": args.short_tokens}
+              for a in (SHORT_ASKS * args.shorts)[: args.shorts]]
+    one(client, shorts[0])  # warm up
+    print(f"machine: {machine()}; model {args.model}, dtype {args.dtype} ({eng.backend.name} backend); "
+          f"context {eng.cfg.max_position} tokens; a {n_long}-token prompt, then {len(shorts)} short requests "
+          f"(max_tokens {args.short_tokens}) one after another from 1 s after it; streamed, greedy")
+    alone = [one(client, b) for b in shorts]
+    print(f"short requests alone: latency p50 {statistics.median(r[2] for r in alone):.2f} s, "
+          f"max {max(r[2] for r in alone):.2f} s")
+    long_alone = None
+    if args.long_alone:
+        long_alone = one(client, long_body)
+        print(f"long prompt alone: first token (its prefill done) at {long_alone[3]:.2f} s, "
+              f"done at {long_alone[2]:.2f} s")
+    t0 = time.perf_counter()
+    long_result = {}
+
+    def run_long():
+        text, tokens, lat, ttft = one(client, long_body)
+        long_result.update(text=text, latency=lat, ttft=ttft)
+
+    thread = threading.Thread(target=run_long)
+    thread.start()
+    time.sleep(1.0)
+    beside = []
+    for b in shorts:
+        sent = time.perf_counter() - t0
+        r = one(client, b)
+        beside.append((sent, r))
+    thread.join()
+    ratios = sorted(r[2] / a[2] for (_, r), a in zip(beside, alone))
+    lat = sorted(r[2] for _, r in beside)
+    same = all(r[0] == a[0] for (_, r), a in zip(beside, alone))
+    last_done = max(sent + r[2] for sent, r in beside)
+    prefill_end = long_result["ttft"]
+    p99 = ratios[min(len(ratios) - 1, round(0.99 * (len(ratios) - 1)))]
+    print(f"long prompt: first token (its prefill done) at {prefill_end:.2f} s, done at {long_result['latency']:.2f} s"
+          + ("" if long_alone is None else f"; same answer as alone: {long_result['text'] == long_alone[0]}"))
+    print(f"short requests beside it: latency p50 {statistics.median(lat):.2f} s, worst {lat[-1]:.2f} s; "
+          f"latency / alone p50 {statistics.median(ratios):.2f}x, p99 (worst of {len(ratios)}) {p99:.2f}x; "
+          f"the last one done at {last_done:.2f} s; identical to alone: {same}")
+    for i, ((sent, r), a) in enumerate(zip(beside, alone)):
+        print(f"  short {i}: sent at {sent:5.2f} s, {r[1]:>3} tokens, alone {a[2]:.2f} s, here {r[2]:.2f} s "
+              f"(first token {r[3]:.2f} s): {r[2] / a[2]:.2f}x")
+    OUT.mkdir(parents=True, exist_ok=True)
+    with open(OUT / "serve_load_long_prompt.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["short", "sent_s", "tokens", "alone_s", "latency_s", "ratio", "identical",
+                                          "long_prompt_tokens", "long_first_token_s", "machine", "model", "dtype"])
+        w.writeheader()
+        for i, ((sent, r), a) in enumerate(zip(beside, alone)):
+            w.writerow({"short": i, "sent_s": round(sent, 3), "tokens": r[1], "alone_s": round(a[2], 3),
+                        "latency_s": round(r[2], 3), "ratio": round(r[2] / a[2], 3), "identical": r[0] == a[0],
+                        "long_prompt_tokens": n_long, "long_first_token_s": round(prefill_end, 3),
+                        "machine": machine(), "model": args.model, "dtype": args.dtype})
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -68,6 +154,11 @@ def main():
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--levels", default="1,2,4,8")
     ap.add_argument("--per-request", action="store_true", help="print each request's latency against its alone one")
+    ap.add_argument("--scenario", choices=["load", "long-prompt"], default="load")
+    ap.add_argument("--long-tokens", type=int, default=6000, help="long-prompt: the long prompt's tokens")
+    ap.add_argument("--shorts", type=int, default=6, help="long-prompt: short requests sent beside it")
+    ap.add_argument("--short-tokens", type=int, default=32, help="long-prompt: max_tokens of a short request")
+    ap.add_argument("--long-alone", action="store_true", help="long-prompt: time the long request alone too")
     args = ap.parse_args()
 
     eng = specedit.load(args.model, dtype=args.dtype)
@@ -78,6 +169,12 @@ def main():
         time.sleep(0.05)
     port = server.servers[0].sockets[0].getsockname()[1]
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+    if args.scenario == "long-prompt":
+        if args.long_tokens >= eng.cfg.max_position:
+            raise SystemExit(f"--long-tokens {args.long_tokens} does not fit the context of {eng.cfg.max_position}")
+        long_prompt(client, eng, args)
+        server.should_exit = True
+        return
     bodies = requests_from_nofuneval(args.requests)
     one(client, bodies[0])  # warm up
 

@@ -13,7 +13,7 @@ from . import checks, prompts
 from .backends import CHOICES, Backend, engine_limit, select
 from .cache import KVCache
 from .config import ModelConfig
-from .decode import SequenceState, Stopper, plain_decode
+from .decode import SequenceState, Stopper, effective_temperature, plain_decode
 from .drafter import Drafter, NgramLookup, special_bytes, token_bytes_table
 from .model import Transformer
 from .results import EditResult, GenerateResult, Stats
@@ -186,6 +186,7 @@ class Engine:
                   stats: Stats | None = None) -> SequenceState:
         """The loop state of one generation."""
         prompt, max_new = self._prepare(ids_or_text, max_new_tokens)
+        temperature = effective_temperature(temperature)  # too small to divide by: greedy
         seq = SequenceState(
             prompt, Stopper(self.eos_ids, max_new, stop, self.token_bytes), temperature,
             torch.Generator(device=self.backend.device).manual_seed(seed) if temperature > 0 else None,
@@ -268,12 +269,7 @@ class Engine:
         return self.generate(prompt, max_new_tokens, prediction, temperature, stop, seed)
 
     def _check_gen_args(self, ids_or_text, max_new_tokens, prediction, temperature, stop, seed) -> list[str]:
-        checks.text_or_ids("ids_or_text", ids_or_text)
-        checks.positive_int("max_new_tokens", max_new_tokens)
-        checks.text_or_ids("prediction", prediction, optional=True)
-        checks.temperature(temperature)
-        checks.integer("seed", seed)
-        return checks.stop_strings(stop)
+        return checks.generation(ids_or_text, max_new_tokens, prediction, temperature, stop, seed)
 
     def edit(self, original: str, instruction: str, language: str | None = None, max_new_tokens: int | None = None,
              speculate: bool = True) -> EditResult:
@@ -331,8 +327,12 @@ class Engine:
         the next step boundary. Sequences submitted together share every forward (see specedit.scheduler);
         each one's greedy output equals its own `generate`'s token for token on the CPU kernels.
         """
+        stop = self._check_gen_args(ids_or_text, max_new_tokens, prediction, temperature, stop, seed)
         with torch.inference_mode():
             seq = self._sequence(ids_or_text, max_new_tokens, prediction, temperature, stop, seed)
+        return self._submit(seq)
+
+    def _submit(self, seq: SequenceState) -> Handle:
         cache = self._cache(len(seq.prompt))  # for its prefill; the scheduler then copies it into a batch row
         return self.service().submit(lambda emit, finish: Job(seq, cache, emit, finish))
 
@@ -343,18 +343,33 @@ class Engine:
 
         prediction: None, or one prediction (text, ids or None) per prompt. Other arguments as in `generate`,
         applied to every prompt. Returns one GenerateResult per prompt, in order; each equals that prompt's own
-        `generate(...)` token for token on the CPU kernels (row-invariant backends)."""
+        `generate(...)` token for token on the CPU kernels (row-invariant backends). If one prompt's generation
+        fails, its error is raised and the others are cancelled."""
         if isinstance(prompts_, (str, bytes)) or not isinstance(prompts_, Sequence):
             raise TypeError(f"prompts must be a list of prompts (text or token ids), got {type(prompts_).__name__}")
+        if prediction is not None and (isinstance(prediction, (str, bytes)) or not isinstance(prediction, Sequence)):
+            raise TypeError(f"prediction must be None or a list with one prediction (text, ids or None) per "
+                            f"prompt, got {type(prediction).__name__}")
         preds = [None] * len(prompts_) if prediction is None else list(prediction)
         if len(preds) != len(prompts_):
             raise ValueError(f"prediction has {len(preds)} entries for {len(prompts_)} prompts")
-        handles = [self.submit(p, max_new_tokens, q, temperature, stop, seed) for p, q in zip(prompts_, preds)]
+        for i, (p, q) in enumerate(zip(prompts_, preds)):  # every prompt checked before any is queued
+            checks.text_or_ids(f"prompts[{i}]", p)
+            checks.text_or_ids(f"prediction[{i}]", q, optional=True)
+        stop = self._check_gen_args(prompts_[0] if prompts_ else "", max_new_tokens, None, temperature, stop, seed)
+        with torch.inference_mode():  # also each prompt against the context, before any is queued
+            seqs = [self._sequence(p, max_new_tokens, q, temperature, stop, seed) for p, q in zip(prompts_, preds)]
+        handles = [self._submit(seq) for seq in seqs]
         results = []
-        for h in handles:
-            tokens = h.wait()
-            text = prompts.TextStream(self._text_bytes(), stop)
-            results.append(GenerateResult(tokens, text.feed(tokens) + text.finish(), h.stats))
+        try:
+            for h in handles:
+                tokens = h.wait()
+                text = prompts.TextStream(self._text_bytes(), stop)
+                results.append(GenerateResult(tokens, text.feed(tokens) + text.finish(), h.stats))
+        except BaseException:  # one failed (its error is raised here): the rest are not waited for, free their rows
+            for h in handles:
+                h.cancel()
+            raise
         return results
 
     def service(self, max_batch: int = 8) -> Service:

@@ -22,18 +22,31 @@ def is_ids(value) -> bool:
     return all(isinstance(t, Integral) and not isinstance(t, bool) for t in value)
 
 
+def encodable(name: str, value: str) -> None:
+    """ValueError naming `name` when `value` cannot be written as UTF-8 (a lone surrogate such as the valid
+    JSON escape "\\ud800"): no tokenizer can take it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name} is not valid text: {value[e.start]!r} at character {e.start} is a lone UTF-16 "
+                         f"surrogate, which has no UTF-8 encoding") from None
+
+
 def text_or_ids(name: str, value, optional: bool = False) -> None:
-    """`value` is text (str) or token ids (a sequence of int); None too when `optional`."""
+    """`value` is text (str, encodable as UTF-8) or token ids (a sequence of int); None too when `optional`."""
     if value is None and optional:
         return
     if not (isinstance(value, str) or is_ids(value)):
         also = " or None" if optional else ""
         raise TypeError(f"{name} must be text (str) or token ids (a sequence of int){also}, got {_kind(value)}")
+    if isinstance(value, str):
+        encodable(name, value)
 
 
 def text(name: str, value, blank_ok: bool = True) -> None:
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a str, got {_kind(value)}")
+    encodable(name, value)
     if not blank_ok and not value.strip():
         raise ValueError(f"{name} must not be empty or blank")
 
@@ -53,6 +66,17 @@ def integer(name: str, value) -> None:
         raise TypeError(f"{name} must be an int, got {_kind(value)}")
 
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
+
+
+def seed(value) -> None:
+    """An int torch can seed a generator with: -2**63 .. 2**64 - 1."""
+    if not isinstance(value, Integral) or isinstance(value, bool):
+        raise TypeError(f"seed must be an int, got {_kind(value)}")
+    if not SEED_MIN <= value <= SEED_MAX:
+        raise ValueError(f"seed must be an int in -2**63 .. 2**64 - 1, got {value}")
+
+
 def temperature(value) -> None:
     if not isinstance(value, Real) or isinstance(value, bool):
         raise TypeError(f"temperature must be a number >= 0 (0 = greedy), got {_kind(value)}")
@@ -61,12 +85,28 @@ def temperature(value) -> None:
 
 
 def stop_strings(value) -> list[str]:
-    """`stop` as a list: a str or a sequence of str."""
+    """`stop` as a list: a str or a sequence of str (each encodable as UTF-8)."""
     if isinstance(value, str):
-        return [value]
-    if isinstance(value, Sequence) and all(isinstance(s, str) for s in value):
-        return list(value)
-    raise TypeError(f"stop must be a str or a sequence of str, got {_kind(value)}")
+        out = [value]
+    elif isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)) and all(
+            isinstance(s, str) for s in value):
+        out = list(value)
+    else:
+        raise TypeError(f"stop must be a str or a sequence of str, got {_kind(value)}")
+    for i, s in enumerate(out):
+        encodable("stop" if isinstance(value, str) else f"stop[{i}]", s)
+    return out
+
+
+def generation(ids_or_text, max_new_tokens, prediction, temperature_, stop, seed_) -> list[str]:
+    """The checks of every generation entry point (generate, stream, chat, submit, generate_batch): TypeError /
+    ValueError naming the argument. Returns `stop` as a list."""
+    text_or_ids("ids_or_text", ids_or_text)
+    positive_int("max_new_tokens", max_new_tokens)
+    text_or_ids("prediction", prediction, optional=True)
+    temperature(temperature_)
+    seed(seed_)
+    return stop_strings(stop)
 
 
 def choice(name: str, value, choices: Sequence) -> None:
@@ -90,6 +130,8 @@ def messages(value) -> list[dict]:
         if not isinstance(c, str):
             raise TypeError(f"messages[{i}]['content'] must be a str or a list of {{'type': 'text', 'text': ...}} "
                             f"parts, got {_kind(c)}")
+        encodable(f"messages[{i}]['role']", m["role"])
+        encodable(f"messages[{i}]['content']", c)
         out.append({**m, "content": c})
     return out
 

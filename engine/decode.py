@@ -48,11 +48,23 @@ class Stopper:
         return bool(self.reason)
 
 
+# Temperatures below this decode greedily. Float32 logits divided by a smaller one can overflow (1e-300 is 0 in
+# float32, and logits / 0 is inf: inf - inf is NaN in the softmax); and at 1e-6 a logit gap of 1e-4 already
+# makes the runner-up e^-100 times less likely than the argmax, so sampling would be argmax but for exact ties.
+MIN_TEMPERATURE = 1e-6
+
+
+def effective_temperature(temperature: float) -> float:
+    """The temperature decoding uses: 0.0 (greedy) below MIN_TEMPERATURE, else `temperature` as a float."""
+    return float(temperature) if temperature >= MIN_TEMPERATURE else 0.0
+
+
 def pick(logits: torch.Tensor, temperature: float = 0.0, generator: torch.Generator | None = None) -> int:
-    """Next token from float32 logits [V]: argmax when temperature == 0 (lowest index on ties), else a sample."""
-    if temperature <= 0:
+    """Next token from float32 logits [V]: argmax when temperature < MIN_TEMPERATURE (0 = greedy; lowest index on
+    ties), else a sample from softmax(logits / temperature)."""
+    if temperature < MIN_TEMPERATURE:
         return int(logits.argmax())
-    probs = torch.softmax(logits / temperature, dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

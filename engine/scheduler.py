@@ -7,11 +7,28 @@ with one batched `accept`, rolls back per row and hands each sequence its tokens
 its batch-1 `generate`'s. (Backends without ragged fused layers pad the rows to the longest and roll the
 padding back.)
 
-Sequences join at step boundaries: a new one is prefilled in a cache of its own, `prefill_chunk` tokens
-between two steps (a long prompt never stalls the others for its whole length), then its positions are copied
-into a free row of the batched cache (`max_batch` rows; its length grows by doubling when a sequence needs
-more). A finished or cancelled sequence leaves at the next boundary and frees its row; a free row sends no
-rows to the forward, so it costs nothing. The batched cache is released when no sequence is left.
+Sequences join at step boundaries: a new one is prefilled in a cache of its own, in chunks between two steps,
+then its positions are copied into a free row of the batched cache (`max_batch` rows; its length grows by
+doubling when a sequence needs more). A finished or cancelled sequence leaves at the next boundary and frees
+its row; a free row sends no rows to the forward, so it costs nothing. The batched cache is released when no
+sequence is left.
+
+Each step has a prompt-token budget, as vLLM's chunked prefill has: `prefill_chunk` (64) tokens when no
+sequence decodes; while some do, the tokens that cost at most PREFILL_SHARE (2) times their forward, so a
+decoding sequence keeps about a third of its alone speed or better beside a long prefill (costs from the cost
+model, scaled by how much slower than it the recent decode forwards and each prompt's recent chunks ran: a
+chunk deep in a long prompt attends over thousands of positions, which the model, measured after 128, misses).
+The budget is shared between the waiting prompts that have a free row to go to: each gets a floor (a quarter of
+an equal share), the rest goes shortest first. A short prompt sent behind a long one is in after one step and
+decodes while the long one is still being prefilled. (First come, first served, a short request sent 1 s after
+an 8,000-token prompt waited 24.6 s for that whole prefill against 0.20 s alone.) Chunking changes no bits: the
+CPU kernels give every row the same result whatever its neighbours, so a prompt prefilled in any chunks leaves
+the same cache and logits.
+
+One sequence's fault is its own: an exception while working one sequence (its prefill, first token, draft,
+accept, stop check, emitting its tokens, joining a row) ends that sequence alone with the error on its handle,
+and frees its row; the others go on, unchanged. A fault of the shared forward ends the sequences in that
+forward (and restores the rows sitting it out). Every job taken off a queue is finished on every path.
 
 Each sequence drafts what it would draft alone (its own chunk policies over the measured cost model), so a
 forward does the work of the N batch-1 forwards it replaces: every sequence advances by the same tokens per
@@ -50,7 +67,7 @@ import torch
 
 from .cache import KVCache
 from .decode import SequenceState, pick
-from .speculate import AcceptFn, sampled_accept
+from .speculate import AcceptFn, greedy_accept, sampled_accept
 
 
 @dataclass(eq=False)  # jobs compare by identity
@@ -69,21 +86,47 @@ class Job:
     t_first: float = 0.0
     t_add: float = 0.0  # when the scheduler got it
     alone_s: float = 0.0  # what its forwards so far would have cost it alone (cost model)
+    done: bool = False  # finish() has been called
+    slow: float | None = None  # its prefill chunks' wall time over their cost model's (recent average)
 
 
 FAIR = 0.8
+PREFILL_SHARE = 2.0  # while sequences decode, a step's prefill costs at most this times their forward
+
+
+def ema(old: float | None, new: float) -> float:
+    """A recent average: half the last value, half the one before."""
+    return new if old is None else 0.5 * old + 0.5 * new
+
+
+def end(job: Job, error: BaseException | None = None) -> None:
+    """Finish `job` once (with `error`, if it failed). A finish that raises (its caller's event loop has closed)
+    is the job's own affair: the scheduler goes on."""
+    if job.done:
+        return
+    job.done = True
+    if error is not None:
+        job.error = error
+    try:
+        job.finish()
+    except Exception:  # noqa: BLE001 - nobody is left to tell; the other jobs must not pay for it
+        pass
 
 
 class Scheduler:
     """The batched loop over Jobs; single-threaded (see Service for many callers). `cost(rows)`: seconds of a
-    forward of that many rows (the engine's cost model), for each job's alone pace; `fair`: jobs ahead of it
-    sit out steps (see the module's docstring)."""
+    forward of that many rows (the engine's cost model), for each job's alone pace and the prefill budget;
+    `fair`: jobs ahead of it sit out steps (see the module's docstring); `prefill_chunk`: the most prompt tokens
+    one step prefills; `timed`: the prefill budget scales the cost model by the forwards' measured times (False:
+    the cost model alone, for tests that count steps)."""
 
     def __init__(self, model, accept: AcceptFn, cost: Callable[[int], float],
                  make_cache: Callable[[int, int], KVCache], limit: int, k_max: int = 64, max_batch: int = 8,
-                 prefill_chunk: int = 256, fair: bool = True):
+                 prefill_chunk: int = 64, fair: bool = True, timed: bool = True):
         self.model, self.accept, self.cost, self.make_cache, self.limit = model, accept, cost, make_cache, limit
         self.k_max, self.max_batch, self.prefill_chunk, self.fair = k_max, max_batch, prefill_chunk, fair
+        self.timed = timed
+        self._slow: float | None = None  # the decode forwards' wall time over their cost model's (recent average)
         self.joining: deque[Job] = deque()
         self.slots: list[Job | None] = [None] * max_batch  # row b of self.cache holds slots[b]
         self.cache: KVCache | None = None
@@ -101,18 +144,33 @@ class Scheduler:
         return bool(self.joining) or any(j is not None for j in self.slots)
 
     def step(self) -> None:
-        """One boundary: drop cancelled jobs, advance the first joining prefill by a chunk, and decode the active
-        jobs furthest behind their alone pace in one batched forward."""
+        """One boundary: drop cancelled jobs, choose the active jobs furthest behind their alone pace and their
+        drafts, prefill waiting prompts under the step's token budget, then decode the chosen jobs in one
+        batched forward. A fault while working one job ends that job alone (`drop`); a fault of the shared
+        forward ends the jobs in it."""
         for job in [j for j in self.joining if j.cancelled]:
-            self.joining.remove(job)
-            job.finish()
+            self.drop(job)
         self._leave([j for j in self.active if j.cancelled])
-        if self.joining and None in self.slots:
-            self._prefill_chunk(self.joining[0])
         go = self._behind(self.active)
         decoding = [(b, j) for b, j in enumerate(self.slots) if j in go]
+        drafts = self._propose(decoding)
+        decoding = [(b, j) for b, j in decoding if b in drafts]
+        rows = sum(len(d[0]) + 1 for d in drafts.values())
+        self._prefill(self._prefill_budget(rows))
         if decoding:
-            self._decode_step(decoding)
+            self._decode_step(decoding, drafts)
+
+    def drop(self, job: Job, error: BaseException | None = None) -> None:
+        """End `job` wherever it is (waiting, or in a row, which is freed), with `error` if it failed."""
+        if job in self.joining:
+            self.joining.remove(job)
+        if job in self.slots:
+            b = self.slots.index(job)
+            self.slots[b] = None
+            self.cache.rollback(b, 0)
+            if all(j is None for j in self.slots):
+                self.cache = None
+        end(job, error)
 
     def _behind(self, jobs: list[Job]) -> list[Job]:
         """The jobs at least FAIR as far behind their alone pace (time since submitted / alone cost) as the
@@ -124,41 +182,96 @@ class Scheduler:
         return [j for j, s in zip(jobs, slow) if s >= FAIR * max(slow)]
 
     # ---- joining ----------------------------------------------------------------------------------------------
-    def _prefill_chunk(self, job: Job) -> None:
+    def _waiting(self) -> list[Job]:
+        """The waiting prompts that have a free row to join (the first ones in arrival order), shortest rest
+        first."""
+        free = sum(j is None for j in self.slots)
+        return sorted(list(self.joining)[:free], key=lambda j: len(j.seq.prompt) - j.prefilled)
+
+    def _prefill_budget(self, rows: int) -> int:
+        """Prompt tokens this step may prefill: `prefill_chunk` when nothing decodes; while `rows` rows decode, as
+        many as cost at most PREFILL_SHARE times their forward, so a decoding sequence keeps a third of its alone
+        speed or better while a long prompt is prefilled beside it (at least 1 token). Costs are the cost
+        model's, and with `timed` each scaled by how much slower than the model such forwards have lately run:
+        a deep prompt's chunks attend over thousands of positions, which the model (measured after 128) misses,
+        and a busy host slows everything."""
+        if rows == 0:
+            return self.prefill_chunk
+        cap = PREFILL_SHARE * self.cost(rows)
+        if self.timed:
+            decode_slow = self._slow or 1.0
+            cap *= decode_slow / max((j.slow for j in self._waiting() if j.slow), default=decode_slow)
+        lo, hi = 1, self.prefill_chunk  # the largest t <= hi with cost(t) <= cap (cost is non-decreasing)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.cost(mid) <= cap else (lo, mid - 1)
+        return lo
+
+    def _prefill(self, budget: int) -> None:
+        """Share `budget` prompt tokens between the waiting prompts: each gets a floor of a quarter of an equal
+        share (no prompt starves), and the rest goes shortest first. So a short prompt sent behind a long one
+        is in after one step, and no prompt waits for another's whole prefill."""
+        waiting = self._waiting()
+        if not waiting:
+            return
+        rest = {j: len(j.seq.prompt) - j.prefilled for j in waiting}
+        floor = max(1, budget // (4 * len(waiting)))
+        take = {j: min(rest[j], floor) for j in waiting}
+        left = budget - sum(take.values())
+        for job in waiting:
+            more = max(0, min(rest[job] - take[job], left))
+            take[job] += more
+            left -= more
+        for job in waiting:
+            try:
+                self._prefill_chunk(job, take[job])
+            except Exception as e:  # noqa: BLE001 - its own fault: it ends alone
+                self.drop(job, e)
+
+    def _prefill_chunk(self, job: Job, n: int | None = None) -> None:
+        """Prefill the next `n` (default prefill_chunk) prompt tokens of a waiting job; once its prompt is in, pick
+        its first token and join it into a free row (or end it, if that token ends it)."""
         seq = job.seq
-        chunk = seq.prompt[job.prefilled : job.prefilled + self.prefill_chunk]
+        chunk = seq.prompt[job.prefilled : job.prefilled + (n or self.prefill_chunk)]
         t0 = time.perf_counter()
         logits = self.model(torch.tensor([chunk], device=job.cache.buf.device), job.cache)  # [1, V]
+        wall = time.perf_counter() - t0
         job.alone_s += self.cost(len(chunk))
-        seq.stats.prefill_s += time.perf_counter() - t0
+        job.slow = ema(job.slow, wall / self.cost(len(chunk)))
+        seq.stats.prefill_s += wall
         job.prefilled += len(chunk)
         if job.prefilled < len(seq.prompt):
             return
-        self.joining.popleft()
         seq.stats.prompt_tokens = len(seq.prompt)
         job.t_first = time.perf_counter()
         if self._push(job, [pick(logits[0], seq.temperature, seq.generator)]):
             self._join(job)
         else:
-            job.finish()
+            self.drop(job)
 
     def _join(self, job: Job) -> None:
-        """Copy a prefilled job's positions into a free row (growing the batched cache if it needs more room)."""
+        """Move a prefilled job from `joining` into a free row: copy its positions there, growing the batched
+        cache first if it needs more room (nothing changes if that fails)."""
         need = min(self.limit, len(job.seq.prompt) + job.seq.stopper.max_new + self.k_max + 1)
+        b = self.slots.index(None)
         if self.cache is None or self.cache.max_len < need:
             size = need if self.cache is None else min(self.limit, max(need, 2 * self.cache.max_len))
             grown = self.make_cache(self.max_batch, size)
-            for b, other in enumerate(self.slots):
+            for r, other in enumerate(self.slots):
                 if other is not None:
-                    grown.copy_row(b, self.cache, b)
+                    grown.copy_row(r, self.cache, r)
+            grown.copy_row(b, job.cache, 0)
+            for other in self.slots:
+                if other is not None:
                     other.cache = grown
             self.cache = grown
+        else:
+            self.cache.copy_row(b, job.cache, 0)
         # A long wait for a free row would make it the furthest behind by far and stall everyone else until it
         # caught up: its claim is capped at what max_batch sequences sharing the machine would have cost it.
         now = time.perf_counter()
         job.t_add = max(job.t_add, now - self.max_batch * (job.alone_s + self.cost(1)))
-        b = self.slots.index(None)
-        self.cache.copy_row(b, job.cache, 0)
+        self.joining.remove(job)
         job.cache, job.seq.row, self.slots[b] = self.cache, b, job
 
     def _leave(self, jobs: list[Job]) -> None:
@@ -170,7 +283,7 @@ class Scheduler:
         if all(j is None for j in self.slots):
             self.cache = None
         for job in jobs:  # after the rows are free, so a caller woken by finish() sees them free
-            job.finish()
+            end(job)
 
     # ---- decoding ---------------------------------------------------------------------------------------------
     def _push(self, job: Job, new: list[int]) -> bool:
@@ -189,40 +302,72 @@ class Scheduler:
         job.last = new[-1]
         return True
 
-    def _decode_step(self, jobs: list[tuple[int, Job]]) -> None:
-        """One forward of `jobs` ((cache row, job) pairs); the other rows send nothing."""
-        cache = self.cache
-        drafts = {}
+    def _propose(self, jobs: list[tuple[int, Job]]) -> dict[int, tuple[list[int], bool]]:
+        """Each job's draft for this step, by cache row (a job whose drafting fails ends alone)."""
+        cache, drafts = self.cache, {}
         for b, job in jobs:
             seq = job.seq
-            room = min(seq.stopper.max_new - seq.stopper.count - 1, cache.max_len - cache.lengths[b] - 1, self.k_max)
-            drafts[b] = seq.source.propose(room) if seq.source is not None else ([], True)
+            try:
+                room = min(seq.stopper.max_new - seq.stopper.count - 1, cache.max_len - cache.lengths[b] - 1,
+                           self.k_max)
+                drafts[b] = seq.source.propose(room) if seq.source is not None else ([], True)
+            except Exception as e:  # noqa: BLE001
+                self.drop(job, e)
+        return drafts
+
+    def _decode_step(self, jobs: list[tuple[int, Job]], drafts: dict[int, tuple[list[int], bool]]) -> None:
+        """One forward of `jobs` ((cache row, job) pairs) with their `drafts`; the other rows send nothing."""
+        cache = self.cache
         rows = [[self.slots[b].last] + drafts[b][0] if b in drafts else [] for b in range(self.max_batch)]
         for b, job in jobs:
             job.alone_s += self.cost(len(rows[b]))
-        logits = self.model.forward_rows(rows, cache)  # [M, V], cache row after cache row (rows sitting out send none)
+        before = cache.lengths
+        t0 = time.perf_counter()
+        try:
+            logits = self.model.forward_rows(rows, cache)  # [M, V], row after row (rows sitting out send none)
+        except Exception as e:  # noqa: BLE001 - the forward is shared: it ends the jobs in it, no others
+            for b, n in enumerate(before):
+                if cache.lengths[b] > n:
+                    cache.rollback(b, n)
+            for _, job in jobs:
+                self.drop(job, e)
+            return
+        self._slow = ema(self._slow, (time.perf_counter() - t0) / self.cost(len(logits)))
         first = [0]
         for r in rows:
             first.append(first[-1] + len(r))
-        decided = self._accept_greedy(jobs, rows, first, logits)
+        try:
+            decided = self._accept_greedy(jobs, rows, first, logits)
+        except Exception:  # noqa: BLE001 - then each greedy job accepts alone below, so a fault is its own
+            decided = {}
         leaving = []
         for b, job in jobs:
-            seq, (draft, from_prediction) = job.seq, drafts[b]
-            if b not in decided:
-                mine = logits[first[b] : first[b + 1]]  # [K+1, V]
-                if seq.source is None:
-                    decided[b] = (0, pick(mine[0], seq.temperature, seq.generator))
-                else:
-                    decided[b] = sampled_accept(mine, draft, seq.temperature, seq.generator)
-            n, nxt = decided[b]
-            cache.rollback(b, cache.lengths[b] - (len(draft) - n))
-            seq.stats.forwards += 1
-            if seq.source is not None:
-                seq.source.update(len(draft), n, from_prediction, seq.stats)
-            if not self._push(job, draft[:n] + [nxt]):
-                leaving.append(job)
-            seq.stats.decode_s = time.perf_counter() - job.t_first
+            try:
+                if not self._decided(job, b, drafts[b], decided, logits[first[b] : first[b + 1]]):
+                    leaving.append(job)
+            except Exception as e:  # noqa: BLE001 - its own fault: it ends alone
+                self.drop(job, e)
         self._leave(leaving)
+
+    def _decided(self, job: Job, b: int, draft_from: tuple[list[int], bool], decided: dict, mine) -> bool:
+        """Accept job's draft against its logits rows `mine` [K+1, V], roll its row back and hand it its tokens;
+        False when it has ended."""
+        seq, cache, (draft, from_prediction) = job.seq, self.cache, draft_from
+        if b in decided:
+            n, nxt = decided[b]
+        elif seq.source is None:
+            n, nxt = 0, pick(mine[0], seq.temperature, seq.generator)
+        elif seq.temperature <= 0:
+            n, nxt = greedy_accept(self.accept, mine, draft)
+        else:
+            n, nxt = sampled_accept(mine, draft, seq.temperature, seq.generator)
+        cache.rollback(b, cache.lengths[b] - (len(draft) - n))
+        seq.stats.forwards += 1
+        if seq.source is not None:
+            seq.source.update(len(draft), n, from_prediction, seq.stats)
+        alive = self._push(job, draft[:n] + [nxt])
+        seq.stats.decode_s = time.perf_counter() - job.t_first
+        return alive
 
     def _accept_greedy(self, jobs, rows, first, logits) -> dict[int, tuple[int, int]]:
         """(accepted count, next token) of every greedy sequence, in one batched accept: the ragged logits are
@@ -255,10 +400,10 @@ class Handle:
     def _put(self, item: list[int] | None) -> None:
         """From the scheduler thread: one step's tokens, or None at the end."""
         with self._lock:
-            if self._aqueue is not None:
-                self._loop.call_soon_threadsafe(self._aqueue.put_nowait, item)
-            else:
+            if self._aqueue is None:
                 self._queue.put(item)
+            elif not self._loop.is_closed():  # a closed loop has nobody left to read it
+                self._loop.call_soon_threadsafe(self._aqueue.put_nowait, item)
 
     @property
     def stats(self):
@@ -352,15 +497,15 @@ class Service:
                     self._fail(RuntimeError("the engine's scheduler has stopped"))
                     return
             try:
-                s.step()
-            except BaseException as e:  # noqa: BLE001 - every waiting caller must hear of it
+                s.step()  # a fault of one sequence ends that sequence alone, inside the step
+            except BaseException as e:  # noqa: BLE001 - a fault of the step itself: every waiting caller hears of it
                 self._fail(e)
 
     def _fail(self, e: BaseException) -> None:
         """End every queued and running sequence with error `e` and free the batch."""
         s = self.scheduler
-        for job in list(s.joining) + s.active:
-            job.error = e
-            job.finish()
+        jobs = list(s.joining) + s.active
         s.joining.clear()
         s.slots, s.cache = [None] * s.max_batch, None
+        for job in jobs:
+            end(job, e)

@@ -165,6 +165,8 @@ def create_app(engine, model_name: str = "specedit", api_key: str | None = None,
         watcher = asyncio.create_task(cancel_on_disconnect(request, handle))
         try:
             tokens = [t async for step in handle.atokens() for t in step]
+        except Exception as e:  # its sequence failed (the others go on): a 500 in OpenAI's shape
+            raise APIError(500, f"generation failed: {e}", kind="server_error") from e
         finally:
             watcher.cancel()
         text = prompts.TextStream(engine._text_bytes(), opts["stop"])
@@ -206,6 +208,9 @@ def create_app(engine, model_name: str = "specedit", api_key: str | None = None,
             yield event(None, s.finish_reason or "stop")
             if include_usage:
                 yield f"data: {json.dumps({**envelope(kind, rid, True), 'choices': [], 'usage': usage(s)})}\n\n"
+            yield "data: [DONE]\n\n"
+        except Exception as e:  # its sequence failed (the others go on): an error event, then the stream's end
+            yield f"data: {json.dumps(error_body(f'generation failed: {e}', 'server_error', None, None))}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             handle.cancel()  # a client that went away frees its row (a no-op once the sequence has ended)

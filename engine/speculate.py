@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import KVCache
-from .decode import SequenceState, prefill
+from .decode import MIN_TEMPERATURE, SequenceState, prefill
 from .drafter import Drafter, NgramLookup
 from .results import Stats
 
@@ -210,7 +210,13 @@ def greedy_accept(accept: AcceptFn, logits: torch.Tensor, draft: list[int]) -> t
 
 def sampled_accept(logits: torch.Tensor, draft: list[int], temperature: float,
                    generator: torch.Generator | None) -> tuple[int, int]:
-    """Speculative sampling against a point-mass draft over logits [K+1, V]: (accepted count, next token)."""
+    """Speculative sampling against a point-mass draft over logits [K+1, V]: (accepted count, next token).
+    Below MIN_TEMPERATURE it is greedy acceptance (the draft's longest prefix equal to the argmax, then the
+    argmax), as plain decoding's `pick` is greedy there."""
+    if temperature < MIN_TEMPERATURE:
+        best = logits[: len(draft) + 1].argmax(dim=-1).tolist()  # [K+1]
+        n = next((i for i, tok in enumerate(draft) if best[i] != tok), len(draft))
+        return n, best[n]
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # [K+1, V]
     u = torch.rand(len(draft), generator=generator, device=probs.device).tolist()
     p_draft = probs[torch.arange(len(draft)), torch.tensor(draft, dtype=torch.long)].tolist() if draft else []

@@ -208,3 +208,86 @@ def test_stale_or_future_cost_entries_are_measured_again(tmp_path, monkeypatch):
     for when in (d["measured_at"] - costcache.MAX_AGE_S - 1, d["measured_at"] + 3600):
         costcache.path("k").write_text(json.dumps({**d, "measured_at": when}))
         assert costcache.load("k") is None
+
+
+BAD_GENERATION_ARGS = [  # (kwargs, exception, words its message must hold)
+    (dict(temperature=-1), ValueError, ["temperature", ">= 0", "-1"]),
+    (dict(temperature=float("nan")), ValueError, ["temperature", "finite"]),
+    (dict(temperature=float("inf")), ValueError, ["temperature", "finite"]),
+    (dict(max_new_tokens="4"), TypeError, ["max_new_tokens", "str"]),
+    (dict(max_new_tokens=0), ValueError, ["max_new_tokens", ">= 1"]),
+    (dict(stop=5), TypeError, ["stop", "int"]),
+    (dict(stop=b"x"), TypeError, ["stop", "bytes"]),
+    (dict(seed=1.5), TypeError, ["seed", "float"]),
+    (dict(seed=2**70), ValueError, ["seed", "2**64 - 1", str(2**70)]),
+    (dict(seed=-(2**63) - 1), ValueError, ["seed", "-2**63"]),
+    (dict(prediction=123), TypeError, ["prediction"]),
+    (dict(prediction="ok \ud800"), ValueError, ["prediction", "surrogate", "character 3"]),
+    (dict(stop="\udfff"), ValueError, ["stop", "surrogate"]),
+    (dict(stop=["ok", "a\ud800"]), ValueError, ["stop[1]", "surrogate"]),
+    (dict(prompt="x\ud800"), ValueError, ["surrogate"]),
+]
+
+
+def _call(eng, entry, prompt="x", **kw):
+    if entry == "generate":
+        return eng.generate(prompt, **kw)
+    if entry == "stream":
+        return eng.stream(prompt, **kw)
+    if entry == "chat":
+        return eng.chat([{"role": "user", "content": prompt}], **kw)
+    if entry == "submit":
+        return eng.submit(prompt, **kw).wait(timeout=60)
+    pred = kw.pop("prediction", None)
+    return eng.generate_batch(["y", prompt], prediction=None if pred is None else [None, pred], **kw)
+
+
+@pytest.mark.parametrize("entry", ["generate", "stream", "chat", "submit", "generate_batch"])
+@pytest.mark.parametrize("kw, exc, words", BAD_GENERATION_ARGS)
+def test_every_entry_point_checks_arguments_alike(eng, entry, kw, exc, words):
+    """submit and generate_batch check exactly as generate does: the same exception, naming the argument, before
+    anything is queued (nothing fails deep inside the scheduler thread)."""
+    with pytest.raises(exc) as e:
+        _call(eng, entry, **kw)
+    msg = str(e.value)
+    for w in words:
+        assert w in msg, (entry, w, msg)
+    if "prompt" in kw:  # the name of the text argument of each entry point
+        name = {"chat": "messages[0]['content']", "generate_batch": "prompts[1]"}.get(entry, "ids_or_text")
+        assert msg.startswith(name), msg
+    if entry == "generate_batch" and "prediction" in kw and exc is ValueError:
+        assert msg.startswith("prediction[1]"), msg
+    svc = eng._service
+    if svc is not None:  # nothing was queued
+        assert not svc._incoming and not svc.scheduler.busy
+
+
+def test_surrogates_in_messages_and_edit_name_the_argument(eng):
+    with pytest.raises(ValueError, match=r"messages\[1\]\['content'\] is not valid text"):
+        eng.chat([{"role": "system", "content": "hi"},
+                  {"role": "user", "content": [{"type": "text", "text": "\ud800"}]}])
+    with pytest.raises(ValueError, match=r"original is not valid text"):
+        eng.edit("a\udc00", "fix it")
+    with pytest.raises(ValueError, match=r"instruction is not valid text"):
+        eng.edit(CODE, "fix \ud83d")
+    with pytest.raises(ValueError, match=r"ids_or_text is not valid text"):
+        eng.encode("\ud800")
+
+
+def test_seed_range_is_torchs(eng):
+    """The ends of the range torch takes work (and a negative seed is torch's own two's-complement seed)."""
+    a = eng.generate(CODE, max_new_tokens=6, temperature=1.0, seed=2**64 - 1).token_ids
+    b = eng.submit(CODE, max_new_tokens=6, temperature=1.0, seed=-1).wait(timeout=60)
+    assert a == b
+    assert len(eng.generate(CODE, max_new_tokens=6, temperature=1.0, seed=-(2**63)).token_ids) == 6
+
+
+def test_generate_batch_checks_every_prompt_before_queueing_any(eng):
+    with pytest.raises(TypeError, match=r"prompts\[2\] must be text"):
+        eng.generate_batch(["a", [1, 2], 3.5])
+    with pytest.raises(TypeError, match="prediction must be None or a list"):
+        eng.generate_batch(["a", "b"], prediction="ab")
+    with pytest.raises(ValueError, match="does not fit the context"):
+        eng.generate_batch(["a", [1] * 600])
+    svc = eng._service
+    assert svc is None or (not svc._incoming and not svc.scheduler.busy)

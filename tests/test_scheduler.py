@@ -57,7 +57,7 @@ def test_sequences_joining_and_leaving_mid_run(eng):
         assert [h.wait() for h in rest] == plain[2:]
         assert got + first.wait() == plain[1]
     finally:
-        eng.service().scheduler.prefill_chunk = 256
+        eng.service().scheduler.prefill_chunk = 64
 
 
 def test_eos_and_stop_strings_end_their_own_sequence(tmp_path):
@@ -173,3 +173,232 @@ def test_a_long_wait_for_a_row_gives_a_bounded_claim(tmp_path):
     assert job in s.active
     behind = (time.perf_counter() - job.t_add) / (job.alone_s + cost(1))
     assert 4.0 <= behind < 4.5  # max_batch, not 100 s worth
+
+
+# ---- one sequence's fault is its own (issue #24) --------------------------------------------------------------
+class Injected(RuntimeError):
+    pass
+
+
+def submit_seq(eng, seq, cache=None):
+    """Queue a SequenceState built by hand (to plant a fault in it) on the engine's scheduler."""
+    from specedit.scheduler import Job
+
+    cache = cache if cache is not None else eng._cache(len(seq.prompt))
+    return eng.service().submit(lambda emit, finish: Job(seq, cache, emit, finish))
+
+
+def plant(eng, where, prompt, pred):
+    """A sequence that raises Injected at `where`: its stop check on the 3rd token ('stop') or the first one
+    ('first', right after its prefill), its drafter ('draft'), or its prefill forward ('prefill')."""
+    from specedit.cache import KVCache
+
+    seq = eng._sequence(prompt, 36, pred, 0.0, (), 0)
+    cache = None
+    if where in ("stop", "first"):
+        push, at = seq.stopper.push, 3 if where == "stop" else 1
+
+        def faulty(tok):
+            if seq.stopper.count + 1 >= at:
+                raise Injected(f"stop check fault at token {at}")
+            return push(tok)
+
+        seq.stopper.push = faulty
+    elif where == "draft":
+        propose = seq.source.propose
+        calls = []
+
+        def faulty(room):
+            calls.append(room)
+            if len(calls) == 2:
+                raise Injected("drafter fault")
+            return propose(room)
+
+        seq.source.propose = faulty
+    else:
+        class FaultyCache(KVCache):
+            def advance(self, t):
+                raise Injected("prefill fault")
+
+        cache = FaultyCache(eng.cfg, 1, len(seq.prompt), eng.backend.param_dtype, eng.backend.device)
+    return submit_seq(eng, seq, cache)
+
+
+@pytest.mark.parametrize("where", ["stop", "first", "draft", "prefill"])
+def test_a_fault_in_one_sequence_ends_it_alone(eng, where):
+    """4 sequences at once; one of them raises while it is worked on. It raises that error from wait(), promptly;
+    the other 3 give exactly their alone outputs, and the scheduler is left clean."""
+    prompts, plain, preds = cases(eng)
+    bad = 1 if where != "draft" else 0  # the drafter fault needs a prediction
+    handles = []
+    for i in range(4):
+        if i == bad:
+            handles.append(plant(eng, where, prompts[i], preds[i] if where == "draft" else None))
+        else:
+            handles.append(eng.submit(prompts[i], max_new_tokens=36, prediction=preds[i]))
+    t0 = time.perf_counter()
+    with pytest.raises(Injected):
+        handles[bad].wait(timeout=60)
+    assert time.perf_counter() - t0 < 30
+    for i, h in enumerate(handles):
+        if i != bad:
+            assert h.wait(timeout=60) == plain[i], i
+    s = eng.service().scheduler
+    for _ in range(200):
+        if not s.busy:
+            break
+        time.sleep(0.01)
+    assert not s.busy and s.cache is None
+
+
+def test_a_fault_in_a_stream_reaches_its_async_reader(eng):
+    import asyncio
+
+    prompts, plain, preds = cases(eng)
+
+    async def main():
+        bad = plant(eng, "stop", prompts[0], None)
+        good = eng.submit(prompts[1], max_new_tokens=36)
+        got = []
+        with pytest.raises(Injected):
+            async for step in bad.atokens():
+                got += step
+        assert got == plain[0][:2]  # the tokens before the fault were delivered
+        return [t async for step in good.atokens() for t in step]
+
+    assert asyncio.run(asyncio.wait_for(main(), 60)) == plain[1]
+
+
+def test_a_fault_of_the_shared_forward_ends_the_sequences_in_it_and_no_handle_hangs(eng, monkeypatch):
+    prompts, plain, preds = cases(eng)
+    forward_rows, calls = eng.model.forward_rows, []
+
+    def faulty(rows, cache):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Injected("forward fault")
+        return forward_rows(rows, cache)
+
+    monkeypatch.setattr(eng.model, "forward_rows", faulty)
+    handles = [eng.submit(p, max_new_tokens=36, prediction=q) for p, q in zip(prompts[:4], preds[:4])]
+    failed = 0
+    for i, h in enumerate(handles):
+        try:
+            assert h.wait(timeout=60) == plain[i]
+        except Injected:
+            failed += 1
+    assert failed >= 1
+    monkeypatch.undo()
+    assert [r.token_ids for r in eng.generate_batch(prompts[:2], max_new_tokens=36)] == plain[:2]
+
+
+def test_a_fault_while_joining_ends_that_job_alone(eng, monkeypatch):
+    """Growing the batched cache for a newcomer fails (e.g. out of memory): the newcomer gets the error, the
+    sequence already running goes on with its rows intact."""
+    prompts, plain, _ = cases(eng)
+    running = eng.submit(prompts[0], max_new_tokens=36)
+    first = next(running.tokens(timeout=60))
+    s = eng.service().scheduler
+    make = s.make_cache
+
+    def refusing(rows, length):
+        if length > 200:
+            raise MemoryError("no room for a cache this long")
+        return make(rows, length)
+
+    monkeypatch.setattr(s, "make_cache", refusing)
+    big = eng.submit(prompts[1], max_new_tokens=400)
+    with pytest.raises(MemoryError, match="no room"):
+        big.wait(timeout=60)
+    assert first + running.wait(timeout=60) == plain[0]
+
+
+# ---- no head-of-line blocking ----------------------------------------------------------------------------------
+def test_prefill_chunkings_give_the_same_bits(eng):
+    """Row invariance: a prompt prefilled in chunks of 1, 7, 64 tokens or at once leaves the same logits and
+    cache, so the scheduler's prefill budget (any chunking) never changes an output."""
+    import torch
+
+    prompt = random.Random(3).choices(range(eng.cfg.vocab_size), k=150)
+    outs = []
+    with torch.inference_mode():
+        for chunk in (1, 7, 64, 150):
+            cache = eng._cache(len(prompt) + 1)
+            for i in range(0, len(prompt), chunk):
+                logits = eng.model(torch.tensor([prompt[i : i + chunk]]), cache)
+            outs.append((logits, cache.buf[:, :, 0, :, : len(prompt)].clone()))
+    for logits, kv in outs[1:]:
+        assert torch.equal(logits, outs[0][0]) and torch.equal(kv, outs[0][1])
+
+
+def test_a_short_prompt_is_not_held_behind_a_long_prefill(eng):
+    """A short request queued while a long prompt is being prefilled gets its whole answer long before that
+    prefill ends (steps counted, not timed), and both outputs equal their alone outputs."""
+    from specedit.scheduler import Job, Scheduler
+    from specedit.speculate import CostModel
+
+    cost = CostModel([1, 8, 64], [1.0, 1.2, 8.0])  # fixed: the budget does not depend on this machine's load
+    s = Scheduler(eng.model, eng.backend.accept, cost, lambda rows, length: eng._cache(length, rows), 512,
+                  prefill_chunk=32, timed=False)
+    rng = random.Random(5)
+    long_p, short_p = rng.choices(range(eng.cfg.vocab_size), k=490), rng.choices(range(eng.cfg.vocab_size), k=12)
+    want_long = eng.generate(long_p, max_new_tokens=8).token_ids
+    want_short = eng.generate(short_p, max_new_tokens=20).token_ids
+    out = {"long": [], "short": []}
+    ended = {}
+
+    def job(name, prompt, n):
+        seq = eng._sequence(prompt, n, None, 0.0, (), 0)
+        return Job(seq, eng._cache(len(prompt)), out[name].extend, lambda: ended.setdefault(name, long_job.prefilled))
+
+    long_job = job("long", long_p, 8)
+    s.add(long_job)
+    s.step()
+    s.step()  # the long prompt is being prefilled
+    s.add(job("short", short_p, 20))
+    steps = 0
+    while s.busy:
+        s.step()
+        steps += 1
+    assert out == {"long": want_long, "short": want_short}
+    # Two steps of 32 long tokens, then one step shares its 32 (a floor of 4 each, then the short one's other 8
+    # first: 12 short, 20 long, so the short one is in after one step); while the short one decodes
+    # its 19 other tokens a step prefills what costs at most twice its 1-row forward: 14 tokens here (cost 1.98).
+    # So it ends with 64 + 20 + 19 * 14 = 350 of the 490 in (first come, first served: all 490, waiting behind).
+    assert ended["short"] <= 64 + 20 + 19 * 14 < len(long_p)
+    assert steps < 100
+
+
+def test_generate_batch_raises_a_failed_prompts_error_and_cancels_the_rest(eng, monkeypatch):
+    prompts, plain, _ = cases(eng)
+    sequence = eng._sequence
+
+    def planted(ids_or_text, *a, **k):
+        seq = sequence(ids_or_text, *a, **k)
+        if list(ids_or_text) == prompts[0]:
+            def faulty(tok):
+                raise Injected("stop check fault")
+            seq.stopper.push = faulty
+        return seq
+
+    from specedit.scheduler import Handle
+
+    cancel, cancelled = Handle.cancel, []
+
+    def counting(h):
+        cancelled.append(h.job)
+        cancel(h)
+
+    monkeypatch.setattr(eng, "_sequence", planted)
+    monkeypatch.setattr(Handle, "cancel", counting)
+    with pytest.raises(Injected):
+        eng.generate_batch(prompts[:3], max_new_tokens=400)
+    assert len(cancelled) == 3 and all(j.cancelled or j.done for j in cancelled)
+    s = eng.service().scheduler
+    for _ in range(500):
+        if not s.busy:
+            break
+        time.sleep(0.01)
+    assert not s.busy and s.cache is None  # the other two were cancelled, not left decoding 400 tokens
+    monkeypatch.undo()
+    assert eng.generate_batch(prompts[1:3], max_new_tokens=36)[1].token_ids == plain[2]

@@ -187,6 +187,41 @@ def test_sampling_is_seeded(eng, prompt, plain):
     assert a == b and len(c) == 20
 
 
+@pytest.mark.parametrize("t", [1e-300, 1e-45, 1e-38, 1e-7])
+def test_a_temperature_too_small_to_divide_by_is_greedy(t):
+    """Below MIN_TEMPERATURE (1e-6) pick and sampled_accept are argmax: float32 logits / 1e-300 would be inf and
+    the softmax NaN, which torch.multinomial refuses."""
+    from specedit.decode import MIN_TEMPERATURE, pick
+
+    assert t < MIN_TEMPERATURE
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 3.0, -1.0], [0.5, 4.0, 0.0, 0.0], [9.0, 9.0, 1.0, 0.0]])
+    assert pick(logits[0], t, g) == 2
+    assert sampled_accept(logits, [2, 1], t, g) == (2, 0)  # both accepted, then the argmax (ties: lowest)
+    assert sampled_accept(logits, [2, 3], t, g) == (1, 1)  # rejected at 1: the argmax there
+    assert sampled_accept(logits, [0], t, g) == (0, 2)
+    assert sampled_accept(logits[:1], [], t, g) == (0, 2)
+
+
+@pytest.mark.parametrize("t", [1e-6, 1e-4, 0.01, 0.5, 1.0, 2.0])
+def test_every_finite_temperature_up_to_2_samples_without_nan(t):
+    from specedit.decode import pick
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 1000, generator=g) * 30  # wide logits: at small t most of the mass is on one token
+    for _ in range(20):
+        assert 0 <= pick(logits[0], t, g) < 1000
+        n, nxt = sampled_accept(logits, [5, 6], t, g)
+        assert 0 <= n <= 2 and 0 <= nxt < 1000
+
+
+def test_tiny_temperatures_decode_greedily_end_to_end(eng, prompt, plain):
+    for t in (1e-300, 1e-39, 5e-7):
+        assert eng.generate(prompt, max_new_tokens=N, temperature=t).token_ids == plain
+        assert eng.generate(prompt, max_new_tokens=N, temperature=t, prediction=plain[:20]).token_ids == plain
+    assert eng.generate(prompt, max_new_tokens=8, temperature=2.0, seed=3).stats.new_tokens == 8
+
+
 def test_cost_model_is_monotone_despite_noise():
     c = CostModel([1, 2, 4, 8, 16], [0.030, 0.070, 0.032, 0.033, 0.040])  # T=2 timed during a hiccup
     assert c.seconds == [0.030, 0.032, 0.032, 0.033, 0.040]
