@@ -17,6 +17,7 @@ from .decode import SequenceState, Stopper, effective_temperature, plain_decode
 from .drafter import Drafter, NgramLookup, special_bytes, token_bytes_table
 from .model import Transformer
 from .results import EditResult, GenerateResult, Stats
+from .prefix_cache import PrefixCache
 from .scheduler import Handle, Job, Scheduler, Service
 from .speculate import ChunkPolicy, CostModel, DraftSource, speculative_decode
 from .weights import load_hf_tensors, parse_dtype, to_runtime_state
@@ -25,7 +26,7 @@ K_MAX = 64  # largest draft verified in one forward
 
 
 def load(path: str | Path, dtype: str = "auto", device: str = "cpu", backend: str = "auto",
-         cpu_kernels: bool | None = None) -> Engine:
+         cpu_kernels: bool | None = None, prefix_cache_mb: float = 256) -> Engine:
     """Load a model: an HF directory (config.json + safetensors), a `.gguf` file, or `smollm2-135m-instruct`.
 
     dtype: 'auto' | 'float32' | 'bfloat16' | 'float16' | 'int8'. 'auto' runs a GGUF file as stored on the CPU
@@ -42,8 +43,11 @@ def load(path: str | Path, dtype: str = "auto", device: str = "cpu", backend: st
     kernels only, opt-in) stores linear weights as int8 with one float32 scale per output row: a quarter of
     float32's bytes per decode step, at the cost of quantization error (outputs can differ from float32's).
     Elsewhere the whole model runs in `dtype`.
+    prefix_cache_mb: most MiB of prompt K/V rows kept for reuse by later prompts that start the same way (an
+    edit after an edit of the same file prefills only what changed; `Engine.prefix_cache`); only on
+    row-invariant backends, where a reused row is bit for bit the row a prefill computes; 0 turns it off.
     """
-    check_load_args(path, dtype, device, backend, cpu_kernels)
+    check_load_args(path, dtype, device, backend, cpu_kernels, prefix_cache_mb)
     p = Path(path)
     if not p.is_dir():
         from .gguf import gguf_file, read_native, resolve, tokenizer_dir
@@ -54,7 +58,7 @@ def load(path: str | Path, dtype: str = "auto", device: str = "cpu", backend: st
             cfg = ModelConfig.from_hf(config, file)
             be = select(device, backend, cpu_kernels, cfg, "float32")
             if be.name == "cpu":
-                return _load_native(file, cfg, be, tensors, tokenizer_dir(file))
+                return _load_native(file, cfg, be, tensors, tokenizer_dir(file), prefix_cache_mb)
             dtype = "float16" if be.device.type == "cuda" else "float32"
         p = resolve(file)  # converted once into a cache directory
     if dtype == "auto":
@@ -73,10 +77,10 @@ def load(path: str | Path, dtype: str = "auto", device: str = "cpu", backend: st
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(p))
-    return Engine(model, tokenizer, be, p)
+    return Engine(model, tokenizer, be, p, prefix_cache_mb)
 
 
-def check_load_args(path, dtype, device, backend, cpu_kernels) -> None:
+def check_load_args(path, dtype, device, backend, cpu_kernels, prefix_cache_mb) -> None:
     """load()'s argument checks, before anything is read: TypeError / ValueError naming the argument."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike (an HF directory, a .gguf file or a model name), "
@@ -86,9 +90,14 @@ def check_load_args(path, dtype, device, backend, cpu_kernels) -> None:
     checks.device(device)
     checks.choice("backend", backend, CHOICES)
     checks.cpu_kernels(cpu_kernels)
+    if isinstance(prefix_cache_mb, bool) or not isinstance(prefix_cache_mb, (int, float)) \
+            or not 0 <= prefix_cache_mb < float("inf"):
+        raise ValueError(f"prefix_cache_mb must be a number >= 0 (0 turns the prefix cache off), got "
+                         f"{prefix_cache_mb!r}")
 
 
-def _load_native(file: Path, cfg: ModelConfig, be: Backend, tensors, tok_dir: Path | None) -> Engine:
+def _load_native(file: Path, cfg: ModelConfig, be: Backend, tensors, tok_dir: Path | None,
+                 prefix_cache_mb: float) -> Engine:
     """A GGUF file's tensors as stored on the CPU kernels (backends.cpu.load_native)."""
     from .backends.cpu import load_native
 
@@ -103,14 +112,17 @@ def _load_native(file: Path, cfg: ModelConfig, be: Backend, tensors, tok_dir: Pa
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    return Engine(model, tokenizer, be, file)
+    return Engine(model, tokenizer, be, file, prefix_cache_mb)
 
 
 class Engine:
     """A model ready to decode. Build it with `specedit.load(...)`."""
 
-    def __init__(self, model: Transformer, tokenizer, backend: Backend, path: Path):
+    def __init__(self, model: Transformer, tokenizer, backend: Backend, path: Path, prefix_cache_mb: float = 0):
         self.model, self.tokenizer, self.backend, self.path = model, tokenizer, backend, path
+        # reused rows equal recomputed ones only where rows are invariant (see load's prefix_cache_mb)
+        self.prefix_cache = (PrefixCache(int(prefix_cache_mb * 2**20))
+                             if prefix_cache_mb > 0 and backend.row_invariant else None)
         self.cfg = model.cfg
         self._token_bytes: list[bytes] | None = None
         self._text: list[bytes] | None = None
@@ -190,7 +202,7 @@ class Engine:
         seq = SequenceState(
             prompt, Stopper(self.eos_ids, max_new, stop, self.token_bytes), temperature,
             torch.Generator(device=self.backend.device).manual_seed(seed) if temperature > 0 else None,
-            stats=stats if stats is not None else Stats(),
+            prefix=self.prefix_cache, stats=stats if stats is not None else Stats(),
         )
         if prediction is not None:
             cost = self.cost_model()

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .cache import KVCache
+from .prefix_cache import PrefixCache
 from .results import Stats
 
 if TYPE_CHECKING:
@@ -74,7 +75,8 @@ class SequenceState:
 
     prompt: token ids to prefill; row: the sequence's row in the KV cache; stopper: when it ends; temperature
     and generator: how tokens are picked (0: greedy); source: where drafts come from (None: plain decoding);
-    stats: counters and timings, filled as it runs."""
+    prefix: the engine's prefix cache (None: prefill the whole prompt); stats: counters and timings, filled as it
+    runs."""
 
     prompt: list[int]
     stopper: Stopper
@@ -82,17 +84,32 @@ class SequenceState:
     generator: torch.Generator | None = None
     source: DraftSource | None = None
     row: int = 0
+    prefix: PrefixCache | None = None
     stats: Stats = field(default_factory=Stats)
+
+    def load_prefix(self, cache: KVCache) -> int:
+        """Fill this sequence's empty cache row with the longest prefix of its prompt the prefix cache holds;
+        returns the positions filled (recorded as stats.cached_tokens)."""
+        self.stats.cached_tokens = self.prefix.load(self.prompt, cache, self.row) if self.prefix else 0
+        return self.stats.cached_tokens
+
+    def store_prefix(self, cache: KVCache) -> None:
+        """Offer the prefilled prompt's K/V rows to the prefix cache."""
+        if self.prefix is not None:
+            self.prefix.store(self.prompt, cache, self.row)
 
 
 def prefill(model, cache: KVCache, seq: SequenceState) -> int:
-    """Run seq.prompt [len(prompt)] through the model into an empty cache row; return the first new token.
+    """Run seq.prompt [len(prompt)] through the model into an empty cache row (past the prefix the prefix cache
+    holds); return the first new token.
 
-    Records prompt_tokens and prefill_s (the time to first token) in seq.stats.
+    Records prompt_tokens, cached_tokens and prefill_s (the time to first token) in seq.stats.
     """
     seq.stats.prompt_tokens = len(seq.prompt)
     t0 = time.perf_counter()
-    logits = model(torch.tensor([seq.prompt], device=cache.buf.device), cache)  # [1, V]
+    done = seq.load_prefix(cache)
+    logits = model(torch.tensor([seq.prompt[done:]], device=cache.buf.device), cache)  # [1, V]
+    seq.store_prefix(cache)
     token = pick(logits[0], seq.temperature, seq.generator)
     seq.stats.prefill_s = time.perf_counter() - t0
     return token

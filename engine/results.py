@@ -10,6 +10,7 @@ class Stats:
     """Counters and timings of one generation (seconds; token counts exclude the prompt)."""
 
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, those whose K/V rows came from the prefix cache
     new_tokens: int = 0
     prefill_s: float = 0.0  # prompt forward, up to the first new token's logits
     decode_s: float = 0.0  # everything after the first new token

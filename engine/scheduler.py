@@ -232,6 +232,8 @@ class Scheduler:
         """Prefill the next `n` (default prefill_chunk) prompt tokens of a waiting job; once its prompt is in, pick
         its first token and join it into a free row (or end it, if that token ends it)."""
         seq = job.seq
+        if job.prefilled == 0:
+            job.prefilled = seq.load_prefix(job.cache)
         chunk = seq.prompt[job.prefilled : job.prefilled + (n or self.prefill_chunk)]
         t0 = time.perf_counter()
         logits = self.model(torch.tensor([chunk], device=job.cache.buf.device), job.cache)  # [1, V]
@@ -242,6 +244,7 @@ class Scheduler:
         job.prefilled += len(chunk)
         if job.prefilled < len(seq.prompt):
             return
+        seq.store_prefix(job.cache)
         seq.stats.prompt_tokens = len(seq.prompt)
         job.t_first = time.perf_counter()
         if self._push(job, [pick(logits[0], seq.temperature, seq.generator)]):

@@ -72,3 +72,58 @@ def test_bad_arguments():
     pc = PrefixCache(1 << 20, block=4)
     with pytest.raises(ValueError, match="already holds"):
         pc.load([1, 2, 3, 4, 5], filled([1]))
+
+
+# ---- in the engine: a reused prefix changes no bits -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    import specedit
+    from helpers import make_text_checkpoint
+
+    path = make_text_checkpoint(tmp_path_factory.mktemp("prefix"))
+    on, off = specedit.load(path), specedit.load(path, prefix_cache_mb=0)
+    assert on.row_invariant and on.prefix_cache is not None and off.prefix_cache is None
+    return on, off
+
+
+def test_prefill_rows_are_row_invariant(engines):
+    """What makes a cached prefix exact: the K/V rows of positions 0..n-1 and the logits after them are the
+    same bits whether the prompt went in whole or as a cached prefix plus the rest."""
+    eng, _ = engines
+    ids = eng.encode("def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n" * 3)
+    whole = eng._cache(len(ids))
+    want = eng.model(torch.tensor([ids]), whole)
+    for cut in (1, 5, 16, len(ids) - 1):
+        part = eng._cache(len(ids))
+        eng.model(torch.tensor([ids[:cut]]), part)
+        got = eng.model(torch.tensor([ids[cut:]]), part)
+        assert torch.equal(got, want)
+        assert torch.equal(part.buf[:, :, 0, :, : len(ids)], whole.buf[:, :, 0, :, : len(ids)])
+
+
+def test_second_edit_of_a_file_reuses_its_prefix_and_gives_the_same_tokens(engines):
+    on, off = engines
+    code = "".join(f"def f{i}(x):\n    return x * {i} + {i * i}\n\n" for i in range(12))
+    prompt = "```python\n" + code + "```\n"
+    on.prefix_cache.clear()
+    for instr, pred in [("Add type hints.", code), ("Add docstrings.", code), ("Rename x to value.", None)]:
+        a = on.generate(prompt + instr, max_new_tokens=40, prediction=pred)
+        b = off.generate(prompt + instr, max_new_tokens=40, prediction=pred)
+        assert a.token_ids == b.token_ids
+        assert b.stats.cached_tokens == 0
+    assert a.stats.cached_tokens >= len(on.encode(prompt)) - on.prefix_cache.block
+    assert a.stats.cached_tokens < a.stats.prompt_tokens
+    # the batched scheduler reuses it too, with the same tokens as alone
+    h = on.submit(prompt + "Add a module docstring.", max_new_tokens=30, prediction=code)
+    assert h.wait() == off.generate(prompt + "Add a module docstring.", max_new_tokens=30, prediction=code).token_ids
+    assert h.stats.cached_tokens == a.stats.cached_tokens
+
+
+def test_prefix_cache_mb_is_checked(tmp_path):
+    import specedit
+
+    for bad in (-1, float("nan"), "64", True):
+        with pytest.raises(ValueError, match="prefix_cache_mb"):
+            specedit.load(tmp_path, prefix_cache_mb=bad)
