@@ -9,17 +9,21 @@ from collections.abc import Sequence
 FENCE = "```"
 
 
-def build_edit_prompt(tokenizer, original: str, instruction: str, language: str | None = None) -> tuple[str, str]:
+def build_edit_prompt(tokenizer, original: str, instruction: str, language: str | None = None,
+                      file_first: bool = True) -> tuple[str, str]:
     """Chat prompt for rewriting `original`, and the prediction of the answer.
 
     The prompt ends with the assistant's opening code fence, so the model starts copying code at once; the
-    prediction is the original followed by the closing fence, which is where generation stops.
+    prediction is the original followed by the closing fence, which is where generation stops. file_first puts
+    the file before the instruction, so every edit of one file shares the prompt up to the file's end and the
+    prefix cache reuses it (False: the instruction first).
     Returns (prompt_text, prediction_text).
     """
     lang = language or ""
     code = original if original.endswith("\n") else original + "\n"
-    user = (f"{instruction.strip()}\n\n{FENCE}{lang}\n{code}{FENCE}\n\n"
-            "Write the entire rewritten code and no other text.")
+    block, ask = f"{FENCE}{lang}\n{code}{FENCE}", instruction.strip()
+    user = (f"{block}\n\n{ask}" if file_first else f"{ask}\n\n{block}") + \
+        "\n\nWrite the entire rewritten code and no other text."
     if getattr(tokenizer, "chat_template", None):
         head = tokenizer.apply_chat_template(
             [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
