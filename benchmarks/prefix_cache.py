@@ -75,7 +75,7 @@ def main() -> None:
                   f"{'file first' if file_first else 'instr first':>13}{n:>8}{med(cached):>15.3f}"
                   f"{med(plain):>12.3f}{ratio:>7.2f}")
     for file_first, rs in ratios.items():
-        print(f"{"file first" if file_first else 'instruction first'}: cached / uncached TTFT of the second edit "
+        print(f"{'file first' if file_first else 'instruction first'}: cached / uncached TTFT of the second edit "
               f"{med(rs):.2f} {spread(rs)} over {len(rs)} files")
     if args.no_quality:
         return
