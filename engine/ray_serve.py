@@ -206,6 +206,20 @@ def build(model: str, model_name: str, replicas: int = 2, cpus_per_replica: floa
     return serve.deployment(Front, name="Front", ray_actor_options={"num_cpus": 0}).bind(replica)
 
 
+def app_builder(args: dict):
+    """Ray Serve's application builder, for `serve run specedit.ray_serve:app_builder model=M replicas=2` and a
+    RayService's `import_path` (docs/rayservice.yaml): args model (required), model_name (default: model),
+    replicas (2), cpus_per_replica (1); the API key comes from $SPECEDIT_API_KEY where the app is built."""
+    import os
+
+    unknown = set(args) - {"model", "model_name", "replicas", "cpus_per_replica"}
+    if unknown or "model" not in args:
+        raise ValueError(f"app_builder takes model (required), model_name, replicas, cpus_per_replica; got "
+                         f"{sorted(args)}")
+    return build(args["model"], args.get("model_name", args["model"]), int(args.get("replicas", 2)),
+                 float(args.get("cpus_per_replica", 1)), os.environ.get("SPECEDIT_API_KEY") or None)
+
+
 def run(model: str, model_name: str, host: str = "127.0.0.1", port: int = 8000, replicas: int = 2,
         cpus_per_replica: float = 1.0, api_key: str | None = None, load_kwargs: dict | None = None,
         address: str | None = None, blocking: bool = True) -> None:

@@ -140,3 +140,18 @@ def test_a_replica_killed_mid_stream_gives_a_clean_error_and_the_next_request_is
         except openai.APIError:
             time.sleep(1)
     assert finish in ("stop", "length") and content
+
+
+def test_app_builder_takes_the_documented_args():
+    import yaml
+    from pathlib import Path
+    from ray.serve import Application
+
+    manifest = yaml.safe_load((Path(__file__).resolve().parents[1] / "docs" / "rayservice.yaml").read_text())
+    app = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"][0]
+    assert app["import_path"] == "specedit.ray_serve:app_builder"
+    assert isinstance(ray_serve.app_builder(app["args"]), Application)
+    with pytest.raises(ValueError, match="model"):
+        ray_serve.app_builder({"replicas": 2})
+    with pytest.raises(ValueError, match="replicas must be >= 1"):
+        ray_serve.app_builder({"model": "m", "replicas": 0})
