@@ -450,6 +450,15 @@ def _config(reader, path: Path, arch: str, dtype: str) -> dict:
         raise ValueError(f"{path}: tensor blk.0.attn_q.weight has {q_rows} rows, not a multiple of "
                          f"{arch}.attention.head_count {n_head}")
     vocab = int(names["token_embd.weight"].shape[1])
+    head_dim = meta("attention.key_length", q_rows // n_head)
+    # the sizes in the metadata against the tensors' own, before a model is built on them
+    for key, value, tensor, dim in (("embedding_length", hidden, "token_embd.weight", 0),
+                                    ("attention.head_count x key_length", n_head * head_dim, "blk.0.attn_q.weight", 1),
+                                    ("attention.head_count_kv x key_length", n_kv * head_dim, "blk.0.attn_k.weight", 1),
+                                    ("feed_forward_length", meta("feed_forward_length"), "blk.0.ffn_up.weight", 1)):
+        if tensor in names and len(names[tensor].shape) > dim and int(names[tensor].shape[dim]) != value:
+            raise ValueError(f"{path}: metadata {arch}.{key} is {value}, but tensor {tensor} has "
+                             f"{int(names[tensor].shape[dim])}")
     n_layers = meta("block_count")
     blocks = {int(n.split(".")[1]) for n in names if n.startswith("blk.") and n.split(".")[1].isdigit()}
     if len(blocks) != n_layers or max(blocks, default=-1) != n_layers - 1:  # before anything is built per layer
@@ -464,7 +473,7 @@ def _config(reader, path: Path, arch: str, dtype: str) -> dict:
         "num_hidden_layers": n_layers,
         "num_attention_heads": n_head,
         "num_key_value_heads": n_kv,
-        "head_dim": meta("attention.key_length", q_rows // n_head),
+        "head_dim": head_dim,
         "hidden_act": "silu",
         "rms_norm_eps": _f32(meta("attention.layer_norm_rms_epsilon", kind="float")),
         "rope_theta": _f32(meta("rope.freq_base", 10000.0, kind="float")),

@@ -7,6 +7,7 @@ connection or a hang; a client that disconnects frees its row.
 
 import http.client
 import json
+import signal
 import socket
 import threading
 import time
@@ -291,3 +292,59 @@ def test_disconnected_stream_frees_its_row(srv):
             break
         time.sleep(0.02)
     assert not sched.busy and sched.cache is None
+
+
+def test_sigterm_ends_every_stream_in_flight_and_exits_0(tmp_path):
+    """`specedit serve` with two streams running: one SIGTERM ends both with a finish_reason and [DONE], and the
+    process exits 0 within seconds (uvicorn alone would wait for the streams, then re-raise the signal)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import make_checkpoint, make_tokenizer
+    from safetensors.torch import load_file, save_file
+
+    tok = make_tokenizer()
+    d = make_checkpoint(tmp_path / "m", "qwen2", vocab_size=len(tok), max_position_embeddings=8192)
+    tok.save_pretrained(d)
+    weights = load_file(d / "model.safetensors")
+    weights["lm_head.weight"][tok.eos_token_id] = 0  # the random model never ends by itself: streams stay busy
+    save_file(weights, d / "model.safetensors", metadata={"format": "pt"})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).parent / "specedit"
+    proc = subprocess.Popen([str(exe), "serve", "--model", str(d), "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            try:
+                if raw(port, "GET", "/health")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        body = json.dumps({"model": str(d), "prompt": CODE, "max_tokens": 8000, "stream": True}).encode()
+        streams = []
+        for _ in range(2):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+            r = conn.getresponse()
+            assert r.status == 200
+            first = r.readline() + r.readline()  # one event: the stream is running
+            assert first.startswith(b"data: {")
+            streams.append((conn, r, first))
+        t0 = time.perf_counter()
+        proc.send_signal(signal.SIGTERM)
+        for conn, r, first in streams:
+            events = [e for e in (first + r.read()).decode().split("\n\n") if e]
+            assert events[-1] == "data: [DONE]", events[-3:]
+            last = json.loads(events[-2].removeprefix("data: "))
+            assert last["choices"][0]["finish_reason"] == "length"
+            assert sum(1 for e in events if '"finish_reason": null' in e) < 8000
+            conn.close()
+        assert proc.wait(timeout=15) == 0, proc.stderr.read()
+        assert time.perf_counter() - t0 < 15
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
