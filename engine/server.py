@@ -238,7 +238,10 @@ def create_app(engine, model_name: str = "specedit", api_key: str | None = None,
         """A raw completion prompt: tokenized as it is, special tokens included (documented)."""
         if engine.tokenizer is None:
             raise APIError(400, "this model has no tokenizer; it cannot take text", "prompt")
-        return engine.tokenizer.encode(text, add_special_tokens=False)
+        ids = engine.tokenizer.encode(text, add_special_tokens=False)
+        if not ids:
+            raise APIError(400, "prompt: the text gives no tokens; at least one is needed", "prompt")
+        return ids
 
     async def run(request: Request, kind: str, body: Options, prompt: list[int]):
         opts = check(body)
@@ -483,5 +486,5 @@ def serve(engine, host: str = "127.0.0.1", port: int = 8000, model_name: str = "
                 finally:
                     self._captured_signals.clear()
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
     Server(config).run()

@@ -108,7 +108,7 @@ PATHS = ["/v1/chat/completions", "/v1/completions"]
 def test_schema_bodies_never_get_a_5xx_and_errors_have_openai_shape(app, path):
     @settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
                                      HealthCheck.data_too_large])
-    @given(body=body_strategy(app, path), model_ok=st.booleans())
+    @given(body=body_strategy(app, path), model_ok=st.sampled_from([True, True, True, False]))
     def run(body, model_ok):
         body = _tame(body, model_ok)
         status, answer = call(app, "POST", path, json.dumps(body).encode())
