@@ -421,13 +421,27 @@ def test_mixed_line_endings_are_left_as_they_are(model, tmp_path, monkeypatch):
     assert seen == ["a = 1\r\nb = 2\n"] and f.read_bytes() == b"a = 1\r\nb = 2\n"
 
 
-@pytest.mark.parametrize("delay", [0.15, 0.6, 1.5])
-def test_ctrl_c_at_any_moment_is_one_line_and_130(model, src, delay):
-    """SIGINT while Python starts, while torch imports, while the model loads: one line, exit 130."""
+def _wait_for_torch(pid: int) -> None:
+    """Until the process has begun loading torch's libraries (its import takes about a second from there)."""
+    for _ in range(6000):
+        try:
+            if "libtorch" in Path(f"/proc/{pid}/maps").read_text():
+                return
+        except OSError:
+            return
+        time.sleep(0.005)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc")
+@pytest.mark.parametrize("moment", ["torch import", "after it"])
+def test_ctrl_c_at_any_moment_is_one_line_and_130(model, src, moment):
+    """SIGINT while torch imports (a trace here before), and later while the model loads: one line, exit 130."""
     exe = Path(sys.executable).parent / "specedit"
     p = subprocess.Popen([str(exe), "apply", str(src), "Add type hints.", "--in-place", "--model", model],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(delay)
+    _wait_for_torch(p.pid)
+    if moment == "after it":
+        time.sleep(1.5)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
     if p.returncode == 0:  # finished before the signal (a fast machine): nothing to check
