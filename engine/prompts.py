@@ -65,7 +65,7 @@ def encode_text(tokenizer, text: str, name: str = "text") -> list[int]:
 def encode_segments(tokenizer, segments: Sequence[tuple[str, bool]]) -> list[int]:
     """Token ids of a prompt made of (text, is_user_text) segments: the template's segments keep their special
     tokens, the user's never become any. Without a special token's string in the user's segments this is the
-    whole text tokenized in one piece, exactly as before (the boundaries cannot change a token)."""
+    whole text tokenized in one piece, exactly as before; with one, each segment is tokenized on its own."""
     specials = special_strings(tokenizer)
     if not any(user and any(s in text for s in specials) for text, user in segments):
         return tokenizer.encode("".join(text for text, _ in segments), add_special_tokens=False)
@@ -79,9 +79,7 @@ def encode_segments(tokenizer, segments: Sequence[tuple[str, bool]]) -> list[int
 def chat_segments(tokenizer, messages: Sequence[dict]) -> list[tuple[str, bool]]:
     """`messages` through the model's chat template (the assistant's turn opened), as
     (text, is_user_text) segments: each message's content is user text, the template around it is not."""
-    for i, m in enumerate(messages):
-        check_encodable(f"messages[{i}]['content']", m["content"])
-        check_encodable(f"messages[{i}]['role']", m["role"])
+    _check_messages(tokenizer, messages)
     tag = uuid.uuid4().hex  # unguessable: no content can contain it
     marked = [{**m, "content": f"\x00{tag}:{i}\x00"} for i, m in enumerate(messages)]
     text = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=True)
@@ -89,11 +87,16 @@ def chat_segments(tokenizer, messages: Sequence[dict]) -> list[tuple[str, bool]]
     segments = []
     for j, part in enumerate(parts):
         segments.append((messages[int(part)]["content"], True) if j % 2 else (part, False))
-    specials = special_strings(tokenizer)
-    for i, m in enumerate(messages):  # a role is rendered by the template as it is: it must not forge a marker
-        if any(s in m["role"] for s in specials):
-            raise ValueError(f"messages[{i}]['role'] {m['role']!r:.80} contains a special token of the model")
     return segments
+
+
+def _check_messages(tokenizer, messages: Sequence[dict]) -> None:
+    specials = special_strings(tokenizer)
+    for i, m in enumerate(messages):
+        check_encodable(f"messages[{i}]['content']", m["content"])
+        check_encodable(f"messages[{i}]['role']", m["role"])
+        if any(s in m["role"] for s in specials):  # a role is rendered as it is: it must not forge a marker
+            raise ValueError(f"messages[{i}]['role'] {m['role']!r:.80} contains a special token of the model")
 
 
 def _has_special(tokenizer, texts: Sequence[str]) -> bool:
@@ -105,11 +108,11 @@ def chat_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
     """Token ids of OpenAI-style messages ({'role', 'content': str}) through the chat template, the assistant's
     turn opened: the template's own markers are control tokens, the messages' text never is. Messages free of
     special tokens' strings give exactly the ids of the rendered template text."""
-    segments = chat_segments(tokenizer, messages)  # checks roles and encodability
+    _check_messages(tokenizer, messages)
     if not _has_special(tokenizer, [m["content"] for m in messages]):
         text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
         return tokenizer.encode(text, add_special_tokens=False)
-    return encode_segments(tokenizer, segments)
+    return encode_segments(tokenizer, chat_segments(tokenizer, messages))
 
 
 def build_edit_ids(tokenizer, original: str, instruction: str, language: str | None = None

@@ -208,7 +208,11 @@ def test_unexpected_exception_is_500_server_error_and_logged(tmp_path, caplog):
             err = assert_openai_error(raw(port, "POST", "/v1/completions",
                                           json.dumps({"model": MODEL, "prompt": "x"}).encode()), 500,
                                       kind="server_error")
-        assert "RuntimeError" in err["message"] and "boom" not in err["message"]
+            assert "RuntimeError" in err["message"] and "boom" not in err["message"]
+            for _ in range(200):  # the log line is written once the response is sent, on the server's thread
+                if any("POST /v1/completions 500" in r.getMessage() for r in caplog.records):
+                    break
+                time.sleep(0.01)
         assert any("POST /v1/completions 500" in r.getMessage() for r in caplog.records)
         assert any(r.exc_info and "boom" in str(r.exc_info[1]) for r in caplog.records)
     finally:
