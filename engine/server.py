@@ -80,7 +80,7 @@ class Options(BaseModel):
     max_tokens: StrictInt | None = Field(None, ge=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     temperature: StrictFloat | StrictInt | None = Field(None, ge=0, le=2)
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch's generator takes
     stop: StrictStr | list[StrictStr] | None = Field(None, max_length=4)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None

@@ -146,6 +146,7 @@ def test_unknown_model_is_404_model_not_found(srv):
     ({"messages": [{"role": "user", "content": "x " * 600}]}, "messages", "maximum context length"),
     ({"temperature": "hot"}, "temperature", "valid number"),
     ({"stop": ["a", 3]}, "stop", "valid string"),
+    ({"seed": 2**70, "temperature": 1}, "seed", "less than or equal to"),
     ({"messages": [{"role": "user", "content": 7}]}, "messages.0.content", "valid string"),
 ])
 def test_bad_requests_get_400_with_openai_error_shape(srv, change, param, words):
