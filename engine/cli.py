@@ -346,17 +346,37 @@ def build_parser() -> argparse.ArgumentParser:
     keys = v.add_mutually_exclusive_group()
     keys.add_argument("--api-key-file", type=Path, metavar="PATH",
                       help="require 'Authorization: Bearer KEY' on every request but /health, KEY being this "
-                           "file's first line (better than --api-key: other users see a command line in ps)")
+                           "file's first line; a pipe works too, e.g. <(pass show key) (better than --api-key: "
+                           "other users see a command line in ps)")
     keys.add_argument("--api-key", help="the same with KEY on the command line, where other local users can read "
                                         "it (ps); prefer --api-key-file or $SPECEDIT_API_KEY")
     v.epilog = "the key can also come from the environment variable SPECEDIT_API_KEY"
     return ap
 
 
+def read_key_file(path: Path, limit: int = 64 * 1024) -> bytes:
+    """The first `limit` bytes of a key file: a regular file, or a pipe (`--api-key-file <(pass show key)`)."""
+    try:
+        mode = os.stat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+            raise UsageError(_not_regular(path, mode) or f"{path}: not a regular file")
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except FileNotFoundError:
+        raise UsageError(f"--api-key-file {path}: no such file") from None
+    except PermissionError:
+        raise UsageError(f"--api-key-file {path}: permission denied (cannot read it)") from None
+    except OSError as e:
+        raise UsageError(f"--api-key-file {path}: cannot read it ({e.strerror})") from None
+    if len(data) > limit:
+        raise UsageError(f"--api-key-file {path}: over {limit:,} bytes; it should hold one key")
+    return data
+
+
 def api_key(args) -> str | None:
     """The serve key: --api-key-file, --api-key, or $SPECEDIT_API_KEY (in that order); None for no key."""
     if args.api_key_file is not None:
-        data = read_bytes(args.api_key_file, 64 * 1024)
+        data = read_key_file(args.api_key_file)
         try:
             key = data.decode("utf-8").strip().splitlines()[0].strip() if data.strip() else ""
         except UnicodeDecodeError:

@@ -465,9 +465,15 @@ def test_api_key_from_file_or_environment(tmp_path, monkeypatch):
     key.write_text("\n")
     with pytest.raises(cli.UsageError, match="holds no key"):
         cli.api_key(parse("--api-key-file", str(key)))
-    os.mkfifo(tmp_path / "fifo")
-    with pytest.raises(cli.UsageError, match="FIFO"):
-        cli.api_key(parse("--api-key-file", str(tmp_path / "fifo")))
+    with pytest.raises(cli.UsageError, match="character device"):
+        cli.api_key(parse("--api-key-file", "/dev/zero"))
+    r, w = os.pipe()  # `--api-key-file <(pass show key)`: a pipe with a writer is fine
+    os.write(w, b"piped\n")
+    os.close(w)
+    try:
+        assert cli.api_key(parse("--api-key-file", f"/proc/self/fd/{r}")) == "piped"
+    finally:
+        os.close(r)
     monkeypatch.setenv("SPECEDIT_API_KEY", " ")
     with pytest.raises(cli.UsageError, match="SPECEDIT_API_KEY is empty"):
         cli.api_key(parse())
