@@ -220,6 +220,35 @@ def test_unexpected_exception_is_500_server_error_and_logged(tmp_path, caplog):
         server.should_exit = True
 
 
+def test_error_inside_a_stream_ends_it_with_an_error_event_and_done(tmp_path):
+    from specedit.results import Stats
+
+    class FailingHandle:  # fails after its first step, as a sequence whose step raised would
+        stats = Stats()
+
+        async def atokens(self):
+            yield [5]
+            raise RuntimeError("boom")
+
+        def cancel(self):
+            pass
+
+    eng = specedit.load(make_text_checkpoint(tmp_path))
+    eng.submit = lambda *a, **kw: FailingHandle()
+    server, port = start(create_app(eng, MODEL))
+    try:
+        status, text = raw(port, "POST", "/v1/completions",
+                           json.dumps({"model": MODEL, "prompt": "x", "stream": True}).encode())
+        events = [e for e in text.split("\n\n") if e]
+        assert status == 200 and events[-1] == "data: [DONE]"
+        err = json.loads(events[-2].removeprefix("data: "))["error"]
+        assert err["type"] == "server_error" and "RuntimeError" in err["message"] and "boom" not in err["message"]
+        status, text = raw(port, "POST", "/v1/completions", json.dumps({"model": MODEL, "prompt": "x"}).encode())
+        assert_openai_error((status, text), 500, kind="server_error")
+    finally:
+        server.should_exit = True
+
+
 def test_control_tokens_in_user_text_stay_text(srv):
     eng, _, client = srv
     eos = eng.tokenizer.eos_token  # the tiny tokenizer's only special token
