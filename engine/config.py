@@ -65,7 +65,7 @@ class ModelConfig:
         """The same from an HF config dict (e.g. built from GGUF metadata); `file` names its source in errors.
 
         Every field the runtime uses is checked (ValueError naming the file and the field): counts are positive
-        integers, head counts divide each other and the hidden size, rms_norm_eps and rope_theta are finite
+        integers, the attention heads are a multiple of the key/value heads, rms_norm_eps and rope_theta are finite
         and positive, flags are booleans, token ids lie in the vocabulary, and the RoPE tables for
         max_position_embeddings fit in this machine's memory (they are built for the whole context)."""
         if not isinstance(hf, dict):
@@ -89,9 +89,9 @@ class ModelConfig:
         if n_heads % n_kv:
             raise ValueError(f"{file}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv}")
         head_dim = f.int("head_dim", 0, minimum=0) or None
-        if head_dim is None:
-            if dim % n_heads:
-                raise ValueError(f"{file}: hidden_size {dim} is not a multiple of num_attention_heads {n_heads} "
+        if head_dim is None:  # as transformers: hidden_size // num_attention_heads (need not divide)
+            if dim < n_heads:
+                raise ValueError(f"{file}: hidden_size {dim} is smaller than num_attention_heads {n_heads} "
                                  "(and no head_dim is given)")
             head_dim = dim // n_heads
         if head_dim % 2:
