@@ -206,7 +206,8 @@ class Engine:
         )
         if prediction is not None:
             cost = self.cost_model()
-            ids = self.encode(prediction)
+            ids = (prompts.encode_text(self.tokenizer, prediction, "prediction")  # its text stays text
+                   if isinstance(prediction, str) and self.tokenizer is not None else self.encode(prediction))
             seq.source = DraftSource(
                 Drafter(ids, self.token_bytes), ChunkPolicy(cost, k_max=K_MAX),
                 NgramLookup(ids), ChunkPolicy(cost, k_max=K_MAX, prior=0.5),
@@ -277,7 +278,7 @@ class Engine:
         msgs = checks.messages(messages)
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"{self.path}: the model has no chat template; use generate() with a prompt")
-        prompt = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        prompt = prompts.chat_ids(self.tokenizer, msgs)  # the messages' text never becomes control tokens
         return self.generate(prompt, max_new_tokens, prediction, temperature, stop, seed)
 
     def _check_gen_args(self, ids_or_text, max_new_tokens, prediction, temperature, stop, seed) -> list[str]:
@@ -302,8 +303,7 @@ class Engine:
             raise TypeError(f"speculate must be True or False, got {speculate!r}")
         if self.tokenizer is None:
             raise ValueError(f"{self.path}: edit() needs a tokenizer in the model directory")
-        prompt, prediction = prompts.build_edit_prompt(self.tokenizer, original, instruction, language)
-        pred_ids = self.encode(prediction)
+        prompt, pred_ids = prompts.build_edit_ids(self.tokenizer, original, instruction, language)  # text stays text
         if max_new_tokens is None:
             max_new_tokens = 2 * len(pred_ids) + 256
         r = self.generate(prompt, max_new_tokens, prediction=pred_ids if speculate else None, stop=[prompts.FENCE])

@@ -7,18 +7,38 @@ nothing written.
 
 `apply` never writes a cut-off answer over a file: it writes only when the model's answer ended at its closing
 code fence (finish_reason "stop") and is non-empty (unless the instruction asks to delete everything, or
---allow-empty), atomically, keeping the file's mode and writing through a symlink to its target.
+--allow-empty), atomically, keeping the file's mode, line endings (CRLF stays CRLF) and UTF-8 BOM, and writing
+through a symlink to its target. The write is a temp file and a rename, so the name gets a new inode: other
+hard links to the old file keep the old text. Only a regular file is read (never a FIFO or a device), at most
+MAX_FILE_BYTES of it.
 """
 
 from __future__ import annotations
 
-import argparse
+import _signal  # the C module: `signal` builds enums first, a window of milliseconds
 import os
-import re
 import sys
-import tempfile
-import warnings
-from pathlib import Path
+
+
+def _interrupted_early(signum, frame):  # Ctrl-C before main() is running: the same one line, exit 130
+    sys.stderr.write("specedit: interrupted\n")
+    sys.stderr.flush()
+    os._exit(130)
+
+
+# only in the `specedit` command itself, never in a program that imports this module
+if os.path.basename((getattr(sys, "argv", None) or [""])[0]) == "specedit" and \
+        _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
+    _signal.signal(_signal.SIGINT, _interrupted_early)
+
+import argparse  # noqa: E402
+import signal  # noqa: E402
+import re  # noqa: E402
+import stat  # noqa: E402
+import tempfile  # noqa: E402
+import warnings  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 LANGUAGES = {
@@ -47,28 +67,90 @@ class NotWritten(Exception):
     """The answer is not safe to write (cut off, empty): exit 1, nothing written."""
 
 
-def read_source(path: Path) -> str:
-    """The file's text. UsageError (one line naming the file) when it is missing, not a regular file, empty or
-    blank, binary (a NUL byte) or not UTF-8."""
+MAX_FILE_BYTES = 16 * 2**20  # far beyond any context; a bigger file is refused before it is read
+BOM = "\ufeff"
+_KINDS = [(stat.S_ISDIR, "is a directory, not a file"), (stat.S_ISFIFO, "is a FIFO (named pipe), not a regular file"),
+          (stat.S_ISCHR, "is a character device, not a regular file"),
+          (stat.S_ISBLK, "is a block device, not a regular file"), (stat.S_ISSOCK, "is a socket, not a regular file")]
+
+
+@dataclass(frozen=True)
+class Source:
+    """A file's text as the model sees it (LF line endings, no BOM), and how to write an answer back."""
+
+    text: str
+    crlf: bool = False  # every line ended with CRLF
+    bom: bool = False  # the file started with a UTF-8 BOM
+
+    def restore(self, edited: str) -> str:
+        """`edited` (model text) with the file's line endings and BOM."""
+        if self.crlf:
+            edited = edited.replace("\r\n", "\n").replace("\n", "\r\n")
+        return BOM + edited if self.bom else edited
+
+
+def _not_regular(path: Path, mode: int) -> str | None:
+    if stat.S_ISREG(mode):
+        return None
+    return next((f"{path}: {why}" for test, why in _KINDS if test(mode)), f"{path}: not a regular file")
+
+
+def read_bytes(path: Path, limit: int | None = None) -> bytes:
+    """The bytes of the regular file `path`, checked before anything is read: UsageError naming the file when it
+    is missing, unreadable, not a regular file (a FIFO would block, /dev/zero never ends) or over `limit`
+    (default MAX_FILE_BYTES)."""
+    limit = MAX_FILE_BYTES if limit is None else limit
     try:
-        data = path.read_bytes()
+        st = os.stat(path)
+        why = _not_regular(path, st.st_mode)
+        if why:
+            raise UsageError(why)
+        # O_NONBLOCK: were it swapped for a FIFO since the stat, open() must not wait for a writer
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise UsageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a directory, not a file") from None
     except PermissionError:
         raise UsageError(f"{path}: permission denied (cannot read it)") from None
     except OSError as e:
         raise UsageError(f"{path}: cannot read it ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        why = _not_regular(path, st.st_mode)
+        if why:
+            raise UsageError(why)
+        if st.st_size > limit:
+            raise UsageError(f"{path}: {st.st_size:,} bytes is larger than any file apply edits "
+                             f"({limit:,} bytes at most)")
+        try:
+            data = f.read(limit + 1)
+        except OSError as e:
+            raise UsageError(f"{path}: cannot read it ({e.strerror})") from None
+    if len(data) > limit:  # it grew while being read
+        raise UsageError(f"{path}: larger than any file apply edits ({limit:,} bytes at most)")
+    return data
+
+
+def read_source(path: Path, limit: int | None = None) -> Source:
+    """The file's text. UsageError (one line naming the file) when it is missing, not a regular file, over
+    `limit` bytes, empty or blank, binary (a NUL byte) or not UTF-8. CRLF line endings (every line) become LF
+    for the model and a UTF-8 BOM is set aside; `Source.restore` puts both back on the answer."""
+    data = read_bytes(path, limit)
     if not data.strip():
         raise UsageError(f"{path}: the file is {'empty' if not data else 'blank'}; there is nothing to edit")
     nul = data.find(b"\0")
     if nul >= 0:
         raise UsageError(f"{path}: not a text file (a NUL byte at offset {nul}: binary data)")
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UsageError(f"{path}: not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
+    bom = text.startswith(BOM)
+    text = text[len(BOM):] if bom else text
+    if not text.strip():
+        raise UsageError(f"{path}: the file is blank; there is nothing to edit")
+    lf = text.count("\n")
+    crlf = lf > 0 and text.count("\r\n") == lf
+    return Source(text.replace("\r\n", "\n") if crlf else text, crlf, bom)
 
 
 def check_instruction(instruction: str) -> str:
@@ -157,9 +239,19 @@ def check_fits(model_dir: Path, path: Path, source: str, instruction: str, langu
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     tok.model_max_length = 2**62  # counting only: no "sequence longer than the model" warning
-    prompt, prediction = prompts.build_edit_prompt(tok, source, instruction, language)
-    n_prompt = len(tok.encode(prompt, add_special_tokens=False))
-    n_file = len(tok.encode(prediction, add_special_tokens=False))
+    # A cheap bound first (a 5 MB file would take many seconds to tokenize): no token stands for more characters
+    # than its vocabulary entry has (byte-level pieces: one character per byte), and the file is counted twice
+    # (in the prompt and as the answer). Half of it, for normalizers that merge characters.
+    longest = max(map(len, tok.get_vocab()), default=1) or 1
+    at_least = 2 * (len(source) // (2 * longest))
+    if at_least > cfg.max_position:
+        raise UsageError(
+            f"{path}: too long for the model: {len(source):,} characters need at least {at_least:,} tokens (the "
+            f"file in the prompt and again as the answer; no token here covers more than {longest} characters); "
+            f"the context is {cfg.max_position:,}"
+        )
+    prompt_ids, prediction_ids = prompts.build_edit_ids(tok, source, instruction, language)
+    n_prompt, n_file = len(prompt_ids), len(prediction_ids)
     if n_prompt + n_file > cfg.max_position:
         raise UsageError(
             f"{path}: too long for the model: the prompt ({n_prompt:,} tokens, the file included) plus an answer "
@@ -251,29 +343,95 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
     v.add_argument("--host", default="127.0.0.1", help="address to listen on")
     v.add_argument("--port", type=int, default=8000, help="port to listen on")
-    v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request but /health")
+    keys = v.add_mutually_exclusive_group()
+    keys.add_argument("--api-key-file", type=Path, metavar="PATH",
+                      help="require 'Authorization: Bearer KEY' on every request but /health, KEY being this "
+                           "file's first line; a pipe works too, e.g. <(pass show key) (better than --api-key: "
+                           "other users see a command line in ps)")
+    keys.add_argument("--api-key", help="the same with KEY on the command line, where other local users can read "
+                                        "it (ps); prefer --api-key-file or $SPECEDIT_API_KEY")
+    v.epilog = "the key can also come from the environment variable SPECEDIT_API_KEY"
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # A warning (a fallback from the CPU kernels, a failed extension build) is one line on stderr, not two.
-    warnings.formatwarning = lambda message, *_args, **_kw: f"{message}\n"
+def read_key_file(path: Path, limit: int = 64 * 1024) -> bytes:
+    """The first `limit` bytes of a key file: a regular file, or a pipe (`--api-key-file <(pass show key)`)."""
     try:
+        mode = os.stat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+            raise UsageError(_not_regular(path, mode) or f"{path}: not a regular file")
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except FileNotFoundError:
+        raise UsageError(f"--api-key-file {path}: no such file") from None
+    except PermissionError:
+        raise UsageError(f"--api-key-file {path}: permission denied (cannot read it)") from None
+    except OSError as e:
+        raise UsageError(f"--api-key-file {path}: cannot read it ({e.strerror})") from None
+    if len(data) > limit:
+        raise UsageError(f"--api-key-file {path}: over {limit:,} bytes; it should hold one key")
+    return data
+
+
+def api_key(args) -> str | None:
+    """The serve key: --api-key-file, --api-key, or $SPECEDIT_API_KEY (in that order); None for no key."""
+    if args.api_key_file is not None:
+        data = read_key_file(args.api_key_file)
+        try:
+            key = data.decode("utf-8").strip().splitlines()[0].strip() if data.strip() else ""
+        except UnicodeDecodeError:
+            raise UsageError(f"--api-key-file {args.api_key_file}: not UTF-8 text") from None
+        if not key:
+            raise UsageError(f"--api-key-file {args.api_key_file}: the file holds no key")
+        return key
+    key = args.api_key if args.api_key is not None else os.environ.get("SPECEDIT_API_KEY")
+    if key is not None and not key.strip():
+        where = "--api-key" if args.api_key is not None else "SPECEDIT_API_KEY"
+        raise UsageError(f"{where} is empty; give a key or leave it unset to serve without one")
+    return None if key is None else key.strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    cmd = "apply"
+    if signal.getsignal(signal.SIGINT) is _interrupted_early:  # from here on a KeyboardInterrupt is caught
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        args = build_parser().parse_args(argv)
+        cmd = args.cmd
+        # A warning (a fallback from the CPU kernels, a failed extension build) is one line on stderr, not two.
+        warnings.formatwarning = lambda message, *_args, **_kw: f"{message}\n"
         return run(args)
     except UsageError as e:
-        print(f"specedit {args.cmd}: error: {e}", file=sys.stderr)
+        print(f"specedit {cmd}: error: {e}", file=sys.stderr)
         return 2
     except NotWritten as e:
-        print(f"specedit {args.cmd}: {e}", file=sys.stderr)
+        print(f"specedit {cmd}: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"specedit {args.cmd}: interrupted" + ("; nothing written" if args.cmd == "apply" else ""),
-              file=sys.stderr)
+    except KeyboardInterrupt:  # at any moment, torch's import included: one line, nothing written
+        print(f"specedit {cmd}: interrupted" + ("; nothing written" if cmd == "apply" else ""), file=sys.stderr)
         return 130
     except Exception as e:  # a runtime failure: one line, not a trace
-        print(f"specedit {args.cmd}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"specedit {cmd}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+
+
+def console() -> None:
+    """The `specedit` command: main(), then exit. After an interrupt the process ends at once (os._exit):
+    a second Ctrl-C while the interpreter tears torch down would print a trace. Nothing is left to clean up:
+    an interrupted write removed its temp file on the way out."""
+    try:
+        code = main()
+    except KeyboardInterrupt:  # between main's handlers and here
+        print("specedit: interrupted", file=sys.stderr)
+        code = 130
+    if code == 130:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a closed pipe: nothing more to say
+                pass
+        os._exit(130)
+    sys.exit(code)
 
 
 def speed_report(eng, original: str, instruction: str, language: str | None) -> tuple[str, bool]:
@@ -313,14 +471,17 @@ def run(args) -> int:
 
         if not 0 <= args.port <= 65535:
             raise UsageError(f"--port must be 0..65535, got {args.port}")
+        key = api_key(args)
         eng = specedit.load(resolve_model(args.model), dtype=args.dtype)
-        print(f"specedit serving {args.model} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-        serve(eng, args.host, args.port, args.model, api_key=args.api_key)
+        print(f"specedit serving {args.model} on http://{args.host}:{args.port}/v1"
+              + (" (API key required)" if key else ""), file=sys.stderr)
+        serve(eng, args.host, args.port, args.model, api_key=key)
         return 0
 
     # apply / bench: every check that needs no weights comes first
     check_instruction(args.instruction)
-    source = read_source(args.file)
+    file = read_source(args.file)
+    source = file.text
     language = args.language or LANGUAGES.get(args.file.suffix.lower())
     if args.cmd == "apply":
         if args.max_new_tokens is not None and args.max_new_tokens < 1:
@@ -354,19 +515,20 @@ def run(args) -> int:
     problem = why_not_complete(e, max_new, eng.cfg.max_position, n_prompt, args.instruction, args.allow_empty)
     if problem:
         if args.partial_output:
-            write_atomic(args.partial_output, e.text)
+            write_atomic(args.partial_output, file.restore(e.text))
             problem += f"; the partial answer is in {args.partial_output}"
         raise NotWritten(f"{args.file}: {problem}")
+    edited = file.restore(e.text)  # the file's own line endings and BOM
     if args.in_place or args.output:
-        write_atomic(args.file if args.in_place else args.output, e.text)
+        write_atomic(args.file if args.in_place else args.output, edited)
     if args.diff:
         from .prompts import unified_diff
 
-        sys.stdout.write(unified_diff(source, e.text, diff_name(args.file)))
+        sys.stdout.write(unified_diff(file.restore(source), edited, diff_name(args.file)))
     elif not (args.in_place or args.output):
-        sys.stdout.write(e.text)
+        sys.stdout.write(edited)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

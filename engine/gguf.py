@@ -23,6 +23,7 @@ What llama.cpp changes on the way in, and what is undone here:
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import struct
@@ -91,7 +92,7 @@ def convert(gguf_path, out_dir, dtype="float32") -> Path:
         raise FileExistsError(f"{out} already exists and is not empty; not overwriting it")
     reader = _open(path)  # validates before anything is written
     arch = _meta(reader, "general.architecture")
-    if arch not in ARCHS:
+    if not isinstance(arch, str) or arch not in ARCHS:
         raise ValueError(f"{path}: architecture {arch!r} is not supported; supported: {', '.join(ARCHS)}")
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -198,7 +199,7 @@ def read_native(path: Path) -> tuple[dict, dict[str, tuple[str, np.ndarray]]]:
     """
     reader = _FastReader(path)
     arch = _meta(reader, "general.architecture")
-    if arch not in ARCHS:
+    if not isinstance(arch, str) or arch not in ARCHS:
         raise ValueError(f"{path}: architecture {arch!r} is not supported; supported: {', '.join(ARCHS)}")
     config = _config(reader, path, arch, "float32")
     out = {}
@@ -215,6 +216,21 @@ def read_native(path: Path) -> tuple[dict, dict[str, tuple[str, np.ndarray]]]:
 
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+MAX_ARRAY_DEPTH = 4  # metadata arrays of arrays: llama.cpp writes none deeper than 2
+MAX_DIMS = 4  # GGML_MAX_DIMS
+INTEGER_TYPES = {gguf.GGMLQuantizationType[n] for n in ("I8", "I16", "I32", "I64")
+                 if n in gguf.GGMLQuantizationType.__members__}
+
+
+class BadGGUF(ValueError):
+    """A malformed GGUF file; the message names the file and the field."""
+
+
+def check_alignment(path, align) -> int:
+    """general.alignment: a positive power of two (GGUF spec), else a BadGGUF naming it."""
+    if not isinstance(align, int) or isinstance(align, bool) or align <= 0 or align & (align - 1):
+        raise BadGGUF(f"{path}: metadata general.alignment must be a positive power of two, got {align!r}")
+    return align
 
 
 class _FastReader:
@@ -237,8 +253,11 @@ class _FastReader:
     def __init__(self, path: Path):
         try:
             self._parse(path)
-        except (struct.error, ValueError, IndexError, KeyError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not a valid GGUF file (truncated or corrupt): {e}") from None
+        except BadGGUF:
+            raise
+        except (struct.error, ValueError, IndexError, KeyError, UnicodeDecodeError, OverflowError, TypeError,
+                RecursionError, MemoryError) as e:
+            raise BadGGUF(f"{path} is not a valid GGUF file (truncated or corrupt): {e}") from None
 
     def _parse(self, path: Path):
         mm = np.memmap(path, mode="c")
@@ -247,26 +266,37 @@ class _FastReader:
         if magic != b"GGUF" or version not in (2, 3):
             raise ValueError(f"magic {magic!r}, version {version}")
         pos = 24
+        key = ""
 
         def string(at):
             (n,) = struct.unpack_from("<Q", buf, at)
+            if at + 8 + n > len(buf):
+                raise ValueError(f"a string of {n} bytes at offset {at} runs past the end of the file")
             return bytes(buf[at + 8 : at + 8 + n]).decode("utf-8"), at + 8 + n
 
-        def value(vtype, at):
+        def value(vtype, at, depth=0):
             if vtype == 8:
                 return string(at)
             if vtype == 9:
+                if depth >= MAX_ARRAY_DEPTH:
+                    raise BadGGUF(f"{path}: metadata {key}: arrays nested deeper than {MAX_ARRAY_DEPTH} levels")
                 (itype, n), at = struct.unpack_from("<IQ", buf, at), at + 12
                 start = at
                 if itype in _SCALARS:
                     fmt = _SCALARS[itype]
                     at += n * struct.calcsize(fmt)
+                    if at > len(buf):
+                        raise ValueError(f"metadata {key}: an array of {n} values runs past the end of the file")
                     return (lambda: list(np.frombuffer(buf, fmt, n, start).tolist())), at
+                if itype not in (8, 9):
+                    raise ValueError(f"metadata {key}: unknown array item type {itype}")
                 items = []
                 for _ in range(n):
-                    item, at = value(itype, at)
+                    item, at = value(itype, at, depth + 1)
                     items.append(item)
                 return items, at
+            if vtype not in _SCALARS:
+                raise ValueError(f"metadata {key}: unknown value type {vtype}")
             fmt = _SCALARS[vtype]
             return struct.unpack_from(fmt, buf, at)[0], at + struct.calcsize(fmt)
 
@@ -279,6 +309,8 @@ class _FastReader:
                 pos += 12
                 for _ in range(n):
                     pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
+                if pos > len(buf):
+                    raise ValueError(f"metadata {key}: its strings run past the end of the file")
                 self.fields[key] = self.Field(lambda start=start: value(9, start)[0])  # holds buf, not self
                 continue
             v, pos = value(vtype, pos)
@@ -287,17 +319,26 @@ class _FastReader:
         for _ in range(n_tensors):
             name, pos = string(pos)
             (n_dims,) = struct.unpack_from("<I", buf, pos)
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise BadGGUF(f"{path}: tensor {name} has {n_dims} dimensions (1 to {MAX_DIMS} are valid)")
             dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
             ttype, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
             pos += 4 + 8 * n_dims + 12
-            infos.append((name, dims, gguf.GGMLQuantizationType(ttype), offset))
-        align = self.fields.get("general.alignment", self.Field(32)).contents()
+            try:
+                ttype = gguf.GGMLQuantizationType(ttype)
+            except ValueError:
+                raise BadGGUF(f"{path}: tensor {name} has an unknown type {ttype}") from None
+            infos.append((name, dims, ttype, offset))
+        align = check_alignment(path, self.fields.get("general.alignment", self.Field(32)).contents())
         start = -(-pos // align) * align
         self.tensors = []
         for name, dims, ttype, offset in infos:
             block, size = gguf.GGML_QUANT_SIZES[ttype]
             shape = tuple(int(d) for d in reversed(dims))  # numpy order: rows first
-            nbytes = int(np.prod(shape)) // block * size
+            if shape[-1] % block:
+                raise BadGGUF(f"{path}: tensor {name} has rows of {shape[-1]} values, not a multiple of its "
+                              f"{ttype.name} block of {block}")
+            nbytes = math.prod(shape) // block * size
             at = start + offset
             if at + nbytes > len(mm):
                 raise ValueError(f"tensor {name} has {max(0, len(mm) - at)} of {nbytes} bytes (truncated)")
@@ -353,6 +394,7 @@ def _check_magic(path: Path):
 
 def _open(path: Path) -> gguf.GGUFReader:
     _check_magic(path)
+    _FastReader(path)  # its checks name the field (gguf's reader fails on them with ZeroDivisionError, ...)
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader fails in many ways on a cut file: IndexError, ValueError, ...
@@ -374,34 +416,67 @@ def _f32(x) -> float:
 
 
 def _config(reader, path: Path, arch: str, dtype: str) -> dict:
+    if not isinstance(arch, str) or arch not in ARCHS:
+        raise ValueError(f"{path}: architecture {arch!r:.80} is not supported; supported: {', '.join(ARCHS)}")
     model_type, hf_class, _ = ARCHS[arch]
     names = {t.name: t for t in reader.tensors}
     for name in ("token_embd.weight", "blk.0.attn_q.weight"):
         if name not in names:
             raise ValueError(f"{path}: tensor {name} is missing")
+        if len(names[name].shape) != 2:
+            raise ValueError(f"{path}: tensor {name} has {len(names[name].shape)} dimensions, expected 2")
 
-    def meta(key, default=None):
+    def meta(key, default=None, kind="int"):
+        """A metadata value checked: "int" a positive integer, "float" a finite positive number."""
         value = _meta(reader, f"{arch}.{key}", default)
         if value is None:
             raise ValueError(f"{path}: metadata {arch}.{key} is missing")
-        return value
+        if kind == "int" and (not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_))
+                              or value < 1):
+            raise ValueError(f"{path}: metadata {arch}.{key} must be a positive integer, got {value!r:.80}")
+        if kind == "float" and (not isinstance(value, (int, float, np.number)) or isinstance(value, bool)
+                                or not math.isfinite(value) or value <= 0):
+            raise ValueError(f"{path}: metadata {arch}.{key} must be a finite number > 0, got {value!r:.80}")
+        return int(value) if kind == "int" else value
 
     n_head = meta("attention.head_count")
+    n_kv = meta("attention.head_count_kv", n_head)
+    if n_head % n_kv:
+        raise ValueError(f"{path}: metadata {arch}.attention.head_count {n_head} is not a multiple of "
+                         f"{arch}.attention.head_count_kv {n_kv}")
     hidden = meta("embedding_length")
     q_rows = int(names["blk.0.attn_q.weight"].shape[1])  # GGUF shape [in, out]
+    if _meta(reader, f"{arch}.attention.key_length") is None and q_rows % n_head:
+        raise ValueError(f"{path}: tensor blk.0.attn_q.weight has {q_rows} rows, not a multiple of "
+                         f"{arch}.attention.head_count {n_head}")
+    vocab = int(names["token_embd.weight"].shape[1])
+    head_dim = meta("attention.key_length", q_rows // n_head)
+    # the sizes in the metadata against the tensors' own, before a model is built on them
+    for key, value, tensor, dim in (("embedding_length", hidden, "token_embd.weight", 0),
+                                    ("attention.head_count x key_length", n_head * head_dim, "blk.0.attn_q.weight", 1),
+                                    ("attention.head_count_kv x key_length", n_kv * head_dim, "blk.0.attn_k.weight", 1),
+                                    ("feed_forward_length", meta("feed_forward_length"), "blk.0.ffn_up.weight", 1)):
+        if tensor in names and len(names[tensor].shape) > dim and int(names[tensor].shape[dim]) != value:
+            raise ValueError(f"{path}: metadata {arch}.{key} is {value}, but tensor {tensor} has "
+                             f"{int(names[tensor].shape[dim])}")
+    n_layers = meta("block_count")
+    blocks = {int(n.split(".")[1]) for n in names if n.startswith("blk.") and n.split(".")[1].isdigit()}
+    if len(blocks) != n_layers or max(blocks, default=-1) != n_layers - 1:  # before anything is built per layer
+        raise ValueError(f"{path}: metadata {arch}.block_count is {n_layers}, but the file's tensors are "
+                         f"blk.0 .. blk.{max(blocks)} ({len(blocks)} distinct blocks)")
     config = {
         "architectures": [hf_class],
         "model_type": model_type,
-        "vocab_size": int(names["token_embd.weight"].shape[1]),
+        "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": meta("feed_forward_length"),
-        "num_hidden_layers": meta("block_count"),
+        "num_hidden_layers": n_layers,
         "num_attention_heads": n_head,
-        "num_key_value_heads": meta("attention.head_count_kv", n_head),
-        "head_dim": meta("attention.key_length", q_rows // n_head),
+        "num_key_value_heads": n_kv,
+        "head_dim": head_dim,
         "hidden_act": "silu",
-        "rms_norm_eps": _f32(meta("attention.layer_norm_rms_epsilon")),
-        "rope_theta": _f32(meta("rope.freq_base", 10000.0)),
+        "rms_norm_eps": _f32(meta("attention.layer_norm_rms_epsilon", kind="float")),
+        "rope_theta": _f32(meta("rope.freq_base", 10000.0, kind="float")),
         "max_position_embeddings": meta("context_length"),
         "tie_word_embeddings": "output.weight" not in names,
         "attention_bias": "blk.0.attn_q.bias" in names,
@@ -412,6 +487,9 @@ def _config(reader, path: Path, arch: str, dtype: str) -> dict:
     for key, gguf_key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
         token_id = _meta(reader, f"tokenizer.ggml.{gguf_key}_token_id")
         if token_id is not None:
+            if not isinstance(token_id, int) or isinstance(token_id, bool) or not 0 <= token_id < vocab:
+                raise ValueError(f"{path}: metadata tokenizer.ggml.{gguf_key}_token_id {token_id!r:.80} is not a "
+                                 f"token of the vocabulary (0..{vocab - 1})")
             config[f"{key}_token_id"] = token_id
 
     scaling = _meta(reader, f"{arch}.rope.scaling.type")
@@ -481,6 +559,9 @@ def _weights(reader, path: Path, config: dict):
         name = _hf_name(t.name)
         if name is None:
             raise ValueError(f"{path}: tensor {t.name} has no HF counterpart for {config['model_type']}")
+        if t.tensor_type in INTEGER_TYPES:
+            raise ValueError(f"{path}: tensor {t.name} has type {t.tensor_type.name}: integer tensors are not "
+                             "weights (a weight is floating point or a quantized block format)")
         heads = None
         if permuted and ".attn_q." in t.name:
             heads = config["num_attention_heads"]

@@ -7,16 +7,28 @@
     GET  /health                {"status": "ok"}
 
 Every request is submitted to the engine's batched scheduler (Engine.submit), so concurrent requests share
-each forward; a client that disconnects cancels its sequence and frees its row. Errors have OpenAI's shape
-`{"error": {"message", "type", "param", "code"}}`: 400 for a bad request (never a dropped connection), 401
-for a missing or wrong API key, 404 `model_not_found`, 413 for a body over the limit (checked before it is
-read). `usage.completion_tokens_details` reports accepted_prediction_tokens and rejected_prediction_tokens.
+each forward; a client that disconnects cancels its sequence and frees its row. Every error, whatever caused
+it, has OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 for a bad request (`param` names
+the field as OpenAI does, e.g. `messages.0.content`; null for a body that is not JSON), 400
+`context_length_exceeded` for a prompt longer than the context, 401 for a missing or wrong API key, 404 for an
+unknown model (`model_not_found`) or route, 405 for a wrong method, 413 for a body over the limit (checked
+before it is read), 500 `server_error` for anything unexpected (logged with its traceback), 503 while shutting
+down. `usage.completion_tokens_details` reports accepted_prediction_tokens and rejected_prediction_tokens.
 One log line per request: method, path, status, milliseconds, completion tokens.
+
+Chat messages and predictions are user text: a special token's string in them (`<|im_end|>`) is tokenized as
+text, never as the control token; only the chat template's own markers are special. A raw /v1/completions
+prompt is tokenized as it is, special tokens included (it is the whole prompt, template and all).
+
+On SIGTERM or Ctrl-C (`serve`), every sequence in flight is cancelled: a stream ends with a last chunk whose
+finish_reason is "length" and `data: [DONE]`, a non-streaming request gets a 503, and the process exits 0.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hmac
 import json
 import logging
 import time
@@ -26,6 +38,7 @@ from typing import Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from starlette.concurrency import run_in_threadpool
 
@@ -67,7 +80,7 @@ class Options(BaseModel):
     max_tokens: StrictInt | None = Field(None, ge=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     temperature: StrictFloat | StrictInt | None = Field(None, ge=0, le=2)
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch's generator takes
     stop: StrictStr | list[StrictStr] | None = Field(None, max_length=4)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -103,6 +116,51 @@ def error_response(status: int, message: str, param=None, code=None, kind="inval
     return JSONResponse(error_body(message, kind, param, code), status_code=status)
 
 
+SERVER_ERROR = "The server had an error while processing your request"
+HTTP_CODES = {404: ("not_found", "no such route"), 405: ("method_not_allowed", "method not allowed for this route")}
+
+
+def openai_param(loc) -> str | None:
+    """A pydantic error location as OpenAI names the field: ('body', 'messages', 0, 'content', 'str') ->
+    'messages.0.content'. Union member tags ('str', 'float', 'list[str]', 'function-after[...]') are left out;
+    None for the body itself."""
+    names = []
+    for x in loc:
+        if x == "body" and not names:
+            continue
+        if isinstance(x, str) and (x in ("str", "int", "float", "bool", "none", "TextPart") or "[" in x or "-" in x):
+            continue  # a union member's tag, not a field
+        names.append(str(x))
+    return ".".join(names) or None
+
+
+def validation_error(errors: list) -> tuple[str, str | None]:
+    """(message, param) for pydantic's errors: the first failing field, with every union member's complaint."""
+    if not errors:
+        return "invalid request body", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":  # the body is not JSON: no field to name (loc holds a byte offset)
+        where = first.get("loc", ("body", None))[-1]
+        return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', 'decode error')} " \
+               f"(at byte {where})", None
+    param = openai_param(first.get("loc", ()))
+    msgs = []
+    for e in errors:
+        if openai_param(e.get("loc", ())) == param and e.get("msg") not in msgs:
+            msgs.append(e.get("msg", "invalid"))
+    text = " or ".join(msgs) if msgs else "invalid value"
+    return (f"{param}: {text}" if param else f"the request body: {text}"), param
+
+
+def body_error(cause: BaseException | None) -> str:
+    """Why a body could not be parsed (FastAPI wraps it in a 400 'There was an error parsing the body')."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the request body is not valid UTF-8 (byte {cause.start}); JSON bodies must be UTF-8"
+    if isinstance(cause, RecursionError):
+        return "the request body is nested too deeply to parse"
+    return "the request body could not be parsed as JSON" + (f" ({type(cause).__name__})" if cause else "")
+
+
 # ---- the app ----------------------------------------------------------------------------------------------------
 def create_app(engine, model_name: str = "specedit", api_key: str | None = None, max_body: int = MAX_BODY) -> FastAPI:
     """The ASGI app serving `engine` under `model_name` (run it with uvicorn, or `specedit serve`)."""
@@ -111,6 +169,8 @@ def create_app(engine, model_name: str = "specedit", api_key: str | None = None,
     created = int(time.time())
     limit = engine_limit(engine.backend, engine.cfg)
     max_chars = limit * max(len(b) for b in engine.token_bytes)  # more characters than this cannot fit
+    flight = InFlight()
+    app.state.in_flight = flight  # serve() ends every sequence through it on SIGTERM / Ctrl-C
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -118,10 +178,23 @@ def create_app(engine, model_name: str = "specedit", api_key: str | None = None,
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
-        return error_response(400, f"{param + ': ' if param else ''}{first.get('msg', 'invalid request')}", param)
+        message, param = validation_error(list(e.errors()))
+        return error_response(400, message, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        if e.status_code == 400:  # FastAPI: "There was an error parsing the body"
+            return error_response(400, body_error(e.__cause__))
+        code, message = HTTP_CODES.get(e.status_code, (None, str(e.detail)))
+        if e.status_code == 404:
+            message = f"no route {request.method} {request.url.path}; see /v1/chat/completions, /v1/completions"
+        elif e.status_code == 405:
+            message = f"method {request.method} is not allowed for {request.url.path}"
+        response = error_response(e.status_code, message, None, code,
+                                  "server_error" if e.status_code >= 500 else "invalid_request_error")
+        for k, v in (e.headers or {}).items():
+            response.headers[k] = v
+        return response
 
     @app.get("/health")
     async def health():
@@ -144,19 +217,49 @@ def create_app(engine, model_name: str = "specedit", api_key: str | None = None,
                     prediction=None if body.prediction is None else text_of(body.prediction.content))
 
     def check_length(text: str, what: str) -> None:
+        """A cheap bound before tokenizing: no token is longer than the longest token's bytes."""
         if len(text) > max_chars:
-            raise APIError(400, f"{what} of {len(text)} characters cannot fit the context of {limit} tokens",
-                           what)
+            raise APIError(400, f"This model's maximum context length is {limit} tokens; {what} of {len(text):,} "
+                                "characters cannot fit it", what, "context_length_exceeded")
 
-    async def run(request: Request, kind: str, body: Options, prompt: str):
+    def check_text(value: str, param: str) -> None:
+        try:
+            prompts.check_encodable(param, value)
+        except ValueError as e:
+            raise APIError(400, str(e), param) from None
+
+    def check_tokens(ids: list[int], what: str) -> None:
+        if len(ids) >= limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your {what} "
+                                f"resulted in {len(ids)} tokens (at least one new token must fit).", what,
+                           "context_length_exceeded")
+
+    def encode_prompt(text: str) -> list[int]:
+        """A raw completion prompt: tokenized as it is, special tokens included (documented)."""
+        if engine.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer; it cannot take text", "prompt")
+        ids = engine.tokenizer.encode(text, add_special_tokens=False)
+        if not ids:
+            raise APIError(400, "prompt: the text gives no tokens; at least one is needed", "prompt")
+        return ids
+
+    async def run(request: Request, kind: str, body: Options, prompt: list[int]):
         opts = check(body)
-        check_length(prompt, "messages" if kind == "chat" else "prompt")
+        check_tokens(prompt, "messages" if kind == "chat" else "prompt")
+        for i, s in enumerate(opts["stop"]):
+            check_text(s, "stop" if isinstance(body.stop, str) else f"stop.{i}")
         if opts["prediction"] is not None:
-            check_length(opts["prediction"], "prediction")
+            check_length(opts["prediction"], "prediction.content")
+            check_text(opts["prediction"], "prediction.content")
+            opts["prediction"] = await run_in_threadpool(prompts.encode_text, engine.tokenizer, opts["prediction"],
+                                                         "prediction.content")
+        if flight.closing:
+            raise APIError(503, "the server is shutting down", None, "server_shutting_down", "server_error")
         try:
             handle = await run_in_threadpool(engine.submit, prompt, **opts)
-        except ValueError as e:  # e.g. the prompt does not fit the context
+        except ValueError as e:  # a value the engine refuses (e.g. a seed out of range)
             raise APIError(400, str(e)) from None
+        flight.add(handle)
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -165,19 +268,25 @@ def create_app(engine, model_name: str = "specedit", api_key: str | None = None,
         watcher = asyncio.create_task(cancel_on_disconnect(request, handle))
         try:
             tokens = [t async for step in handle.atokens() for t in step]
+        except ValueError as e:  # its input caused it
+            raise APIError(400, str(e)) from None
         except Exception as e:  # its sequence failed (the others go on): a 500 in OpenAI's shape
             raise APIError(500, f"generation failed: {e}", kind="server_error") from e
         finally:
             watcher.cancel()
+            flight.discard(handle)
+        if flight.closing and not handle.stats.finish_reason:
+            raise APIError(503, "the server is shutting down; the request was cancelled", None,
+                           "server_shutting_down", "server_error")
         text = prompts.TextStream(engine._text_bytes(), opts["stop"])
         out = text.feed(tokens) + text.finish()
         s = handle.stats
         request.state.tokens = s.new_tokens
         if kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": out, "refusal": None},
-                      "logprobs": None, "finish_reason": s.finish_reason or "stop"}
+                      "logprobs": None, "finish_reason": s.finish_reason or "length"}
         else:
-            choice = {"index": 0, "text": out, "logprobs": None, "finish_reason": s.finish_reason or "stop"}
+            choice = {"index": 0, "text": out, "logprobs": None, "finish_reason": s.finish_reason or "length"}
         return {**envelope(kind, rid, False), "choices": [choice], "usage": usage(s)}
 
     async def stream(request: Request, kind: str, rid: str, handle, stop: list[str], include_usage: bool):
@@ -196,16 +305,25 @@ def create_app(engine, model_name: str = "specedit", api_key: str | None = None,
         try:
             if kind == "chat":
                 yield event(None, None, first=True)
-            async for step in handle.atokens():
-                delta = text.feed(step)
-                if delta:
-                    yield event(delta, None)
+            try:
+                async for step in handle.atokens():
+                    delta = text.feed(step)
+                    if delta:
+                        yield event(delta, None)
+            except Exception as e:  # noqa: BLE001 - the status line is sent: the error goes in the stream
+                log.error("stream %s failed", rid, exc_info=e)
+                kind_, message = (("invalid_request_error", str(e)) if isinstance(e, ValueError)
+                                  else ("server_error", f"{SERVER_ERROR} ({type(e).__name__})"))
+                yield f"data: {json.dumps(error_body(message, kind_, None, None))}\n\n"
+                yield "data: [DONE]\n\n"
+                return
             rest = text.finish()
             if rest:
                 yield event(rest, None)
             s = handle.stats
             request.state.tokens = s.new_tokens
-            yield event(None, s.finish_reason or "stop")
+            # cancelled (the server is shutting down): cut off, like a length limit
+            yield event(None, s.finish_reason or "length")
             if include_usage:
                 yield f"data: {json.dumps({**envelope(kind, rid, True), 'choices': [], 'usage': usage(s)})}\n\n"
             yield "data: [DONE]\n\n"
@@ -214,6 +332,7 @@ def create_app(engine, model_name: str = "specedit", api_key: str | None = None,
             yield "data: [DONE]\n\n"
         finally:
             handle.cancel()  # a client that went away frees its row (a no-op once the sequence has ended)
+            flight.discard(handle)
 
     def envelope(kind: str, rid: str, streaming: bool) -> dict:
         obj = {"chat": "chat.completion", "text": "text_completion"}[kind] + (".chunk" if streaming else "")
@@ -226,13 +345,17 @@ def create_app(engine, model_name: str = "specedit", api_key: str | None = None,
         if tok is None or not getattr(tok, "chat_template", None):
             raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
         msgs = [{"role": m.role, "content": text_of(m.content)} for m in body.messages]
+        for i, m in enumerate(msgs):
+            check_text(m["content"], f"messages.{i}.content")
         check_length("".join(m["content"] for m in msgs), "messages")
-        prompt = await run_in_threadpool(tok.apply_chat_template, msgs, tokenize=False, add_generation_prompt=True)
+        prompt = await run_in_threadpool(prompts.chat_ids, tok, msgs)  # message text never becomes control tokens
         return await run(request, "chat", body, prompt)
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest):
-        return await run(request, "text", body, body.prompt)
+        check_text(body.prompt, "prompt")
+        check_length(body.prompt, "prompt")
+        return await run(request, "text", body, await run_in_threadpool(encode_prompt, body.prompt))
 
     return app
 
@@ -247,7 +370,9 @@ class Guard:
     def refusal(self, scope) -> JSONResponse | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         if self.api_key is not None and scope["path"] != "/health":
-            if headers.get("authorization") != f"Bearer {self.api_key}":
+            scheme, _, key = headers.get("authorization", "").strip().partition(" ")
+            # the scheme is case-insensitive (RFC 7235); the key compared in constant time
+            if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
                 return error_response(401, "missing or incorrect API key (Authorization: Bearer ...)",
                                       code="invalid_api_key")
         length = headers.get("content-length")
@@ -286,8 +411,37 @@ class Guard:
                 await refusal(scope, receive, sending)
             else:
                 await self.app(scope, receive, sending)
+        except Exception as e:  # noqa: BLE001 - anything unexpected: a 500 in OpenAI's shape, the trace in the log
+            log.error("%s %s failed", scope["method"], scope["path"], exc_info=e)
+            if status[0] == 0:  # nothing sent yet
+                response = error_response(500, f"{SERVER_ERROR} ({type(e).__name__}); it is logged",
+                                          code=None, kind="server_error")
+                with contextlib.suppress(Exception):  # the client may be gone
+                    await response(scope, receive, sending)
         finally:
             log_line()
+
+
+class InFlight:
+    """The handles of the requests being served; `close()` (on SIGTERM / Ctrl-C) cancels them all, so every
+    stream ends with a finish_reason and [DONE] within a step, and refuses new requests."""
+
+    def __init__(self):
+        self.handles: set = set()
+        self.closing = False
+
+    def add(self, handle) -> None:
+        self.handles.add(handle)
+        if self.closing:
+            handle.cancel()
+
+    def discard(self, handle) -> None:
+        self.handles.discard(handle)
+
+    def close(self) -> None:
+        self.closing = True
+        for handle in list(self.handles):
+            handle.cancel()
 
 
 async def cancel_on_disconnect(request: Request, handle) -> None:
@@ -318,4 +472,24 @@ def serve(engine, host: str = "127.0.0.1", port: int = 8000, model_name: str = "
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
-    uvicorn.run(create_app(engine, model_name, api_key), host=host, port=port, log_level="warning")
+    app = create_app(engine, model_name, api_key)
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, but the first SIGTERM / Ctrl-C also ends every sequence in flight (so the streams
+        finish at once instead of holding the shutdown), and a graceful stop exits 0 rather than re-raising
+        the signal."""
+
+        def handle_exit(self, sig, frame) -> None:
+            app.state.in_flight.close()
+            super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    self._captured_signals.clear()
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    Server(config).run()

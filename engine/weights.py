@@ -80,13 +80,23 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def load_hf_tensors(path: Path, cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Read every expected tensor of the checkpoint in `path`, cast to `dtype`; strict on names and shapes."""
-    want = expected_shapes(cfg)
-    tensors, unexpected, wrong = {}, [], []
-    for file in safetensors_files(path):
+    files = safetensors_files(path)
+    handles = []
+    for file in files:
         try:
-            f = safe_open(str(file), framework="pt")
+            handles.append(safe_open(str(file), framework="pt"))
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+    # the layer count first, from the names alone: a wrong num_hidden_layers (1e9) must not build a huge list
+    layers = {int(n.split(".")[2]) for f in handles for n in f.keys()
+              if n.startswith("model.layers.") and n.split(".")[2].isdigit()}
+    if len(layers) != cfg.n_layers or max(layers, default=-1) != cfg.n_layers - 1:
+        have = f"layers 0..{max(layers)}" if layers else "no layers"
+        raise ValueError(f"{path}: checkpoint does not match {cfg.architecture} config: num_hidden_layers is "
+                         f"{cfg.n_layers}, the checkpoint has {have} ({len(layers)} distinct)")
+    want = expected_shapes(cfg)
+    tensors, unexpected, wrong = {}, [], []
+    for file, f in zip(files, handles):
         with f:
             for name in f.keys():
                 if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and cfg.tie_embeddings):
@@ -94,6 +104,10 @@ def load_hf_tensors(path: Path, cfg: ModelConfig, dtype: torch.dtype) -> dict[st
                 if name not in want:
                     unexpected.append(name)
                     continue
+                stored = f.get_slice(name).get_dtype()  # from the header, before any data is read
+                if not stored.startswith(("F", "BF")):
+                    raise ValueError(f"{file}: tensor {name} has dtype {stored}; weights must be floating point "
+                                     "(integer and bool tensors are not weights)")
                 t = f.get_tensor(name)
                 if tuple(t.shape) != want[name]:
                     wrong.append(f"{name}: {tuple(t.shape)}, expected {want[name]}")

@@ -31,3 +31,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# Property-based tests (hypothesis): bounded so that the default run stays fast; SPECEDIT_FUZZ=1 runs the
+# long fuzz (thousands of cases) on demand, e.g. `SPECEDIT_FUZZ=1 .venv/bin/pytest -q tests/test_fuzz.py`.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("specedit", max_examples=40, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile("specedit-fuzz", parent=settings.get_profile("specedit"), max_examples=1000)
+settings.load_profile("specedit-fuzz" if os.environ.get("SPECEDIT_FUZZ") else "specedit")

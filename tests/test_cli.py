@@ -7,9 +7,12 @@ by a fake that returns a chosen EditResult; the rest runs the tiny random checkp
 
 import os
 import shutil
+import signal
 import subprocess
-
+import sys
+import time
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -342,3 +345,135 @@ def test_failed_extension_build_is_one_line(model, tmp_path, monkeypatch):
         cli.main(["apply", str(src), "Add type hints.", "--model", model, "--max-new-tokens", "5", "--plain"])
     shown = [warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in record]
     assert len(shown) == 1 and shown[0].count("\n") == 1 and "full log: /x/build.log" in shown[0]
+
+
+# ---- issue 24: apply reads only a regular file, under a bound; keeps CRLF and BOM; Ctrl-C at any moment --------
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero", "directory"])
+def test_only_a_regular_file_is_read(model, tmp_path, monkeypatch, capsys, kind):
+    no_load(monkeypatch)
+    if kind == "fifo":
+        path = tmp_path / "pipe.py"
+        os.mkfifo(path)  # reading it would block forever with no writer
+    else:
+        path = Path("/dev/zero") if kind == "dev_zero" else tmp_path
+    t0 = time.perf_counter()
+    assert apply(model, path, "Add type hints.", "--in-place") == 2
+    err = capsys.readouterr().err
+    assert time.perf_counter() - t0 < 5 and err.count("\n") == 1
+    assert {"fifo": "is a FIFO", "dev_zero": "is a character device", "directory": "is a directory"}[kind] in err
+
+
+def test_file_over_the_size_bound_is_refused_unread(model, tmp_path, monkeypatch, capsys):
+    no_load(monkeypatch)
+    big = tmp_path / "big.py"
+    with open(big, "wb") as f:
+        f.truncate(cli.MAX_FILE_BYTES + 1)  # sparse: nothing is written, and nothing must be read
+    monkeypatch.setattr(os, "read", lambda *a: pytest.fail("the file was read"))
+    assert apply(model, big, "Add type hints.") == 2
+    assert "larger than any file apply edits" in capsys.readouterr().err
+
+
+def test_long_file_is_refused_by_a_cheap_bound_before_tokenizing(model, tmp_path, monkeypatch, capsys):
+    no_load(monkeypatch)
+    from specedit import prompts
+
+    monkeypatch.setattr(prompts, "build_edit_ids", lambda *a, **k: pytest.fail("the file was tokenized"))
+    f = tmp_path / "huge.py"
+    f.write_text(CODE * 20_000)  # 640 kB against a context of 512 tokens
+    t0 = time.perf_counter()
+    assert apply(model, f, "Add type hints.") == 2
+    err = capsys.readouterr().err
+    assert "huge.py: too long for the model" in err and "need at least" in err and "the context is 512" in err
+    assert time.perf_counter() - t0 < 10
+
+
+@pytest.mark.parametrize("bom", [False, True])
+@pytest.mark.parametrize("where", ["--in-place", "-o"])
+def test_crlf_and_bom_are_kept(model, tmp_path, monkeypatch, bom, where):
+    seen = []
+
+    def edit(self, original, instruction, language=None, max_new_tokens=None, speculate=True):
+        seen.append(original)
+        return EditResult(HINTED, "", Stats(finish_reason="stop", new_tokens=5), [], True)
+
+    monkeypatch.setattr(specedit.Engine, "edit", edit)
+    f = tmp_path / "win.py"
+    head = b"\xef\xbb\xbf" if bom else b""
+    f.write_bytes(head + CODE.replace("\n", "\r\n").encode())
+    out = f if where == "--in-place" else tmp_path / "out.py"
+    args = ["--in-place"] if where == "--in-place" else ["-o", out]
+    assert apply(model, f, "Add type hints.", *args) == 0
+    assert seen == [CODE]  # the model sees LF text without the BOM
+    assert out.read_bytes() == head + HINTED.replace("\n", "\r\n").encode()
+
+
+def test_mixed_line_endings_are_left_as_they_are(model, tmp_path, monkeypatch):
+    seen = []
+
+    def edit(self, original, instruction, language=None, max_new_tokens=None, speculate=True):
+        seen.append(original)
+        return EditResult(original, "", Stats(finish_reason="stop", new_tokens=5), [], True)
+
+    monkeypatch.setattr(specedit.Engine, "edit", edit)
+    f = tmp_path / "mixed.py"
+    f.write_bytes(b"a = 1\r\nb = 2\n")
+    assert apply(model, f, "Add type hints.", "--in-place") == 0
+    assert seen == ["a = 1\r\nb = 2\n"] and f.read_bytes() == b"a = 1\r\nb = 2\n"
+
+
+def _wait_for_torch(pid: int) -> None:
+    """Until the process has begun loading torch's libraries (its import takes about a second from there)."""
+    for _ in range(6000):
+        try:
+            if "libtorch" in Path(f"/proc/{pid}/maps").read_text():
+                return
+        except OSError:
+            return
+        time.sleep(0.005)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc")
+@pytest.mark.parametrize("moment", ["torch import", "after it"])
+def test_ctrl_c_at_any_moment_is_one_line_and_130(model, src, moment):
+    """SIGINT while torch imports (a trace here before), and later while the model loads: one line, exit 130."""
+    exe = Path(sys.executable).parent / "specedit"
+    p = subprocess.Popen([str(exe), "apply", str(src), "Add type hints.", "--in-place", "--model", model],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_torch(p.pid)
+    if moment == "after it":
+        time.sleep(1.5)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    if p.returncode == 0:  # finished before the signal (a fast machine): nothing to check
+        return
+    assert p.returncode == 130, err
+    assert err.strip().count("\n") == 0 and "interrupted" in err and "Traceback" not in err, err
+    assert src.read_text() == CODE
+
+
+def test_api_key_from_file_or_environment(tmp_path, monkeypatch):
+    parse = lambda *a: cli.build_parser().parse_args(["serve", *a])
+    monkeypatch.delenv("SPECEDIT_API_KEY", raising=False)
+    assert cli.api_key(parse()) is None
+    key = tmp_path / "key"
+    key.write_text("s3cret\n")
+    assert cli.api_key(parse("--api-key-file", str(key))) == "s3cret"
+    monkeypatch.setenv("SPECEDIT_API_KEY", "from-env")
+    assert cli.api_key(parse()) == "from-env"
+    assert cli.api_key(parse("--api-key", "flag")) == "flag"
+    assert cli.api_key(parse("--api-key-file", str(key))) == "s3cret"
+    key.write_text("\n")
+    with pytest.raises(cli.UsageError, match="holds no key"):
+        cli.api_key(parse("--api-key-file", str(key)))
+    with pytest.raises(cli.UsageError, match="character device"):
+        cli.api_key(parse("--api-key-file", "/dev/zero"))
+    r, w = os.pipe()  # `--api-key-file <(pass show key)`: a pipe with a writer is fine
+    os.write(w, b"piped\n")
+    os.close(w)
+    try:
+        assert cli.api_key(parse("--api-key-file", f"/proc/self/fd/{r}")) == "piped"
+    finally:
+        os.close(r)
+    monkeypatch.setenv("SPECEDIT_API_KEY", " ")
+    with pytest.raises(cli.UsageError, match="SPECEDIT_API_KEY is empty"):
+        cli.api_key(parse())
