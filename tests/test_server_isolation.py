@@ -27,7 +27,8 @@ def srv(tmp_path_factory):
 
     def planted(ids_or_text, *a, **k):  # a prompt holding FAULT gets a stop check that raises at its 3rd token
         seq = sequence(ids_or_text, *a, **k)
-        if isinstance(ids_or_text, str) and "FAULT" in ids_or_text:
+        text = ids_or_text if isinstance(ids_or_text, str) else eng.tokenizer.decode(list(ids_or_text))
+        if "FAULT" in text:
             push = seq.stopper.push
 
             def faulty(tok):
@@ -82,7 +83,8 @@ def test_a_failing_request_gets_a_500_and_the_others_their_answers(srv):
     status, body = out["fault-stream"]
     events = [line[6:] for line in body.split("\n") if line.startswith("data: ")]
     assert status == 200 and events[-1] == "[DONE]"
-    assert "stop check fault" in json.loads(events[-2])["error"]["message"]
+    err = json.loads(events[-2])["error"]
+    assert err["type"] == "server_error" and "Injected" in err["message"]  # a stream names the error's type
     for i, w in enumerate(want):
         status, body = out[i]
         assert status == 200, body
