@@ -20,6 +20,13 @@ registers to exactly the float32 values `gguf.quants.dequantize` gives, then fed
 output equals the float32 kernel's on the dequantized weight bit for bit:
 
     w = PackedLinear.from_parts([("q4_1", raw_q), ("q6_k", raw_v)], k=576)  # raw: GGUF rows [n, bytes]
+
+compute="int8" (from_parts(..., compute="int8")) runs the same blocks with integer dot products instead: each
+activation row is quantized on its own to int8 in blocks of 32 (one float32 scale each), the products are
+summed exactly in int32 (AVX-512 VNNI vpdpbusd, AVX2 pmaddubsw), and the float steps (the weight and activation
+scales, the mins, the sum over blocks) run in one fixed order, so a row's bits still do not depend on M, the
+threads or the ISA. `linear_int8_ref` is that arithmetic in numpy, bit for bit. Float parts of such a linear
+stay float32 math (the plain kernel).
 """
 
 from __future__ import annotations
@@ -27,12 +34,14 @@ from __future__ import annotations
 import mmap
 import threading
 
+import numpy as np
 import torch
 
 from . import build
 
 GROUP = 32  # output columns per kernel group; N is padded to a multiple of it
 GGUF_FORMATS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")  # run as stored
+COMPUTES = ("exact", "int8")  # how GGUF blocks are multiplied: dequantized to float32, or integer dot products
 FLOAT_FORMATS = ("float32", "float16", "bfloat16")
 _HUGE_PAGE = 2 << 20
 _CHUNK = 64 << 20
@@ -128,15 +137,24 @@ def pack_weight(weight: torch.Tensor, dtype: torch.dtype = torch.float16) -> tor
     return out.view({1: torch.int8, 2: torch.int16, 4: torch.int32}[dtype.itemsize])
 
 
-def pack_gguf(raw: torch.Tensor, fmt: str, k: int) -> torch.Tensor:
+def gguf_code(fmt: str, compute: str = "exact") -> int:
+    """The extension's code for GGUF block format `fmt` (GGUF_FORMATS) multiplied the `compute` way (COMPUTES:
+    each has its own packed layout). ValueError names the accepted values."""
+    if fmt not in GGUF_FORMATS:
+        raise ValueError(f"cpu linear: a GGUF block format must be one of {', '.join(GGUF_FORMATS)}, got {fmt!r}")
+    if compute not in COMPUTES:
+        raise ValueError(f"cpu linear: compute must be one of {', '.join(map(repr, COMPUTES))}, got {compute!r}")
+    return format_code(fmt if compute == "exact" else f"int8:{fmt}")
+
+
+def pack_gguf(raw: torch.Tensor, fmt: str, k: int, compute: str = "exact") -> torch.Tensor:
     """GGUF blocks of a weight [N, K] -> the kernel's layout (csrc/quant.h), as uint8 bytes in huge pages.
 
     raw: uint8 [N, K / block * block_bytes] (GGUF rows, e.g. a memory-mapped tensor's data); fmt: one of
-    GGUF_FORMATS. The bytes are only moved (scales and quants are kept as stored), at GGUF's size (Q4_K, Q5_K:
-    +1/8 bit per weight)."""
-    code = format_code(fmt)
-    if fmt not in GGUF_FORMATS:
-        raise ValueError(f"cpu linear: pack_gguf takes a GGUF block format ({', '.join(GGUF_FORMATS)}), got {fmt!r}")
+    GGUF_FORMATS; compute: 'exact' or 'int8' (the int8 kernel's layout: quants grouped by 4 consecutive k).
+    The bytes are only moved (scales and quants are kept as stored), at GGUF's size (Q4_K, Q5_K: +1/8 bit per
+    weight)."""
+    code = gguf_code(fmt, compute)
     if not isinstance(raw, torch.Tensor) or raw.dim() != 2 or raw.dtype != torch.uint8:
         raise ValueError(f"cpu linear: GGUF blocks must be a uint8 [N, row bytes] tensor, got {_describe(raw)}")
     ext = build.load()
@@ -177,23 +195,29 @@ class PackedLinear:
         self._set_bias(bias)
 
     @classmethod
-    def from_parts(cls, parts: list[tuple[str, torch.Tensor]], k: int, bias: torch.Tensor | None = None):
+    def from_parts(cls, parts: list[tuple[str, torch.Tensor]], k: int, bias: torch.Tensor | None = None,
+                   compute: str = "exact"):
         """A linear whose output columns are `parts` in order, each (format, data): a GGUF block format
         (GGUF_FORMATS) with data its raw blocks uint8 [n, row bytes] (see pack_gguf), or a float format
-        (FLOAT_FORMATS) with data a float tensor [n, k] stored in that format. k: input features."""
+        (FLOAT_FORMATS) with data a float tensor [n, k] stored in that format. k: input features.
+        compute: how the GGUF parts multiply, 'exact' (float32 on gguf's dequantized values) or 'int8'
+        (integer dot products on activation rows quantized to int8, see the module docstring); float parts
+        are float32 math either way."""
+        if compute not in COMPUTES:
+            raise ValueError(f"cpu linear: compute must be one of {', '.join(map(repr, COMPUTES))}, got {compute!r}")
         self = cls.__new__(cls)
         self.in_features, self.out_features = k, 0
         self.parts = []
         for fmt, data in parts:
             if fmt in GGUF_FORMATS:
-                packed = pack_gguf(data, fmt, k)
+                packed, code = pack_gguf(data, fmt, k, compute), gguf_code(fmt, compute)
             elif fmt in FLOAT_FORMATS:
                 if not isinstance(data, torch.Tensor) or tuple(data.shape[1:]) != (k,):
                     raise ValueError(f"cpu linear: a {fmt} part must be a [n, {k}] tensor, got {_describe(data)}")
-                packed = pack_weight(data, getattr(torch, fmt))
+                packed, code = pack_weight(data, getattr(torch, fmt)), format_code(fmt)
             else:
                 raise ValueError(f"cpu linear: part format must be one of {GGUF_FORMATS + FLOAT_FORMATS}, got {fmt!r}")
-            self.parts.append((packed, data.shape[0], format_code(fmt), None))
+            self.parts.append((packed, data.shape[0], code, None))
             self.out_features += data.shape[0]
         fmts = sorted({fmt for fmt, _ in parts})
         self.weight_dtype = fmts[0] if len(fmts) == 1 else "+".join(fmts)
@@ -260,13 +284,14 @@ class GGUFEmbedding(torch.nn.Module):
     float32 values gguf's dequantize gives. Its packed bytes can be shared with a tied lm_head
     (PackedLinear.from_parts on the same table: `as_linear`).
 
-    weight: the table's raw blocks uint8 [V, row bytes]; fmt: a GGUF_FORMATS name; dim: the embedding width."""
+    weight: the table's raw blocks uint8 [V, row bytes]; fmt: a GGUF_FORMATS name; dim: the embedding width;
+    compute: the layout, 'exact' or 'int8' (what a tied lm_head multiplies with; lookups are exact either way)."""
 
-    def __init__(self, raw: torch.Tensor, fmt: str, dim: int):
+    def __init__(self, raw: torch.Tensor, fmt: str, dim: int, compute: str = "exact"):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.fmt = raw.shape[0], dim, fmt
-        self.code = format_code(fmt)
-        self.packed = pack_gguf(raw, fmt, dim)
+        self.code = gguf_code(fmt, compute)
+        self.packed = pack_gguf(raw, fmt, dim, compute)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [...] int -> [..., dim] float32."""
@@ -304,3 +329,116 @@ def linear_ref(
     if bias is not None:
         y = y + bias.double()
     return y.float()
+
+
+# ---- compute="int8": the same arithmetic in numpy, bit for bit ------------------------------------------------
+
+def _fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """float32 fma(a, b, c) with one rounding, elementwise. a * b is exact in float64; the float64 sum s is
+    then rounded once more, which differs from one rounding only when s lands exactly on a float32 midpoint
+    with a nonzero error, so there s is nudged one float64 step toward the exact sum first."""
+    p = a.astype(np.float64) * b.astype(np.float64)
+    c64 = c.astype(np.float64)
+    s = p + c64
+    t = s - p
+    err = (p - (s - t)) + (c64 - t)  # exact: s + err == p + c (Knuth's two-sum)
+    mid = (s.view(np.uint64) & np.uint64((1 << 29) - 1)) == np.uint64(1 << 28)
+    s = np.where(mid & (err != 0), np.nextafter(s, np.where(err > 0, np.inf, -np.inf)), s)
+    return s.astype(np.float32)
+
+
+def quantize_rows_ref(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x [M, K] float32 (K a multiple of 32) -> (q [M, K] int8, d [M, K / 32] float32): per 32-k block,
+    d = max|x| / 127 and q = round-half-even(x * (1 / d)) (0 where d is 0), as the kernels quantize a row."""
+    m, k = x.shape
+    xb = np.asarray(x, np.float32).reshape(m, k // 32, 32)
+    d = (np.abs(xb).max(-1) / np.float32(127)).astype(np.float32)
+    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, np.float32(1)), np.float32(0)).astype(np.float32)
+    q = np.clip(np.rint(xb * inv[..., None]), -127, 127).astype(np.int8)
+    return q.reshape(m, k), d
+
+
+def gguf_unpack(raw: np.ndarray, fmt: str, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+    """GGUF blocks uint8 [N, row bytes] of a weight [N, k] -> (q [N, k] int32: the signed integer each weight
+    is a multiple of, s [N, k / sub] float32: its sub-block's scale, o [N, k / sub] float32 or None: the
+    sub-block's offset (Q4_1 / Q5_1: + m; Q4_K / Q5_K: - dmin * mn, given as dmin * mn), sub: k per sub-block),
+    so that gguf's dequantized weight is s * q (+ m, or - o) with gguf's roundings (tests check that)."""
+    import gguf
+
+    n = raw.shape[0]
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[fmt.upper()]]
+    b = np.ascontiguousarray(raw).reshape(n, k // block, size)
+
+    def f16(at):
+        return b[..., at : at + 2].copy().view(np.float16)[..., 0].astype(np.float32)
+
+    def nib32(qs):  # element s * 16 + i is nibble s of qs[i]
+        return np.concatenate([qs & 15, qs >> 4], -1).astype(np.int32)
+
+    def bits32(at):  # bit e of the u32 at `at`, for e = 0..31
+        u = b[..., at : at + 4].copy().view(np.uint32)
+        return ((u >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int32)
+
+    o = None
+    if fmt == "q8_0":
+        s, q = f16(0), b[..., 2:].view(np.int8).astype(np.int32)
+    elif fmt in ("q4_0", "q4_1"):
+        at = 2 if fmt == "q4_0" else 4
+        s, q = f16(0), nib32(b[..., at : at + 16]) - (8 if fmt == "q4_0" else 0)
+        o = f16(2) if fmt == "q4_1" else None
+    elif fmt in ("q5_0", "q5_1"):
+        at = 2 if fmt == "q5_0" else 4
+        q = nib32(b[..., at + 4 : at + 20]) | (bits32(at) << 4)
+        s, q = f16(0), q - (16 if fmt == "q5_0" else 0)
+        o = f16(2) if fmt == "q5_1" else None
+    elif fmt in ("q4_k", "q5_k"):
+        d, dmin, sc6 = f16(0), f16(2), b[..., 4:16].astype(np.int32)
+        sc = np.concatenate([sc6[..., 0:4] & 63, (sc6[..., 8:12] & 15) | ((sc6[..., 0:4] >> 2) & 48)], -1)
+        mn = np.concatenate([sc6[..., 4:8] & 63, (sc6[..., 8:12] >> 4) | ((sc6[..., 4:8] >> 2) & 48)], -1)
+        at = 16 if fmt == "q4_k" else 48
+        qs = b[..., at : at + 128].reshape(n, k // 256, 4, 32).astype(np.int32)
+        q = np.stack([qs & 15, qs >> 4], 3).reshape(n, k // 256, 256)  # element 64 j + 32 s + i
+        if fmt == "q5_k":
+            qh = b[..., 16:48].astype(np.int32)  # bit e // 32 of qh[e % 32]
+            q = q | (((qh[..., None, :] >> np.arange(8)[:, None]) & 1).reshape(n, k // 256, 256) << 4)
+        s = d[..., None] * sc.astype(np.float32)
+        o = dmin[..., None] * mn.astype(np.float32)
+    elif fmt == "q6_k":
+        ql, qh = b[..., 0:128].astype(np.int32), b[..., 128:192].astype(np.int32)
+        e = np.arange(256)
+        h, r = e // 128, e % 128
+        lo = (ql[..., h * 64 + r % 64] >> (4 * (r // 64))) & 15
+        hi = (qh[..., h * 32 + r % 32] >> (2 * (r // 32))) & 3
+        q = (lo | (hi << 4)) - 32
+        s = f16(208)[..., None] * b[..., 192:208].view(np.int8).astype(np.float32)
+    else:
+        raise ValueError(f"gguf_unpack: unknown format {fmt!r}")
+    sub = 16 if fmt == "q6_k" else 32
+    return q.reshape(n, k), s.reshape(n, k // sub).astype(np.float32), None if o is None else o.reshape(n, -1), sub
+
+
+def linear_int8_ref(x: np.ndarray, raw: np.ndarray, fmt: str, bias: np.ndarray | None = None) -> np.ndarray:
+    """compute="int8" in numpy: x [M, K] float32, raw the GGUF blocks uint8 [N, row bytes] of a weight [N, K] in
+    `fmt` -> y [M, N] float32, bit for bit what the kernels give (see csrc/int8_kernel.h): per sub-block of
+    `sub` k in order, acc = fma(s * dx, float(I), acc), then for formats with a min acc = fma(+-o, sx, acc),
+    where I is the exact integer dot product of the weight's and the row's quants, dx the row's 32-k block
+    scale and sx = dx * float(the block's sum of quants); the bias is added last."""
+    x = np.asarray(x, np.float32)
+    m, k = x.shape
+    xq, dx = quantize_rows_ref(x)
+    sx = (dx * xq.reshape(m, k // 32, 32).astype(np.int32).sum(-1).astype(np.float32)).astype(np.float32)
+    q, s, o, sub = gguf_unpack(raw, fmt, k)
+    n = q.shape[0]
+    ints = np.einsum("mjk,njk->mnj", xq.reshape(m, k // sub, sub).astype(np.int64),
+                     q.reshape(n, k // sub, sub).astype(np.int64))
+    acc = np.zeros((m, n), np.float32)
+    for j in range(k // sub):
+        b32 = j * sub // 32
+        t = (s[None, :, j] * dx[:, None, b32]).astype(np.float32)
+        acc = _fma32(t, ints[:, :, j].astype(np.float32), acc)
+        if o is not None:
+            sign = np.float32(1 if fmt in ("q4_1", "q5_1") else -1)
+            acc = _fma32(np.broadcast_to(sign * o[None, :, j], (m, n)), np.broadcast_to(sx[:, None, b32], (m, n)), acc)
+    if bias is not None:
+        acc = (acc + np.asarray(bias, np.float32)).astype(np.float32)
+    return acc

@@ -18,7 +18,9 @@ using specedit_cpu::ISA_AVX512;
 static bool has_avx512() {
   static const bool yes = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
+    // the AVX-512 kernels use BW, VL and VNNI too (the int8 kernel); a CPU without them runs the AVX2 ones
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
   }();
   return yes;
 }
@@ -329,7 +331,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   for (auto [name, code] : {std::pair<const char*, int>{"q8_0", specedit_cpu::W_Q8_0}, {"q4_0", specedit_cpu::W_Q4_0},
                             {"q4_1", specedit_cpu::W_Q4_1}, {"q5_0", specedit_cpu::W_Q5_0}, {"q5_1", specedit_cpu::W_Q5_1},
                             {"q4_k", specedit_cpu::W_Q4_K}, {"q5_k", specedit_cpu::W_Q5_K}, {"q6_k", specedit_cpu::W_Q6_K}})
-    dtypes[name] = code;
+  {
+    dtypes[name] = code;  // compute="exact"
+    dtypes[(std::string("int8:") + name).c_str()] = code + specedit_cpu::I8_SHIFT;  // compute="int8"
+  }
   isas["auto"] = (int)ISA_AUTO;
   isas["avx2"] = (int)ISA_AVX2;
   isas["avx512"] = (int)ISA_AVX512;

@@ -4,6 +4,7 @@
 #include <stdint.h>
 
 #include "attention.h"
+#include "quant.h"
 
 namespace specedit_cpu {
 
@@ -64,6 +65,8 @@ void attention_run(AttnProblem P, int64_t isa);  // attention.cpp
 // the values the kernel multiplies by.
 void repack(const uint8_t* raw, int64_t N, int64_t K, int dtype, uint8_t* out, int64_t g0, int64_t g1);
 void dequant_cols(const uint8_t* w, int64_t K, int dtype, const int64_t* cols, int64_t n, float* out);
+// quant.cpp: rows [r0, r1) of x [M, K] quantized for compute="int8" into o's buffers (quant.h, QRows).
+void quantize_rows(const float* x, int64_t K, const QRows& o, int64_t r0, int64_t r1);
 
 // Runs x [M, dim] through every layer in place: sequence b owns counts[b] consecutive rows (ragged: a
 // sequence may send one row while another sends a whole draft; M = sum of counts). cache: [L, 2, B, Hkv, S, D]

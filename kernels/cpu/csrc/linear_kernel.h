@@ -67,6 +67,26 @@ struct Isa {
   static inline VI slli4(VI a) { return _mm512_slli_epi32(a, 4); }
   static inline VI srlv(VI a, VI n) { return _mm512_srlv_epi32(a, n); }
   static inline V cvt(VI a) { return _mm512_cvtepi32_ps(a); }
+  // int8 dot products (int8_kernel.h; AVX-512 BW + VNNI): a VI holds 64 bytes, 16 columns x 4 k
+  static constexpr int IRMAX = 6;    // rows per int8 tile: 6 x (2 float + 2 int32 accumulators) + weights
+  static constexpr int Q8_OFF = 128;  // Q8_0 quants enter vpdpbusd as q + 128 (unsigned); 128 * sum(x) is taken back
+  static inline VI loadb(const uint8_t* p) { return _mm512_loadu_si512(p); }
+  static inline VI lo4(VI b) { return _mm512_and_si512(b, _mm512_set1_epi8(15)); }
+  static inline VI hi4(VI b) { return _mm512_and_si512(_mm512_srli_epi16(b, 4), _mm512_set1_epi8(15)); }
+  static inline VI addbits(VI q, const uint8_t* bits, int v) {  // + v in the bytes whose bit is set
+    uint64_t k;
+    __builtin_memcpy(&k, bits, 8);
+    return _mm512_mask_add_epi8(q, k, q, _mm512_set1_epi8((char)v));
+  }
+  static inline VI q8(const uint8_t* p) { return _mm512_xor_si512(loadb(p), _mm512_set1_epi8((char)0x80)); }
+  static inline VI bcast4(const int8_t* p) {
+    int32_t v;
+    __builtin_memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+  }
+  static inline VI dot4(VI acc, VI w, VI x) { return _mm512_dpbusd_epi32(acc, w, x); }  // + sum of 4 u8 * s8
+  static inline VI dot4_q8(VI acc, VI w, VI x) { return dot4(acc, w, x); }
+  static inline V fnma(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b, one rounding
 };
 #else
 struct Isa {
@@ -106,6 +126,34 @@ struct Isa {
   static inline VI slli4(VI a) { return _mm256_slli_epi32(a, 4); }
   static inline VI srlv(VI a, VI n) { return _mm256_srlv_epi32(a, n); }
   static inline V cvt(VI a) { return _mm256_cvtepi32_ps(a); }
+  // int8 dot products (int8_kernel.h): a VI holds 32 bytes, 8 columns x 4 k
+  static constexpr int IRMAX = 2;   // rows per int8 tile: 2 x (2 float + 2 int32 accumulators) + weights
+  static constexpr int Q8_OFF = 0;  // Q8_0 quants stay signed (dot4_q8)
+  static inline VI loadb(const uint8_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+  static inline VI lo4(VI b) { return _mm256_and_si256(b, _mm256_set1_epi8(15)); }
+  static inline VI hi4(VI b) { return _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi8(15)); }
+  static inline VI addbits(VI q, const uint8_t* bits, int v) {  // + v in the bytes whose bit is set
+    uint32_t k;
+    __builtin_memcpy(&k, bits, 4);
+    // byte i takes bit i: each byte gets its bit's source byte, then all of its other bits set
+    const VI shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+    VI b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)k), shuf);
+    b = _mm256_cmpeq_epi8(_mm256_or_si256(b, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)), _mm256_set1_epi64x(-1));
+    return _mm256_or_si256(q, _mm256_and_si256(b, _mm256_set1_epi8((char)v)));
+  }
+  static inline VI q8(const uint8_t* p) { return loadb(p); }
+  static inline VI bcast4(const int8_t* p) {
+    int32_t v;
+    __builtin_memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+  }
+  // + sum of 4 u8 * s8 (pair sums of at most 63 * 127 * 2: no int16 saturation)
+  static inline VI dot4(VI acc, VI w, VI x) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+  }
+  // + sum of 4 s8 * s8: |w| * (x with w's sign), pair sums at most 128 * 127 * 2
+  static inline VI dot4_q8(VI acc, VI w, VI x) { return dot4(acc, _mm256_abs_epi8(w), _mm256_sign_epi8(x, w)); }
+  static inline V fnma(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
 };
 #endif
 
@@ -223,14 +271,25 @@ void run(const float* x, int64_t M, int64_t K, const T* w, const float* scale, i
 }
 
 #include "quant_kernel.h"
+#include "int8_kernel.h"
 
 }  // namespace
 
-// Entry point: dtype is a WeightDtype (codes.h); W_I8 weights carry a per-column scale [N]. y has row
-// stride ldy (>= N: a weight may fill a slice of y's columns).
-void linear_cols(const float* x, int64_t M, int64_t K, const void* w, int dtype, const float* scale, int64_t N,
-                 float* y, int64_t ldy, int64_t col0, int64_t col1) {
+// Entry point: dtype is a WeightDtype (codes.h); W_I8 weights carry a per-column scale [N]; the int8 layouts
+// (W_I8_Q8_0 ..) read xq, x quantized (quant.h), instead of x. y has row stride ldy (>= N: a weight may fill a
+// slice of y's columns).
+void linear_cols(const float* x, const QRows* xq, int64_t M, int64_t K, const void* w, int dtype, const float* scale,
+                 int64_t N, float* y, int64_t ldy, int64_t col0, int64_t col1) {
+  const uint8_t* wq = (const uint8_t*)w;
   switch (dtype) {
+    case W_I8_Q8_0: return run_i8<W_Q8_0>(*xq, M, wq, ldy, y, col0, col1);
+    case W_I8_Q4_0: return run_i8<W_Q4_0>(*xq, M, wq, ldy, y, col0, col1);
+    case W_I8_Q4_1: return run_i8<W_Q4_1>(*xq, M, wq, ldy, y, col0, col1);
+    case W_I8_Q5_0: return run_i8<W_Q5_0>(*xq, M, wq, ldy, y, col0, col1);
+    case W_I8_Q5_1: return run_i8<W_Q5_1>(*xq, M, wq, ldy, y, col0, col1);
+    case W_I8_Q4_K: return run_i8<W_Q4_K>(*xq, M, wq, ldy, y, col0, col1);
+    case W_I8_Q5_K: return run_i8<W_Q5_K>(*xq, M, wq, ldy, y, col0, col1);
+    case W_I8_Q6_K: return run_i8<W_Q6_K>(*xq, M, wq, ldy, y, col0, col1);
     case W_F32: return run(x, M, K, (const float*)w, nullptr, ldy, y, col0, col1);
     case W_F16: return run(x, M, K, (const f16_t*)w, nullptr, ldy, y, col0, col1);
     case W_BF16: return run(x, M, K, (const bf16_t*)w, nullptr, ldy, y, col0, col1);
