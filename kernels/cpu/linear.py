@@ -5,11 +5,11 @@ should cost little more than one row, and row i of it must equal, bit for bit, t
 row (the lossless invariant in DESIGN.md). Stock kernels give neither: MKL/oneDNN pick other kernels and
 other rounding for other M, and their bf16/f16 paths get slow for M > 1.
 
-A weight is packed once (float32, float16 or bfloat16 storage, or int8 with one float32 scale per output
-column) into groups of 32 output columns interleaved along K, in huge pages; the C++ kernel (csrc/
-linear_kernel.h) streams the weights once per call whatever M is, converts them to fp32 in registers and
-accumulates in fp32. Every output is one fp32 FMA chain over k = 0..K-1 (times the column's scale for int8),
-so a row's bits do not depend on M, on the thread count, or on AVX2 vs AVX-512 (chosen at run time).
+A weight is packed once (float32, float16 or bfloat16 storage) into groups of 32 output columns interleaved
+along K, in huge pages; the C++ kernel (csrc/linear_kernel.h) streams the weights once per call whatever M is,
+converts them to fp32 in registers and accumulates in fp32. Every output is one fp32 FMA chain over
+k = 0..K-1, so a row's bits do not depend on M, on the thread count, or on AVX2 vs AVX-512 (chosen at run
+time).
 
     w = PackedLinear(weight, bias, torch.float16)   # weight [N, K], once at load time
     y = w(x)                                        # x [..., K] float32 -> y [..., N] float32
@@ -103,26 +103,13 @@ class _Arena:
 _arena = _Arena()
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight [N, K] float -> (q [N, K] int8, scale [N] float32), symmetric per output row:
-    scale = max|w| / 127, q = round(w / scale), so weight ~ scale[:, None] * q (an all-zero row gets scale 0)."""
-    w = weight.detach().to("cpu", torch.float32)
-    if not torch.isfinite(w).all():
-        raise ValueError("cpu linear: int8 quantization needs finite weights")
-    scale = w.abs().amax(dim=1) / 127 if w.shape[1] else torch.zeros(w.shape[0])
-    q = torch.round(w / torch.where(scale > 0, scale, 1)[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale.contiguous()
-
-
 def pack_weight(weight: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """weight [N, K] -> packed [ceil(N/32), K, 32] in `dtype`, returned as an integer view of the same bytes
-    (so a `.to(dtype)` sweep over a model never converts it). Columns past N are 0. For float dtypes the
-    weight is any float tensor; for int8 it is the q of quantize_int8() (the scale is kept beside it)."""
+    """weight [N, K] (any float tensor) -> packed [ceil(N/32), K, 32] in `dtype` (float32, float16 or
+    bfloat16), returned as an integer view of the same bytes (so a `.to(dtype)` sweep over a model never
+    converts it). Columns past N are 0."""
     dtype_code(dtype)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"cpu linear: weight must be a [N, K] tensor, got {_describe(weight)}")
-    if (dtype == torch.int8) != (weight.dtype == torch.int8):
-        raise ValueError(f"cpu linear: int8 packing takes quantize_int8()'s weight, got {weight.dtype} for {dtype}")
     n, k = weight.shape
     if dtype == torch.float16 and weight.numel():
         big = weight.detach().abs().max().item()
@@ -134,7 +121,7 @@ def pack_weight(weight: torch.Tensor, dtype: torch.dtype = torch.float16) -> tor
     w = w.view(npad // GROUP, GROUP, k).transpose(1, 2)  # [groups, K, 32]
     out = _arena.alloc(w.numel() * w.element_size()).view(dtype).view(w.shape)
     out.copy_(w)
-    return out.view({1: torch.int8, 2: torch.int16, 4: torch.int32}[dtype.itemsize])
+    return out.view({2: torch.int16, 4: torch.int32}[dtype.itemsize])
 
 
 def gguf_code(fmt: str, compute: str = "exact") -> int:
@@ -163,6 +150,22 @@ def pack_gguf(raw: torch.Tensor, fmt: str, k: int, compute: str = "exact") -> to
     return out
 
 
+def quantize_q8_0(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] float (K a multiple of 32, finite) -> its GGUF Q8_0 blocks, uint8 [N, K / 32 * 34], from
+    gguf's own quantizer (llama.cpp's: per 32 k, d = max|w| / 127 stored as float16, q = round(w / d))."""
+    import gguf
+
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"cpu linear: weight must be a [N, K] tensor, got {_describe(weight)}")
+    n, k = weight.shape
+    if k % 32:
+        raise ValueError(f"cpu linear: Q8_0 blocks hold 32 input features, but the weight has {k}")
+    w = weight.detach().to("cpu", torch.float32)
+    if not torch.isfinite(w).all():
+        raise ValueError("cpu linear: Q8_0 quantization needs finite weights")
+    return torch.from_numpy(gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0))
+
+
 def _describe(x) -> str:
     return f"{x.dtype} {tuple(x.shape)} on {x.device}" if isinstance(x, torch.Tensor) else type(x).__name__
 
@@ -171,27 +174,24 @@ class PackedLinear:
     """A linear layer y = x @ weight^T (+ bias) with the weight packed once for the CPU kernel.
 
     weight: [N, K]; bias: [N] or None (kept in float32, added after the product); dtype: storage of the
-    weight (float32, float16 or bfloat16, or int8: quantize_int8's q and a float32 scale per output column,
-    applied to the finished sum); products are accumulated in float32. `from_parts` builds one from GGUF
-    blocks (and float parts), e.g. a fused q/k/v whose tensors have different types.
+    weight (float32, float16 or bfloat16); products are accumulated in float32. `from_parts` builds one from
+    GGUF blocks (and float parts), e.g. a fused q/k/v whose tensors have different types, multiplied 'exact'
+    or 'int8' (`compute`; for a float weight in int8, quantize_q8_0 it first).
     Calling it: x [..., K] float32 on the CPU -> y [..., N] float32. Row i of a call over M rows equals
     bit for bit the call over that row alone, for any M and thread count.
     A plain class, not an nn.Module: calls cost ~1 us of Python, and nothing can cast the packed bytes.
     """
 
-    __slots__ = ("bias", "in_features", "out_features", "parts", "weight_dtype")
+    __slots__ = ("bias", "compute", "in_features", "out_features", "parts", "weight_dtype")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float16):
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise ValueError(f"cpu linear: weight must be a [N, K] tensor, got {_describe(weight)}")
         self.out_features, self.in_features = weight.shape
-        self.weight_dtype = dtype
+        self.weight_dtype, self.compute = dtype, "exact"
         code = dtype_code(dtype)
-        scale = None  # [N] float32 for int8 weights
-        if dtype == torch.int8:
-            weight, scale = quantize_int8(weight)
-        # parts: (packed bytes, columns, format code, int8 scale or None), as the extension takes them
-        self.parts = [(pack_weight(weight, dtype), self.out_features, code, scale)]
+        # parts: (packed bytes, columns, format code), as the extension takes them
+        self.parts = [(pack_weight(weight, dtype), self.out_features, code)]
         self._set_bias(bias)
 
     @classmethod
@@ -206,7 +206,7 @@ class PackedLinear:
         if compute not in COMPUTES:
             raise ValueError(f"cpu linear: compute must be one of {', '.join(map(repr, COMPUTES))}, got {compute!r}")
         self = cls.__new__(cls)
-        self.in_features, self.out_features = k, 0
+        self.in_features, self.out_features, self.compute = k, 0, compute
         self.parts = []
         for fmt, data in parts:
             if fmt in GGUF_FORMATS:
@@ -217,7 +217,7 @@ class PackedLinear:
                 packed, code = pack_weight(data, getattr(torch, fmt)), format_code(fmt)
             else:
                 raise ValueError(f"cpu linear: part format must be one of {GGUF_FORMATS + FLOAT_FORMATS}, got {fmt!r}")
-            self.parts.append((packed, data.shape[0], code, None))
+            self.parts.append((packed, data.shape[0], code))
             self.out_features += data.shape[0]
         fmts = sorted({fmt for fmt, _ in parts})
         self.weight_dtype = fmts[0] if len(fmts) == 1 else "+".join(fmts)
@@ -242,17 +242,12 @@ class PackedLinear:
         return self.parts[0][2]
 
     @property
-    def scale(self) -> torch.Tensor | None:
-        return self.parts[0][3] if len(self.parts) == 1 else None
-
-    @property
     def weight_bytes(self) -> int:
-        """Bytes of weight one call reads (without the padding to 32 columns), int8 scales included."""
+        """Bytes of weight one call reads (without the padding to 32 columns)."""
         total = 0
-        for packed, n, _, scale in self.parts:
+        for packed, n, _ in self.parts:
             padded = -(-n // GROUP) * GROUP
             total += packed.numel() * packed.element_size() * n // max(padded, 1)
-            total += 0 if scale is None else scale.numel() * 4
         return total
 
     def spec(self) -> tuple[list, torch.Tensor | None]:
@@ -275,7 +270,7 @@ class PackedLinear:
     def __repr__(self) -> str:
         return (
             f"PackedLinear(in_features={self.in_features}, out_features={self.out_features}, "
-            f"dtype={self.weight_dtype}, bias={self.bias is not None})"
+            f"dtype={self.weight_dtype}, compute={self.compute}, bias={self.bias is not None})"
         )
 
 
@@ -289,7 +284,7 @@ class GGUFEmbedding(torch.nn.Module):
 
     def __init__(self, raw: torch.Tensor, fmt: str, dim: int, compute: str = "exact"):
         super().__init__()
-        self.num_embeddings, self.embedding_dim, self.fmt = raw.shape[0], dim, fmt
+        self.num_embeddings, self.embedding_dim, self.fmt, self.compute = raw.shape[0], dim, fmt, compute
         self.code = gguf_code(fmt, compute)
         self.packed = pack_gguf(raw, fmt, dim, compute)
 
@@ -304,16 +299,12 @@ class GGUFEmbedding(torch.nn.Module):
         lin = PackedLinear.__new__(PackedLinear)
         lin.in_features, lin.out_features, lin.weight_dtype, lin.bias = (self.embedding_dim, self.num_embeddings,
                                                                           self.fmt, None)
-        lin.parts = [(self.packed, self.num_embeddings, self.code, None)]
+        lin.compute, lin.parts = self.compute, [(self.packed, self.num_embeddings, self.code)]
         return lin
 
 
 def stored_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The weight [N, K] the kernel multiplies by, in float64: rounded to `dtype`, or for int8 the
-    dequantized scale[:, None] * q of quantize_int8."""
-    if dtype == torch.int8:
-        q, scale = quantize_int8(weight)
-        return q.double() * scale.double()[:, None]
+    """The weight [N, K] the kernel multiplies by, in float64: rounded to `dtype`."""
     return weight.detach().to(dtype).double()
 
 

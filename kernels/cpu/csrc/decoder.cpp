@@ -24,12 +24,10 @@
 
 namespace specedit_cpu {
 namespace avx2 {
-void linear_cols(const float*, const QRows*, int64_t, int64_t, const void*, int, const float*, int64_t, float*,
-                 int64_t, int64_t, int64_t);
+void linear_cols(const float*, const QRows*, int64_t, int64_t, const void*, int, float*, int64_t, int64_t, int64_t);
 }
 namespace avx512 {
-void linear_cols(const float*, const QRows*, int64_t, int64_t, const void*, int, const float*, int64_t, float*,
-                 int64_t, int64_t, int64_t);
+void linear_cols(const float*, const QRows*, int64_t, int64_t, const void*, int, float*, int64_t, int64_t, int64_t);
 }
 
 void linear_run(const float* x, int64_t M, const Packed& w, float* y, int64_t isa) {
@@ -66,7 +64,7 @@ void linear_run(const float* x, int64_t M, const Packed& w, float* y, int64_t is
       const int64_t a = std::max(g0, first[p]) - first[p], b = std::min(g1, first[p + 1]) - first[p];
       const Part& part = w.part[p];
       if (a < b)
-        fn(x, &xq, M, K, part.data, part.dtype, part.scale, part.N, y + col[p], N, a * 32, std::min(b * 32, part.N));
+        fn(x, &xq, M, K, part.data, part.dtype, y + col[p], N, a * 32, std::min(b * 32, part.N));
     }
   });
   if (w.bias)

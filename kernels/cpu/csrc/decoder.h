@@ -8,14 +8,12 @@
 
 namespace specedit_cpu {
 
-// One part of a packed weight: N output columns in one WeightDtype (codes.h). Float and int8 formats are
-// pack_weight's [ceil(N/32)][K][32] (W_I8 with scale [N]: W = scale[n] * q[n, k]); GGUF block formats are
-// repack()'s layout (quant.h).
+// One part of a packed weight: N output columns in one WeightDtype (codes.h). Float formats are
+// pack_weight's [ceil(N/32)][K][32]; GGUF block formats are repack()'s layouts (quant.h).
 struct Part {
   const void* data;
   int64_t N;
   int dtype;
-  const float* scale;
 };
 
 // A linear layer: its output columns are its parts' columns in order (a fused q/k/v or gate/up whose GGUF

@@ -74,11 +74,11 @@ SPECEDIT_QFMT(W_Q6_K, 256, 16, 210, 0, 512, 24, 2, 0, 32, QF_MUL)
 
 // The same numbers indexed by dtype code (0 for the float formats), for the bindings' size checks. The int8
 // layout of a format (W_I8_<T>) has the same sizes as its exact one.
-constexpr int QK_OF[W_NUM_DTYPES] = {0, 0, 0, 0, 32, 32, 32, 32, 32, 256, 256, 256, 32, 32, 32, 32, 32, 256, 256, 256};
-constexpr int GGUF_BYTES_OF[W_NUM_DTYPES] = {0,  0,  0,  0,  34, 18, 20,  22,  24,  144,
-                                             176, 210, 34, 18, 20, 22, 24, 144, 176, 210};
+constexpr int QK_OF[W_NUM_DTYPES] = {0, 0, 0, 32, 32, 32, 32, 32, 256, 256, 256, 32, 32, 32, 32, 32, 256, 256, 256};
+constexpr int GGUF_BYTES_OF[W_NUM_DTYPES] = {0,   0,   0,  34, 18, 20, 22, 24, 144, 176,
+                                             210, 34, 18, 20, 22, 24, 144, 176, 210};
 constexpr int PACKED_BYTES_OF[W_NUM_DTYPES] = {
-    0, 0, 0, 0, QFmt<W_Q8_0>::BYTES, QFmt<W_Q4_0>::BYTES, QFmt<W_Q4_1>::BYTES, QFmt<W_Q5_0>::BYTES,
+    0, 0, 0, QFmt<W_Q8_0>::BYTES, QFmt<W_Q4_0>::BYTES, QFmt<W_Q4_1>::BYTES, QFmt<W_Q5_0>::BYTES,
     QFmt<W_Q5_1>::BYTES, QFmt<W_Q4_K>::BYTES, QFmt<W_Q5_K>::BYTES, QFmt<W_Q6_K>::BYTES,
     QFmt<W_Q8_0>::BYTES, QFmt<W_Q4_0>::BYTES, QFmt<W_Q4_1>::BYTES, QFmt<W_Q5_0>::BYTES,
     QFmt<W_Q5_1>::BYTES, QFmt<W_Q4_K>::BYTES, QFmt<W_Q5_K>::BYTES, QFmt<W_Q6_K>::BYTES};
