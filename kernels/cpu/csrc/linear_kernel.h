@@ -16,6 +16,10 @@
 // weight vector loaded (and converted from f16/bf16) feeds R FMAs. All M rows of a group are done before
 // the next group, so weights stream from DRAM once per call and re-reads hit L1/L2. The stream is
 // software-prefetched 16 KB ahead, so memory and FMAs overlap even when M makes their times equal.
+//
+// GGUF block weights: quant_kernel.h (compute="exact", dequantized in registers into the same FMA chain) and
+// int8_kernel.h (compute="int8", integer dot products), both included at the end, over the Isa struct below
+// (the one place for per-ISA intrinsics).
 #include <immintrin.h>
 #include <stdint.h>
 
