@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from common import interleaved, machine, read_probe
 from specedit.kernels.cpu import build
-from specedit.kernels.cpu.linear import PackedLinear, linear_ref
+from specedit.kernels.cpu.linear import PackedLinear, linear_int8_ref, linear_ref
 
 HIDDEN, INTER, LAYERS, VOCAB = 576, 1536, 30, 49152
 SHAPES = {  # name: (N, K, count per forward)
@@ -39,7 +39,9 @@ SHAPES = {  # name: (N, K, count per forward)
     "down": (HIDDEN, INTER, LAYERS),
     "lm_head": (VOCAB, HIDDEN, 1),
 }
-METHODS = ["torch_f32", "torch_bf16", "ours_f32", "ours_f16", "ours_bf16"]
+METHODS = ["torch_f32", "torch_bf16", "ours_f32", "ours_f16", "ours_bf16", "ours_q4_1", "ours_q4_1_int8"]
+GGUF_METHODS = {"ours_q4_1": ("q4_1", "exact"), "ours_q4_1_int8": ("q4_1", "int8"),  # W as Q4_1 blocks
+                "ours_q8_0": ("q8_0", "exact"), "ours_q8_0_int8": ("q8_0", "int8")}
 LLC_BYTES = 256 << 20  # rotate over copies until this many bytes: well past the 32 MB L3 (and more)
 _busy_series = 0
 ISA = None  # --isa: force the kernel's instruction set
@@ -90,11 +92,24 @@ def prepare(method: str, w: torch.Tensor):
             return lambda: F.linear(xb, wb)
 
         return bind, w.numel() * 2
+    if method in GGUF_METHODS:  # gguf's quantizer, then exact (dequantized in registers) or int8 compute
+        fmt, compute = GGUF_METHODS[method]
+        p = PackedLinear.from_parts([(fmt, gguf_blocks(w, fmt))], w.shape[1], compute=compute)
+        if ISA:
+            return (lambda x: lambda: p(x, isa=ISA)), p.weight_bytes
+        return (lambda x: lambda: p(x)), p.weight_bytes
     dtype = {"ours_f32": torch.float32, "ours_f16": torch.float16, "ours_bf16": torch.bfloat16}[method]
     p = PackedLinear(w, None, dtype)
     if ISA:
         return (lambda x: lambda: p(x, isa=ISA)), p.weight_bytes
     return (lambda x: lambda: p(x)), p.weight_bytes
+
+
+def gguf_blocks(w: torch.Tensor, fmt: str) -> torch.Tensor:
+    """w [N, K] quantized by gguf into `fmt` blocks, uint8 [N, row bytes]."""
+    import gguf
+
+    return torch.from_numpy(gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType[fmt.upper()]))
 
 
 def _row(shape, n, k, m, method, ts, nbytes) -> dict:
@@ -125,6 +140,10 @@ def check(name: str, n: int, k: int) -> None:
         assert err < tol, f"{name} {dtype}: max error {err} vs reference"
         for i in (0, 5, 16):
             assert torch.equal(y[i], p(x[i : i + 1])[0]), f"{name} {dtype}: row {i} differs from 1-row call"
+    for fmt in ("q4_1", "q8_0"):  # compute='int8': bit for bit its numpy reference (rows are independent there)
+        raw = gguf_blocks(w, fmt)
+        y = PackedLinear.from_parts([(fmt, raw)], k, compute="int8")(x)
+        assert torch.equal(y, torch.from_numpy(linear_int8_ref(x.numpy(), raw.numpy(), fmt))), f"{name} {fmt} int8"
 
 
 def main() -> None:
@@ -154,12 +173,14 @@ def main() -> None:
         f"kernel isa {isa}; extension load {build_s:.1f} s (a first build includes compiling)"
     )
     print(
-        "x float32; torch_bf16 casts x and W to bfloat16 (F.linear); ours_* store W in that dtype, "
-        "accumulate in float32"
+        "x float32; torch_bf16 casts x and W to bfloat16 (F.linear); ours_f32/f16/bf16 store W in that dtype, "
+        "accumulate in float32; ours_q4_1 / ours_q8_0: W as gguf-quantized blocks, dequantized in registers "
+        "(exact); *_int8: the same blocks, compute='int8' (x quantized per row, integer dot products)"
     )
     for name, (n, k, _) in SHAPES.items():
         check(name, n, k)
-    print("checked: all shapes and weight dtypes match the float64 reference; rows equal 1-row calls bitwise")
+    print("checked: all shapes and weight dtypes match the float64 reference; rows equal 1-row calls bitwise; "
+          "int8 compute equals its numpy reference bitwise")
 
     wait_quiet(args.quiet_wait)
     probe, probe_bytes = read_probe()

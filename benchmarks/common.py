@@ -138,6 +138,17 @@ def fma_peak(reps: int = 5) -> float:
     return module.fma_probe(iters) / med(timed(lambda: module.fma_probe(iters), reps=reps))
 
 
+def int8_peak(reps: int = 5) -> float:
+    """Measured peak int8 multiply-add rate (x2, ops/s, comparable to FLOP/s): fma_probe.cpp's int8_probe,
+    4-way u8 x s8 dot products into int32 on registers on every thread (AVX-512 VNNI vpdpbusd where the CPU
+    has it, else AVX2 pmaddubsw): the compute yardstick of compute='int8'. None where it cannot be built."""
+    module = _extension("fma_probe", ["-O3", "-march=native", "-fopenmp"])
+    if module is None:
+        return None
+    iters = 1 << 21
+    return module.int8_probe(iters) / med(timed(lambda: module.int8_probe(iters), reps=reps))
+
+
 def weight_bytes_per_token(model) -> int:
     """Bytes of weights one decode step reads: every parameter except the embedding table (one row of it is
     read); a tied lm_head counts once, as the lm_head."""
@@ -179,6 +190,15 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def load(model: str, spec: str):
+    """specedit.load(model, ...) from a benchmark's engine spec 'DTYPE' or 'DTYPE:COMPUTE' (e.g. 'auto:int8':
+    the GGUF as stored, integer compute; 'auto' alone is compute='auto')."""
+    import specedit
+
+    dtype, _, compute = spec.partition(":")
+    return specedit.load(model, dtype=dtype, compute=compute or "auto")
 
 
 def nofuneval(name: str) -> list[dict]:

@@ -1,6 +1,6 @@
 """Time of one forward against its rows T, at several cache lengths, per weight format, against the machine's limits.
 
-    python benchmarks/forward_cost.py [--model smollm2-135m-instruct] [--dtype float32,float16,auto]
+    python benchmarks/forward_cost.py [--model smollm2-135m-instruct] [--dtype float32,float16,auto,auto:int8]
                                       [--rows 1,2,4,8,16,32,48,64,96,128] [--lengths 128,1024,4096] [--reps 5]
                                       [--out benchmarks/out]
 
@@ -16,7 +16,9 @@ Limits, measured in the same run:
     common.read_bandwidth() (the 1 GiB probe decode_speed.py uses), the faster of its measures before and
     after the timings;
   - compute floor = FLOPs per forward / common.fma_peak(): benchmarks/fma_probe.cpp, independent float32 FMAs
-    on registers on every thread with the CPU's widest vectors (-march=native), the faster of before and after.
+    on registers on every thread with the CPU's widest vectors (-march=native), the faster of before and after;
+    for compute='int8' the linears' multiply-adds count against common.int8_peak() instead (the same probe's
+    vpdpbusd / pmaddubsw loop), the attention's against the float32 peak.
     FLOPs: 2 T x the linear weights (lm_head included) plus 4 x heads x head_dim per layer for every (query,
     key) pair of the causal attention. (torch.mm's float32 rate is printed too: MKL's stays well below this
     peak here, so it would not be a floor.)
@@ -33,19 +35,18 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from common import (OUT, fma_peak, interleaved, matmul_rate, med, pyplot, read_bandwidth, run_info,
-                    weight_bytes_per_token)
-
-import specedit
+from common import (OUT, fma_peak, int8_peak, interleaved, load, matmul_rate, med, pyplot, read_bandwidth,
+                    run_info, weight_bytes_per_token)
 
 
-def flops(cfg, t: int, length: int) -> float:
-    """FLOPs of a forward of t rows after `length` cached positions (every row's logits)."""
+
+def flops(cfg, t: int, length: int) -> tuple[float, float]:
+    """(linear, attention) FLOPs of a forward of t rows after `length` cached positions (every row's logits)."""
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     linear = cfg.n_layers * (cfg.dim * (q + 2 * kv) + q * cfg.dim + 3 * cfg.dim * cfg.intermediate_size)
     linear += cfg.dim * cfg.vocab_size
     pairs = t * length + t * (t + 1) // 2  # row i sees length + i + 1 keys
-    return 2 * t * linear + 4 * cfg.n_layers * q * pairs
+    return 2 * t * linear, 4 * cfg.n_layers * q * pairs
 
 
 def cache_bytes(cfg, cache, t: int, length: int) -> int:
@@ -64,7 +65,8 @@ def forward(model, cache, length: int, t: int) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--dtype", default="float32,float16,auto", help="weight formats ('auto': a GGUF as stored)")
+    ap.add_argument("--dtype", default="float32,float16,auto,auto:int8",
+                    help="weight formats ('auto': a GGUF as stored; 'auto:int8': as stored, compute='int8')")
     ap.add_argument("--rows", default="1,2,4,8,16,32,48,64,96,128")
     ap.add_argument("--lengths", default="128,1024,4096", help="cached positions before the forward")
     ap.add_argument("--reps", type=int, default=5)
@@ -76,7 +78,7 @@ def main():
 
     engines, calls = {}, {}
     for d in args.dtype.split(","):
-        eng = engines[d] = specedit.load(args.model, dtype=d)
+        eng = engines[d] = load(args.model, d)
         if max(lengths) + max(rows) > eng.cfg.max_position:
             raise SystemExit(f"--lengths/--rows reach {max(lengths) + max(rows)} positions, over the model's "
                              f"{eng.cfg.max_position}")
@@ -88,19 +90,20 @@ def main():
             for t in rows:
                 calls[d, length, t] = (partial(forward, eng.model, cache, length, t), cache)
 
-    bw, peak = read_bandwidth(), fma_peak()
+    bw, peak, ipeak = read_bandwidth(), fma_peak(), int8_peak()
     times = interleaved({k: [fn] for k, (fn, _) in calls.items()}, reps=args.reps)
     bw, peak, mm = max(bw, read_bandwidth()), max(peak, fma_peak()), matmul_rate()
+    ipeak = max(ipeak, int8_peak()) if ipeak else None
 
     print(f"machine: {info['machine']}; git {info['git_sha']}; {info['date']}")
     print(f"model {args.model}; read bandwidth {bw / 1e9:.1f} GB/s, float32 FMA peak {peak / 1e9:.0f} GFLOP/s "
-          f"(best of before and after; torch.mm 2048: {mm / 1e9:.0f} GFLOP/s); median of {args.reps} "
-          f"interleaved rounds")
+          f"(best of before and after; torch.mm 2048: {mm / 1e9:.0f} GFLOP/s); int8 dot-product peak "
+          f"{(ipeak or 0) / 1e9:.0f} Gop/s (compute='int8' linears); median of {args.reps} interleaved rounds")
     results = []
     for d, eng in engines.items():
         wbytes = weight_bytes_per_token(eng.model)
         cost = eng.cost_model()
-        name = f"auto ({eng.model.layers[0].mlp.w2.weight_dtype})" if d == "auto" else d
+        name = f"{d} ({eng.model.layers[0].mlp.w2.weight_dtype}, {eng.compute})" if d.startswith("auto") else d
         print(f"\n{name}: {wbytes / 1e6:.0f} MB of weights per forward; ms per forward (x its floor)")
         print(f"{'rows T':>8}" + "".join(f"{f'L={n}':>18}" for n in lengths) + f"{'cost model':>12}")
         for t in rows:
@@ -109,7 +112,8 @@ def main():
                 fn, cache = calls[d, length, t]
                 ts = times[d, length, t]
                 mem = (wbytes + cache_bytes(eng.cfg, cache, t, length)) / bw
-                comp = flops(eng.cfg, t, length) / peak
+                lin, att = flops(eng.cfg, t, length)
+                comp = lin / (ipeak if eng.compute == "int8" and ipeak else peak) + att / peak
                 line += f"{med(ts) * 1e3:>11.1f} ({med(ts) / max(mem, comp):.1f}x)"
                 results.append({"dtype": name, "L": length, "T": t, "ms": [s * 1e3 for s in ts], "mem": mem * 1e3,
                                 "comp": comp * 1e3, "cost": cost(t) * 1e3})

@@ -26,9 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import uvicorn
-from common import OUT, machine, nofuneval
+from common import OUT, load, machine, nofuneval
 
-import specedit
 from specedit.server import create_app
 
 NAME = "specedit"
@@ -150,7 +149,8 @@ def long_prompt(client, eng, args) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--dtype", default="auto", help="as specedit.load takes it (auto: the GGUF as stored)")
+    ap.add_argument("--dtype", default="auto",
+                    help="as specedit.load takes it (auto: the GGUF as stored), or DTYPE:COMPUTE (auto:int8)")
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--levels", default="1,2,4,8")
     ap.add_argument("--per-request", action="store_true", help="print each request's latency against its alone one")
@@ -161,7 +161,7 @@ def main():
     ap.add_argument("--long-alone", action="store_true", help="long-prompt: time the long request alone too")
     args = ap.parse_args()
 
-    eng = specedit.load(args.model, dtype=args.dtype)
+    eng = load(args.model, args.dtype)
     eng.cost_model()
     server = uvicorn.Server(uvicorn.Config(create_app(eng, NAME), host="127.0.0.1", port=0, log_level="error"))
     threading.Thread(target=server.run, daemon=True).start()

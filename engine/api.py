@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import checks, prompts
-from .backends import CHOICES, Backend, engine_limit, select
+from .backends import CHOICES, COMPUTES, Backend, engine_limit, select
 from .cache import KVCache
 from .config import ModelConfig
 from .decode import SequenceState, Stopper, effective_temperature, plain_decode
@@ -26,7 +26,7 @@ K_MAX = 64  # largest draft verified in one forward
 
 
 def load(path: str | Path, dtype: str = "auto", device: str = "cpu", backend: str = "auto",
-         cpu_kernels: bool | None = None, prefix_cache_mb: float = 256) -> Engine:
+         cpu_kernels: bool | None = None, compute: str = "auto", prefix_cache_mb: float = 256) -> Engine:
     """Load a model: an HF directory (config.json + safetensors), a `.gguf` file, or `smollm2-135m-instruct`.
 
     dtype: 'auto' | 'float32' | 'bfloat16' | 'float16' | 'int8'. 'auto' runs a GGUF file as stored on the CPU
@@ -40,14 +40,23 @@ def load(path: str | Path, dtype: str = "auto", device: str = "cpu", backend: st
     On the CPU kernels `dtype` is the storage of the linear weights and activations stay float32 (half weights
     halve the bytes a decode step reads), and a verify row equals the 1-row forward bit for bit
     (`Engine.row_invariant`; every other backend warns at load that it does not promise this). 'int8' (CPU
-    kernels only, opt-in) stores linear weights as int8 with one float32 scale per output row: a quarter of
-    float32's bytes per decode step, at the cost of quantization error (outputs can differ from float32's).
+    kernels only, opt-in) quantizes the linear weights to GGUF Q8_0 blocks at load (per 32 weights one float16
+    scale): about a quarter of float32's bytes per decode step, at the cost of quantization error.
     Elsewhere the whole model runs in `dtype`.
+
+    compute: how quantized weights (a GGUF as stored, or dtype='int8') multiply on the CPU kernels. 'exact':
+    each block is dequantized in registers to gguf's float32 values and multiplied in float32 (logits equal the
+    float32 model's on the dequantized weights). 'int8': each activation row is quantized on its own to int8
+    (per 32 values one float32 scale) and multiplied with integer dot products (exact int32 sums, float steps in
+    one fixed order), faster for many rows, at a small measured quality cost. Either way a verify row equals the
+    1-row step bit for bit, on AVX2 and AVX-512 alike. 'auto' (the default) is backends.AUTO_COMPUTE for
+    quantized weights and 'exact' for float ones; `Engine.compute` says which runs. 'int8' with float weights or
+    on another backend is a ValueError.
     prefix_cache_mb: most MiB of prompt K/V rows kept for reuse by later prompts that start the same way (an
     edit after an edit of the same file prefills only what changed; `Engine.prefix_cache`); only on
     row-invariant backends, where a reused row is bit for bit the row a prefill computes; 0 turns it off.
     """
-    check_load_args(path, dtype, device, backend, cpu_kernels, prefix_cache_mb)
+    check_load_args(path, dtype, device, backend, cpu_kernels, compute, prefix_cache_mb)
     p = Path(path)
     if not p.is_dir():
         from .gguf import gguf_file, read_native, resolve, tokenizer_dir
@@ -56,15 +65,16 @@ def load(path: str | Path, dtype: str = "auto", device: str = "cpu", backend: st
         if dtype == "auto":  # as stored on the CPU kernels; else dequantized (float16 on CUDA, float32 elsewhere)
             config, tensors = read_native(file)
             cfg = ModelConfig.from_hf(config, file)
-            be = select(device, backend, cpu_kernels, cfg, "float32")
+            be = select(device, backend, cpu_kernels, cfg, "float32", compute, quantized=True)
             if be.name == "cpu":
                 return _load_native(file, cfg, be, tensors, tokenizer_dir(file), prefix_cache_mb)
             dtype = "float16" if be.device.type == "cuda" else "float32"
+            compute = "exact" if compute == "auto" else compute  # dequantized now: float weights
         p = resolve(file)  # converted once into a cache directory
     if dtype == "auto":
         dtype = "float32"
     cfg = ModelConfig.from_hf_dir(p)
-    be = select(device, backend, cpu_kernels, cfg, dtype)
+    be = select(device, backend, cpu_kernels, cfg, dtype, compute)
     state = to_runtime_state(load_hf_tensors(p, cfg, be.param_dtype), cfg)
     with torch.device("meta"):
         model = Transformer(cfg, be.attend)
@@ -80,7 +90,7 @@ def load(path: str | Path, dtype: str = "auto", device: str = "cpu", backend: st
     return Engine(model, tokenizer, be, p, prefix_cache_mb)
 
 
-def check_load_args(path, dtype, device, backend, cpu_kernels, prefix_cache_mb) -> None:
+def check_load_args(path, dtype, device, backend, cpu_kernels, compute="auto", prefix_cache_mb=0) -> None:
     """load()'s argument checks, before anything is read: TypeError / ValueError naming the argument."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike (an HF directory, a .gguf file or a model name), "
@@ -90,6 +100,7 @@ def check_load_args(path, dtype, device, backend, cpu_kernels, prefix_cache_mb) 
     checks.device(device)
     checks.choice("backend", backend, CHOICES)
     checks.cpu_kernels(cpu_kernels)
+    checks.choice("compute", compute, COMPUTES)
     if isinstance(prefix_cache_mb, bool) or not isinstance(prefix_cache_mb, (int, float)) \
             or not 0 <= prefix_cache_mb < float("inf"):
         raise ValueError(f"prefix_cache_mb must be a number >= 0 (0 turns the prefix cache off), got "
@@ -104,7 +115,7 @@ def _load_native(file: Path, cfg: ModelConfig, be: Backend, tensors, tok_dir: Pa
     with torch.device("meta"):
         model = Transformer(cfg, be.attend)
     model.setup_rope(be.device, torch.float32)
-    load_native(model, tensors)
+    load_native(model, tensors, be.compute)
     del tensors  # the last views of the memory-mapped file: its pages leave the process
     model.eval().requires_grad_(False)
     tokenizer = None
@@ -148,6 +159,12 @@ class Engine:
         if bad:
             raise ValueError(f"token ids {bad[:5]} outside the vocabulary 0..{self.cfg.vocab_size - 1}")
         return ids
+
+    @property
+    def compute(self) -> str:
+        """How quantized weights multiply: 'exact' (float32 on gguf's dequantized values; also every float
+        model) or 'int8' (integer dot products on int8-quantized activation rows); see load()."""
+        return self.backend.compute
 
     @property
     def row_invariant(self) -> bool:

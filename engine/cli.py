@@ -291,7 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     DTYPES = ["float32", "bfloat16", "float16", "int8", "auto"]
-    DTYPE_HELP = "weight storage (auto: a GGUF as stored, else float32; int8: CPU kernels only, lossy)"
+    DTYPE_HELP = "weight storage (auto: a GGUF as stored, else float32; int8: Q8_0 blocks, CPU kernels only, lossy)"
+    COMPUTES = ["auto", "exact", "int8"]
+    COMPUTE_HELP = ("how quantized weights multiply on the CPU kernels (exact: float32 on the dequantized weights; "
+                    "int8: integer dot products on int8 activation rows, lossy; auto: see the README)")
     MODEL_HELP = "an HF model directory, a .gguf file, or smollm2-135m-instruct"
     ap = argparse.ArgumentParser(prog="specedit", description="Speculative edits: fast, lossless code rewriting.",
                                  formatter_class=Help,
@@ -309,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("instruction", help='what to change, e.g. "Add type hints."')
     a.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     a.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
+    a.add_argument("--compute", default="auto", choices=COMPUTES, help=COMPUTE_HELP)
     a.add_argument("--language", help="code fence language (default: from the file extension)")
     out = a.add_mutually_exclusive_group()
     out.add_argument("--in-place", action="store_true",
@@ -336,13 +340,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("instruction", help="what to change")
     b.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     b.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
+    b.add_argument("--compute", default="auto", choices=COMPUTES, help=COMPUTE_HELP)
     b.add_argument("--language", help="code fence language (default: from the file extension)")
 
     v = sub.add_parser("serve", formatter_class=Help, help="OpenAI-compatible server with predicted outputs")
     v.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     v.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
+    v.add_argument("--compute", default="auto", choices=COMPUTES, help=COMPUTE_HELP)
     v.add_argument("--host", default="127.0.0.1", help="address to listen on")
     v.add_argument("--port", type=int, default=8000, help="port to listen on")
+    v.add_argument("--replicas", type=int, default=0, metavar="N",
+                   help="serve N engine replicas behind Ray Serve (the `ray` extra), edits of one file on one "
+                        "replica; 0: one engine in this process")
+    v.add_argument("--cpus-per-replica", type=float, default=1.0, metavar="C", help="CPUs Ray reserves per replica")
+    v.add_argument("--ray-address", metavar="ADDR",
+                   help="join this Ray cluster (`auto`: the one `ray start` began here); default: start a local one")
     keys = v.add_mutually_exclusive_group()
     keys.add_argument("--api-key-file", type=Path, metavar="PATH",
                       help="require 'Authorization: Bearer KEY' on every request but /health, KEY being this "
@@ -471,8 +483,23 @@ def run(args) -> int:
 
         if not 0 <= args.port <= 65535:
             raise UsageError(f"--port must be 0..65535, got {args.port}")
+        if args.replicas < 0 or not args.cpus_per_replica > 0:
+            raise UsageError(f"--replicas must be >= 0 and --cpus-per-replica > 0, got {args.replicas} and "
+                             f"{args.cpus_per_replica}")
         key = api_key(args)
-        eng = specedit.load(resolve_model(args.model), dtype=args.dtype)
+        load_kwargs = {"dtype": args.dtype, "compute": args.compute}
+        if args.replicas:
+            from .ray_serve import run as run_replicas
+
+            print(f"specedit serving {args.model} on http://{args.host}:{args.port}/v1 with {args.replicas} Ray "
+                  f"Serve replicas" + (" (API key required)" if key else ""), file=sys.stderr)
+            run_replicas(args.model, args.model, args.host, args.port, args.replicas, args.cpus_per_replica, key,
+                         load_kwargs, args.ray_address)
+            return 0
+        try:
+            eng = specedit.load(resolve_model(args.model), **load_kwargs)
+        except ValueError as e:  # a dtype / compute this machine or checkpoint cannot run
+            raise UsageError(str(e)) from None
         print(f"specedit serving {args.model} on http://{args.host}:{args.port}/v1"
               + (" (API key required)" if key else ""), file=sys.stderr)
         serve(eng, args.host, args.port, args.model, api_key=key)
@@ -498,8 +525,8 @@ def run(args) -> int:
     model_dir = resolve_model(args.model)
     n_prompt, n_file = check_fits(model_dir, args.file, source, args.instruction, language)
     try:
-        eng = specedit.load(model_dir, dtype=args.dtype)
-    except ValueError as e:  # a bad dtype for this machine, a bad checkpoint
+        eng = specedit.load(model_dir, dtype=args.dtype, compute=args.compute)
+    except ValueError as e:  # a bad dtype or compute for this machine, a bad checkpoint
         raise UsageError(str(e)) from None
     if args.cmd == "bench":
         table, same = speed_report(eng, source, args.instruction, language)

@@ -331,6 +331,24 @@ def test_bench_reports_identical_outputs(model, tmp_path, capsys):
     assert "outputs identical: True" in capsys.readouterr().out
 
 
+def test_compute_flag_reaches_load(model, src, monkeypatch, capsys):
+    """--compute is passed to load(); a float checkpoint with --compute int8 is a usage error naming it."""
+    seen = []
+    real = specedit.load
+
+    def load(*a, **k):
+        seen.append(k.get("compute"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(specedit, "load", load)
+    answer(monkeypatch)
+    assert cli.main(["apply", str(src), "x", "--model", model, "--compute", "exact"]) == 0
+    assert cli.main(["apply", str(src), "x", "--model", model, "--compute", "int8"]) == 2
+    assert seen == ["exact", "int8"]
+    assert "compute='int8' multiplies quantized weights" in capsys.readouterr().err
+    assert cli.main(["apply", str(src), "x", "--model", model, "--dtype", "int8", "--compute", "int8"]) == 0
+
+
 def test_failed_extension_build_is_one_line(model, tmp_path, monkeypatch):
     from specedit.kernels.cpu import build
 

@@ -1,12 +1,12 @@
 """specedit.kernels.cpu.linear: the packed small-M CPU matmul.
 
-Floats are compared with the float64 product of the same stored weights (rounded to the dtype, or
-int8's scale * q): the kernel's only error is float32 accumulation over K, bounded by
+Floats are compared with the float64 product of the same stored weights (rounded to the dtype): the kernel's
+only error is float32 accumulation over K, bounded by
 ~K * 2^-24 * sum_k |x_k w_k| (tolerance: that bound x 4, per element). Against the original float32
-weight the tolerance adds the storage rounding (2^-8 for bfloat16, 2^-11 for float16, half a
-quantization step for int8). Row invariance is checked bit for bit: row i of an M-row call must equal
-the 1-row call on that row, whatever M, so a verify pass cannot flip a near-tie that plain decoding
-would not. The first test in a fresh cache compiles the extension (~20-40 s on 2 cores).
+weight the tolerance adds the storage rounding (2^-8 for bfloat16, 2^-11 for float16). Row invariance is
+checked bit for bit: row i of an M-row call must equal the 1-row call on that row, whatever M, so a verify
+pass cannot flip a near-tie that plain decoding would not. (int8 weights are GGUF Q8_0 blocks with their own
+tests: test_cpu_int8.py.) The first test in a fresh cache compiles the extension (~20-40 s on 2 cores).
 """
 
 import threading
@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from specedit.kernels.cpu import build
-from specedit.kernels.cpu.linear import PackedLinear, linear_ref, pack_weight, quantize_int8, stored_weight
+from specedit.kernels.cpu.linear import PackedLinear, linear_ref, pack_weight, stored_weight
 
 pytestmark = pytest.mark.skipif(
     not build.available(), reason="the CPU kernels need x86-64 Linux with avx2/fma/f16c, c++ and ninja"
 )
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 STORAGE_EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}  # relative per weight
 SMOL = {  # SmolLM2-135M: fused qkv, o_proj, fused gate_up, down, tied lm_head
     "qkv": (960, 576),
@@ -57,10 +57,7 @@ def assert_close_to_ref(y, x, w, dtype, bias=None):
     assert (err <= bound).all(), f"max error {err.max().item():.3g}, worst ratio {(err / bound).max().item():.2f}"
     # and against the original float32 weight, with the storage rounding added
     accumulation = (x.double().abs() @ w.double().abs().T) * k * 2.0**-24 * 4
-    if dtype == torch.int8:  # |w - scale q| <= scale / 2 = max|w_row| / 254 per weight
-        scale = x.double().abs().sum(1, keepdim=True) * w.double().abs().amax(1) / 254 * (1 + 1e-6) + accumulation
-    else:
-        scale = (x.double().abs() @ w.double().abs().T) * STORAGE_EPS[dtype] * 4 + accumulation
+    scale = (x.double().abs() @ w.double().abs().T) * STORAGE_EPS[dtype] * 4 + accumulation
     full = x.double() @ w.double().T + (0 if bias is None else bias.double())
     assert ((y.double() - full).abs() <= scale + 1e-30).all()
 
@@ -78,13 +75,10 @@ def test_matches_reference(n, k, m, dtype):
 
 
 def fma_chain(x, w, dtype):
-    """What the kernel promises to compute: acc = fma(x[:, k], w[:, k], acc) for k = 0..K-1 in float32
-    (int8: over q, then one float32 multiply by the column's scale). Emulated in float64 (the product of two
+    """What the kernel promises to compute: acc = fma(x[:, k], w[:, k], acc) for k = 0..K-1 in float32.
+    Emulated in float64 (the product of two
     float32 is exact there; the sum is rounded twice, which can differ from one fma in ~2^-29 of cases: none
     for these seeds)."""
-    if dtype == torch.int8:
-        q, scale = quantize_int8(w)
-        return fma_chain(x, q.float(), torch.float32) * scale
     wq, xd = w.to(dtype).double(), x.double()
     acc = torch.zeros(x.shape[0], w.shape[0], dtype=torch.float32)
     for k in range(x.shape[1]):
@@ -163,17 +157,23 @@ def test_leading_dims_bias_and_noncontiguous():
     assert_close_to_ref(q(x), x, lin.weight.detach(), torch.float32, lin.bias.detach())
 
 
-def test_int8_quantization():
-    """Per-row symmetric: the largest |w| of a row maps to +-127 exactly; a zero row gets scale 0."""
-    w = torch.randn(40, 72)
-    w[3] = 0
-    q, scale = quantize_int8(w)
-    assert q.dtype == torch.int8 and scale.shape == (40,) and scale[3] == 0 and (q[3] == 0).all()
-    assert torch.equal(q.abs().amax(1)[torch.arange(40) != 3], torch.full((39,), 127, dtype=torch.int8))
-    assert ((q.double() * scale.double()[:, None] - w.double()).abs() <= scale.double()[:, None] / 2 * 1.0001).all()
-    p = PackedLinear(w, None, torch.int8)
-    assert p.weight_bytes == 40 * 72 + 40 * 4
-    assert torch.equal(p(torch.randn(3, 72))[:, 3], torch.zeros(3))
+def test_int8_weights_are_q8_0_blocks():
+    """A float weight in int8 is gguf's Q8_0 quantization of it, multiplied by the int8 kernel."""
+    import gguf
+    import numpy as np
+
+    from specedit.kernels.cpu.linear import linear_int8_ref, quantize_q8_0
+
+    w, x = data(40, 64, 5)
+    raw = quantize_q8_0(w)
+    assert torch.equal(raw, torch.from_numpy(gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0)))
+    p = PackedLinear.from_parts([("q8_0", raw)], 64, compute="int8")
+    assert p.weight_bytes == 40 * 2 * 34 and p.compute == "int8"
+    assert np.array_equal(p(x).numpy(), linear_int8_ref(x.numpy(), raw.numpy(), "q8_0"))
+    with pytest.raises(ValueError, match="32 input features, but the weight has 72"):
+        quantize_q8_0(torch.randn(4, 72))
+    with pytest.raises(ValueError, match="finite"):
+        quantize_q8_0(torch.full((4, 32), float("nan")))
 
 
 def test_empty_and_zero_k():
@@ -193,12 +193,10 @@ def test_errors_name_the_problem():
         p(x.double())
     with pytest.raises(ValueError, match=r"\[M, 72\]"):
         p(torch.randn(2, 71))
-    with pytest.raises(ValueError, match="float32, float16, bfloat16, int8"):
+    with pytest.raises(ValueError, match="float32, float16, bfloat16, q8_0"):
         PackedLinear(w, None, torch.int32)
-    with pytest.raises(ValueError, match="quantize_int8"):
+    with pytest.raises(ValueError, match="float32, float16, bfloat16, q8_0"):
         pack_weight(w, torch.int8)
-    with pytest.raises(ValueError, match="finite"):
-        PackedLinear(torch.full((4, 4), float("nan")), None, torch.int8)
     with pytest.raises(ValueError, match="isa"):
         p(x, isa="sse")
     with pytest.raises(ValueError, match=r"weight must be a \[N, K\] tensor, got list"):

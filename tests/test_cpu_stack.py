@@ -50,9 +50,9 @@ def test_fused_equals_python_layers(path):
     assert (fused_logits - layered).abs().max().item() < 1e-5 * layered.abs().max().item()
 
 
-@pytest.mark.parametrize("dtype", ["float16", "int8"])
-def test_verify_rows_equal_single_rows_with_compact_weights(tmp_path, dtype):
-    eng = specedit.load(make_checkpoint(tmp_path, "qwen3"), dtype=dtype)
+@pytest.mark.parametrize("dtype,compute", [("float16", "auto"), ("int8", "exact"), ("int8", "int8")])
+def test_verify_rows_equal_single_rows_with_compact_weights(tmp_path, dtype, compute):
+    eng = specedit.load(make_checkpoint(tmp_path, "qwen3"), dtype=dtype, compute=compute)
     batched, single = verify_and_steps(eng, IDS[:40], IDS[40:57])
     assert torch.equal(batched, single)
 

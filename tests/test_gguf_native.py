@@ -129,16 +129,22 @@ def test_other_backends_dequantize(tmp_path):
     assert eng.model.fused_layers is None and eng.path.is_dir()  # the converted float32 directory
 
 
+def write_mixed(tmp_path, arch="qwen2"):
+    return write(tmp_path, arch, lambda n: next((f for k, f in MIXED.items() if f".{k}." in f".{n}"), "q4_k"),
+                 tied=False, fmts=("q4_k",))
+
+
 @pytest.mark.skipif(build.available() and build.best_isa() != "avx512", reason="no AVX-512 here to compare AVX2 with")
+@pytest.mark.parametrize("compute", ["exact", "int8"])
 @pytest.mark.parametrize("fmt", ["mixed", "q4_0", "q4_1", "q5_0", "q5_1"])
-def test_avx2_and_avx512_agree_on_the_whole_model(tmp_path, fmt):
+def test_avx2_and_avx512_agree_on_the_whole_model(tmp_path, fmt, compute):
     """Every layer, the K/V written and the logits of a quantized model, bit for bit, whichever ISA runs."""
     if fmt == "mixed":
-        path = write(tmp_path, "qwen2", lambda n: next((f for k, f in MIXED.items() if f".{k}." in f".{n}"), "q4_k"),
-                     tied=False, fmts=("q4_k",))
+        path = write_mixed(tmp_path)
     else:
         path = write(tmp_path, "llama", lambda name: fmt, fmts=(fmt,))  # tied: the Q-format embedding is lm_head
-    eng = specedit.load(path)
+    eng = specedit.load(path, compute=compute)
+    assert eng.compute == compute
     m = eng.model
     x = m.embed(torch.tensor([IDS]))  # [1, T, dim]
     outs = []
@@ -149,3 +155,57 @@ def test_avx2_and_avx512_agree_on_the_whole_model(tmp_path, fmt):
     (a, ka), (b, kb) = outs
     assert torch.isfinite(a).all() and a.abs().max() > 0
     assert torch.equal(a, b) and torch.equal(ka, kb)
+
+
+@pytest.mark.parametrize("fmt", ["mixed", "q4_1", "q5_0", "q8_0"])
+def test_int8_compute_is_lossless_speculation(tmp_path, fmt):
+    """compute='int8': not the exact logits (close to them), but verify rows equal 1-row steps bit for bit, so
+    speculative output equals plain output for drafts fully accepted, mutated, rejected, and in a batch."""
+    if fmt == "mixed":
+        path = write_mixed(tmp_path, "llama")
+    else:
+        path = write(tmp_path, "qwen3", lambda name: fmt, fmts=(fmt,))  # tied: lm_head in the int8 layout
+    eng, exact = specedit.load(path, compute="int8"), specedit.load(path, compute="exact")
+    assert (eng.compute, exact.compute, specedit.load(path).compute) == ("int8", "exact", "exact")
+    a, b = eng.logits(IDS), exact.logits(IDS)
+    assert not torch.equal(a, b) and (a - b).abs().max() < 0.1 * b.abs().max()
+    batched, single = verify_and_steps(eng, IDS[:5], IDS[5:])
+    assert torch.equal(batched, single)
+    plain = eng.generate(IDS, max_new_tokens=24).token_ids
+    for prediction in (plain, plain[:6] + [7] + plain[7:], [3] * 30, plain[:10]):
+        assert eng.generate(IDS, max_new_tokens=24, prediction=prediction).token_ids == plain
+    together = eng.generate_batch([IDS, IDS[:7]], max_new_tokens=24, prediction=[plain, None])
+    assert together[0].token_ids == plain
+    assert together[1].token_ids == eng.generate(IDS[:7], max_new_tokens=24).token_ids
+
+
+INT8_RUN = """
+import sys, torch, specedit
+from specedit.kernels.cpu import build
+eng = specedit.load(sys.argv[1], compute="int8")
+ids = [1, 40, 75, 80, 259, 5, 100, 200]
+plain = eng.generate(ids, max_new_tokens=16).token_ids
+spec = eng.generate(ids, max_new_tokens=16, prediction=plain[:9] + [3] * 9).token_ids
+torch.save({"isa": build.best_isa(), "logits": eng.logits(ids), "plain": plain, "spec": spec}, sys.argv[2])
+"""
+
+
+@pytest.mark.skipif(build.available() and build.best_isa() != "avx512", reason="no AVX-512 here to compare AVX2 with")
+def test_int8_specedit_isa_avx2_gives_the_same_bits(tmp_path):
+    """A whole int8 run with SPECEDIT_ISA=avx2 (the AVX2-only machine's path, pmaddubsw) equals the AVX-512
+    VNNI run's logits and tokens bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    path = write_mixed(tmp_path, "qwen3")
+    runs = {}
+    for isa in ("avx2", "auto"):
+        out = tmp_path / f"{isa}.pt"
+        r = subprocess.run([sys.executable, "-c", INT8_RUN, str(path), str(out)],
+                           env={**os.environ, "SPECEDIT_ISA": isa}, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs[isa] = torch.load(out)
+    assert (runs["avx2"]["isa"], runs["auto"]["isa"]) == ("avx2", "avx512")
+    assert torch.equal(runs["avx2"]["logits"], runs["auto"]["logits"])
+    assert runs["avx2"]["plain"] == runs["auto"]["plain"] == runs["auto"]["spec"] == runs["avx2"]["spec"]

@@ -113,3 +113,27 @@ def test_the_demo_edit_is_right(eng, tmp_path):
         return scope["read_config"](conf)
 
     assert run(e.text) == run(src) == {"name": "demo", "threads": "4", "path": "/tmp/x"}
+
+
+@pytest.fixture(scope="module")
+def int8():
+    return specedit.load("smollm2-135m-instruct", compute="int8")
+
+
+def test_int8_compute_on_the_real_model(int8, eng):
+    """compute='int8' on the real weights: close to exact (not equal), verify rows equal 1-row decode steps bit
+    for bit (a 33-row verify forward, Q4_1 layers and the Q8_0 lm_head in the int8 layout), and speculative
+    edits equal plain decoding in that mode."""
+    assert (int8.compute, eng.compute) == ("int8", "exact")
+    ids = eng.encode("def is_prime(n):\n    if n < 2:\n        return False\n")
+    a, b = int8.logits(ids), eng.logits(ids)
+    assert not torch.equal(a, b)
+    assert (a - b).abs().max() < 0.05 * b.abs().max() and (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+    ids = int8.encode("#include <stdio.h>\n\nint main(void) {\n")
+    batched, single = verify_and_steps(int8, ids, int8.generate(ids, max_new_tokens=33).token_ids)
+    assert torch.equal(batched, single)
+    row = security_rows(1)[0]
+    instr = f"Rewrite the code to avoid the {row['query']} CodeQL warning."
+    plain = int8.edit(row["source_code"], instr, row["pl"], max_new_tokens=300, speculate=False)
+    spec = int8.edit(row["source_code"], instr, row["pl"], max_new_tokens=300)
+    assert spec.token_ids == plain.token_ids and spec.stats.forwards < plain.stats.forwards / 2

@@ -24,6 +24,10 @@ from ..speculate import AcceptFn
 from ..weights import parse_dtype
 
 CHOICES = ("auto", "cpu", "torch", "triton")
+COMPUTES = ("auto", "exact", "int8")
+# What compute="auto" picks for quantized weights (a GGUF as stored, dtype="int8") on the CPU kernels; float
+# weights always run "exact". See the README's "compute" section for the measurements behind it.
+AUTO_COMPUTE = "exact"
 
 
 @dataclass(frozen=True)
@@ -33,18 +37,19 @@ class Backend:
     attend: AttendFn  # attention of the new rows over the cache
     accept: AcceptFn  # greedy acceptance of a verify step
     param_dtype: torch.dtype  # dtype the model's tensors are loaded in
-    weight_dtype: torch.dtype  # storage of the linear weights once prepared (int8 only on "cpu")
+    weight_dtype: torch.dtype  # storage of the linear weights once prepared (int8: Q8_0 blocks, only on "cpu")
     row_invariant: bool  # a verify row equals the 1-row decode step bit for bit
     why: str  # what row_invariant rests on, or why it does not hold
     max_context: int | None = None  # positions the attention can serve, if below the model's own
     reads_past_lengths: bool = True  # attention reads (and masks) cache slots past a row's length
+    compute: str = "exact"  # how quantized weights multiply: "exact" (float32 on dequantized values) or "int8"
 
     def prepare(self, model) -> None:
         """Turn a loaded model into this backend's form (in place)."""
         if self.name == "cpu":
             from .cpu import pack_model
 
-            pack_model(model, self.weight_dtype)
+            pack_model(model, self.weight_dtype, self.compute)
 
 
 def _cpu_kernels_problem(cfg: ModelConfig) -> str | None:
@@ -65,15 +70,19 @@ def _cpu_kernels_problem(cfg: ModelConfig) -> str | None:
 
 
 def select(device: str | torch.device = "cpu", backend: str = "auto", cpu_kernels: bool | None = None,
-           cfg: ModelConfig | None = None, dtype: str | torch.dtype = "float32") -> Backend:
+           cfg: ModelConfig | None = None, dtype: str | torch.dtype = "float32", compute: str = "auto",
+           quantized: bool = False) -> Backend:
     """Choose the backend for a model of `cfg` on `device`.
 
     backend: 'auto' | 'cpu' | 'torch' | 'triton'. cpu_kernels (CPU only): None uses the C++ kernels when they
     run here, True requires them, False never uses them. dtype: 'float32' | 'bfloat16' | 'float16', or 'int8'
-    (weight-only, CPU kernels only). Raises ValueError for a combination that cannot run; warns when a load
-    loses the row-invariance guarantee (greedy speculative output could then differ from plain decoding at a
-    near-tie)."""
+    (linear weights quantized to Q8_0 blocks at load, CPU kernels only). compute: 'auto' | 'exact' | 'int8',
+    how quantized weights multiply on the CPU kernels ('int8': integer dot products on int8 activation rows);
+    quantized: the weights are GGUF blocks kept as stored (dtype 'int8' counts as quantized too). Raises
+    ValueError for a combination that cannot run; warns when a load loses the row-invariance guarantee (greedy
+    speculative output could then differ from plain decoding at a near-tie)."""
     checks.choice("backend", backend, CHOICES)
+    checks.choice("compute", compute, COMPUTES)
     checks.cpu_kernels(cpu_kernels)
     dev = checks.device(device)
     int8 = dtype in ("int8", torch.int8)
@@ -97,8 +106,15 @@ def select(device: str | torch.device = "cpu", backend: str = "auto", cpu_kernel
                 raise ValueError(f"the CPU kernels cannot run here: {why}")
             name, fallback = "torch", f"CPU kernels not used ({why}); running on PyTorch, slower; "
     if int8 and name != "cpu":
-        raise ValueError("dtype 'int8' (weight-only) runs only on the CPU kernels: device 'cpu', backend 'auto' or "
+        raise ValueError("dtype 'int8' (Q8_0 weights) runs only on the CPU kernels: device 'cpu', backend 'auto' or "
                          "'cpu', cpu_kernels not False")
+    if compute == "int8" and name != "cpu":
+        raise ValueError(f"compute='int8' runs only on the CPU kernels (device 'cpu', backend 'auto' or 'cpu', "
+                         f"cpu_kernels not False), but this load runs on backend {name!r}")
+    if compute == "int8" and not (quantized or int8):
+        raise ValueError(f"compute='int8' multiplies quantized weights, but these are {dtype}: load a GGUF file as "
+                         "stored (dtype='auto') or use dtype='int8' (linear weights quantized to Q8_0 at load)")
+    computed = compute if compute != "auto" else AUTO_COMPUTE if quantized or int8 else "exact"
 
     from ..kernels.accept import accept, accept_ref
 
@@ -106,7 +122,8 @@ def select(device: str | torch.device = "cpu", backend: str = "auto", cpu_kernel
         from .cpu import attend_cpu
 
         return Backend("cpu", dev, attend_cpu, accept_ref, torch.float32, weight_dtype, True,
-                       "C++ kernels: every reduction in a fixed order whatever the rows", reads_past_lengths=False)
+                       "C++ kernels: every reduction in a fixed order whatever the rows", reads_past_lengths=False,
+                       compute=computed)
     if name == "torch":
         from .pytorch import attend_torch
 

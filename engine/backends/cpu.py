@@ -9,7 +9,7 @@ import torch
 
 from ..cache import KVCache
 from ..kernels.cpu.attention import attention
-from ..kernels.cpu.linear import GGUF_FORMATS, GGUFEmbedding, PackedLinear
+from ..kernels.cpu.linear import GGUF_FORMATS, GGUFEmbedding, PackedLinear, quantize_q8_0
 from ..kernels.cpu.stack import DecoderStack, LayerWeights, StackDims
 
 
@@ -37,8 +37,10 @@ def stack_dims(cfg) -> StackDims:
                      cfg.sliding_window)
 
 
-def pack_model(model, weight_dtype: torch.dtype) -> None:
-    """Swap every nn.Linear of `model` for a PackedLinear in `weight_dtype` and fuse its blocks.
+def pack_model(model, weight_dtype: torch.dtype, compute: str = "exact") -> None:
+    """Swap every nn.Linear of `model` for a PackedLinear in `weight_dtype` and fuse its blocks. weight_dtype
+    torch.int8 stores the weights as Q8_0 blocks (linear.quantize_q8_0), multiplied the `compute` way ('exact' or
+    'int8'); float dtypes are float32 math whatever `compute` says.
 
     Packed layers are plain attributes, not modules: their bytes are never cast by a `.to()`, and a call skips
     nn.Module dispatch."""
@@ -47,7 +49,14 @@ def pack_model(model, weight_dtype: torch.dtype) -> None:
     for owner, name in owners:
         lin = getattr(owner, name)
         delattr(owner, name)
-        setattr(owner, name, PackedLinear(lin.weight, lin.bias, weight_dtype))
+        if weight_dtype == torch.int8:
+            if lin.in_features % 32:
+                raise ValueError(f"dtype 'int8' quantizes linear weights to Q8_0 blocks of 32 input features, but "
+                                 f"{name} has {lin.in_features}; use dtype 'float16' or 'float32' for this model")
+            packed = PackedLinear.from_parts([("q8_0", quantize_q8_0(lin.weight))], lin.in_features, lin.bias, compute)
+        else:
+            packed = PackedLinear(lin.weight, lin.bias, weight_dtype)
+        setattr(owner, name, packed)
     _fuse(model)
 
 
@@ -79,11 +88,12 @@ def _part(name: str, tensors) -> tuple[str, torch.Tensor]:
     return fmt, torch.from_numpy(np.asarray(a))
 
 
-def load_native(model, tensors: dict[str, tuple[str, np.ndarray]]) -> None:
+def load_native(model, tensors: dict[str, tuple[str, np.ndarray]], compute: str = "exact") -> None:
     """Fill a Transformer built on the meta device from GGUF tensors as stored (HF names -> (format, data), see
     specedit.gguf.read_native): linears packed in their own formats (a fused q/k/v or gate/up keeps one part
     per tensor type), the token embedding kept quantized (rows dequantized on lookup; a tied lm_head shares its
     bytes), norms and biases in float32; then the blocks are fused. Nothing keeps a view of the file.
+    compute: how the quantized linears multiply, 'exact' or 'int8' (PackedLinear.from_parts).
 
     Strict like weights.load_hf_tensors: missing, unexpected and wrongly shaped tensors are listed."""
     from ..weights import expected_shapes
@@ -115,7 +125,8 @@ def load_native(model, tensors: dict[str, tuple[str, np.ndarray]]) -> None:
         return torch.cat([_float32(*tensors[n][::-1]) for n in names])
 
     def linear(names, k, bias_names=None):
-        return PackedLinear.from_parts([_part(n, tensors) for n in names], k, bias(bias_names) if bias_names else None)
+        return PackedLinear.from_parts([_part(n, tensors) for n in names], k, bias(bias_names) if bias_names else None,
+                                       compute)
 
     for i, blk in enumerate(model.layers):
         a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
@@ -130,7 +141,7 @@ def load_native(model, tensors: dict[str, tuple[str, np.ndarray]]) -> None:
     fmt, emb = tensors["model.embed_tokens.weight"]
     del model.embed, model.lm_head
     if fmt in GGUF_FORMATS:
-        model.embed = GGUFEmbedding(torch.from_numpy(emb), fmt, cfg.dim)
+        model.embed = GGUFEmbedding(torch.from_numpy(emb), fmt, cfg.dim, compute if cfg.tie_embeddings else "exact")
         model.lm_head = model.embed.as_linear() if cfg.tie_embeddings else None
     else:
         model.embed = torch.nn.Embedding.from_pretrained(_float32(emb, fmt), freeze=True)

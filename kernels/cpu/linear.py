@@ -5,11 +5,11 @@ should cost little more than one row, and row i of it must equal, bit for bit, t
 row (the lossless invariant in DESIGN.md). Stock kernels give neither: MKL/oneDNN pick other kernels and
 other rounding for other M, and their bf16/f16 paths get slow for M > 1.
 
-A weight is packed once (float32, float16 or bfloat16 storage, or int8 with one float32 scale per output
-column) into groups of 32 output columns interleaved along K, in huge pages; the C++ kernel (csrc/
-linear_kernel.h) streams the weights once per call whatever M is, converts them to fp32 in registers and
-accumulates in fp32. Every output is one fp32 FMA chain over k = 0..K-1 (times the column's scale for int8),
-so a row's bits do not depend on M, on the thread count, or on AVX2 vs AVX-512 (chosen at run time).
+A weight is packed once (float32, float16 or bfloat16 storage) into groups of 32 output columns interleaved
+along K, in huge pages; the C++ kernel (csrc/linear_kernel.h) streams the weights once per call whatever M is,
+converts them to fp32 in registers and accumulates in fp32. Every output is one fp32 FMA chain over
+k = 0..K-1, so a row's bits do not depend on M, on the thread count, or on AVX2 vs AVX-512 (chosen at run
+time).
 
     w = PackedLinear(weight, bias, torch.float16)   # weight [N, K], once at load time
     y = w(x)                                        # x [..., K] float32 -> y [..., N] float32
@@ -20,6 +20,13 @@ registers to exactly the float32 values `gguf.quants.dequantize` gives, then fed
 output equals the float32 kernel's on the dequantized weight bit for bit:
 
     w = PackedLinear.from_parts([("q4_1", raw_q), ("q6_k", raw_v)], k=576)  # raw: GGUF rows [n, bytes]
+
+compute="int8" (from_parts(..., compute="int8")) runs the same blocks with integer dot products instead: each
+activation row is quantized on its own to int8 in blocks of 32 (one float32 scale each), the products are
+summed exactly in int32 (AVX-512 VNNI vpdpbusd, AVX2 pmaddubsw), and the float steps (the weight and activation
+scales, the mins, the sum over blocks) run in one fixed order, so a row's bits still do not depend on M, the
+threads or the ISA. `linear_int8_ref` is that arithmetic in numpy, bit for bit. Float parts of such a linear
+stay float32 math (the plain kernel).
 """
 
 from __future__ import annotations
@@ -27,12 +34,14 @@ from __future__ import annotations
 import mmap
 import threading
 
+import numpy as np
 import torch
 
 from . import build
 
 GROUP = 32  # output columns per kernel group; N is padded to a multiple of it
 GGUF_FORMATS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")  # run as stored
+COMPUTES = ("exact", "int8")  # how GGUF blocks are multiplied: dequantized to float32, or integer dot products
 FLOAT_FORMATS = ("float32", "float16", "bfloat16")
 _HUGE_PAGE = 2 << 20
 _CHUNK = 64 << 20
@@ -94,26 +103,13 @@ class _Arena:
 _arena = _Arena()
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight [N, K] float -> (q [N, K] int8, scale [N] float32), symmetric per output row:
-    scale = max|w| / 127, q = round(w / scale), so weight ~ scale[:, None] * q (an all-zero row gets scale 0)."""
-    w = weight.detach().to("cpu", torch.float32)
-    if not torch.isfinite(w).all():
-        raise ValueError("cpu linear: int8 quantization needs finite weights")
-    scale = w.abs().amax(dim=1) / 127 if w.shape[1] else torch.zeros(w.shape[0])
-    q = torch.round(w / torch.where(scale > 0, scale, 1)[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale.contiguous()
-
-
 def pack_weight(weight: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """weight [N, K] -> packed [ceil(N/32), K, 32] in `dtype`, returned as an integer view of the same bytes
-    (so a `.to(dtype)` sweep over a model never converts it). Columns past N are 0. For float dtypes the
-    weight is any float tensor; for int8 it is the q of quantize_int8() (the scale is kept beside it)."""
+    """weight [N, K] (any float tensor) -> packed [ceil(N/32), K, 32] in `dtype` (float32, float16 or
+    bfloat16), returned as an integer view of the same bytes (so a `.to(dtype)` sweep over a model never
+    converts it). Columns past N are 0."""
     dtype_code(dtype)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"cpu linear: weight must be a [N, K] tensor, got {_describe(weight)}")
-    if (dtype == torch.int8) != (weight.dtype == torch.int8):
-        raise ValueError(f"cpu linear: int8 packing takes quantize_int8()'s weight, got {weight.dtype} for {dtype}")
     n, k = weight.shape
     if dtype == torch.float16 and weight.numel():
         big = weight.detach().abs().max().item()
@@ -125,24 +121,49 @@ def pack_weight(weight: torch.Tensor, dtype: torch.dtype = torch.float16) -> tor
     w = w.view(npad // GROUP, GROUP, k).transpose(1, 2)  # [groups, K, 32]
     out = _arena.alloc(w.numel() * w.element_size()).view(dtype).view(w.shape)
     out.copy_(w)
-    return out.view({1: torch.int8, 2: torch.int16, 4: torch.int32}[dtype.itemsize])
+    return out.view({2: torch.int16, 4: torch.int32}[dtype.itemsize])
 
 
-def pack_gguf(raw: torch.Tensor, fmt: str, k: int) -> torch.Tensor:
+def gguf_code(fmt: str, compute: str = "exact") -> int:
+    """The extension's code for GGUF block format `fmt` (GGUF_FORMATS) multiplied the `compute` way (COMPUTES:
+    each has its own packed layout). ValueError names the accepted values."""
+    if fmt not in GGUF_FORMATS:
+        raise ValueError(f"cpu linear: a GGUF block format must be one of {', '.join(GGUF_FORMATS)}, got {fmt!r}")
+    if compute not in COMPUTES:
+        raise ValueError(f"cpu linear: compute must be one of {', '.join(map(repr, COMPUTES))}, got {compute!r}")
+    return format_code(fmt if compute == "exact" else f"int8:{fmt}")
+
+
+def pack_gguf(raw: torch.Tensor, fmt: str, k: int, compute: str = "exact") -> torch.Tensor:
     """GGUF blocks of a weight [N, K] -> the kernel's layout (csrc/quant.h), as uint8 bytes in huge pages.
 
     raw: uint8 [N, K / block * block_bytes] (GGUF rows, e.g. a memory-mapped tensor's data); fmt: one of
-    GGUF_FORMATS. The bytes are only moved (scales and quants are kept as stored), at GGUF's size (Q4_K, Q5_K:
-    +1/8 bit per weight)."""
-    code = format_code(fmt)
-    if fmt not in GGUF_FORMATS:
-        raise ValueError(f"cpu linear: pack_gguf takes a GGUF block format ({', '.join(GGUF_FORMATS)}), got {fmt!r}")
+    GGUF_FORMATS; compute: 'exact' or 'int8' (the int8 kernel's layout: quants grouped by 4 consecutive k).
+    The bytes are only moved (scales and quants are kept as stored), at GGUF's size (Q4_K, Q5_K: +1/8 bit per
+    weight)."""
+    code = gguf_code(fmt, compute)
     if not isinstance(raw, torch.Tensor) or raw.dim() != 2 or raw.dtype != torch.uint8:
         raise ValueError(f"cpu linear: GGUF blocks must be a uint8 [N, row bytes] tensor, got {_describe(raw)}")
     ext = build.load()
     out = _arena.alloc(ext.packed_nbytes(raw.shape[0], k, code))
     ext.repack(raw.contiguous(), raw.shape[0], k, code, out)
     return out
+
+
+def quantize_q8_0(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] float (K a multiple of 32, finite) -> its GGUF Q8_0 blocks, uint8 [N, K / 32 * 34], from
+    gguf's own quantizer (llama.cpp's: per 32 k, d = max|w| / 127 stored as float16, q = round(w / d))."""
+    import gguf
+
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"cpu linear: weight must be a [N, K] tensor, got {_describe(weight)}")
+    n, k = weight.shape
+    if k % 32:
+        raise ValueError(f"cpu linear: Q8_0 blocks hold 32 input features, but the weight has {k}")
+    w = weight.detach().to("cpu", torch.float32)
+    if not torch.isfinite(w).all():
+        raise ValueError("cpu linear: Q8_0 quantization needs finite weights")
+    return torch.from_numpy(gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0))
 
 
 def _describe(x) -> str:
@@ -153,47 +174,50 @@ class PackedLinear:
     """A linear layer y = x @ weight^T (+ bias) with the weight packed once for the CPU kernel.
 
     weight: [N, K]; bias: [N] or None (kept in float32, added after the product); dtype: storage of the
-    weight (float32, float16 or bfloat16, or int8: quantize_int8's q and a float32 scale per output column,
-    applied to the finished sum); products are accumulated in float32. `from_parts` builds one from GGUF
-    blocks (and float parts), e.g. a fused q/k/v whose tensors have different types.
+    weight (float32, float16 or bfloat16); products are accumulated in float32. `from_parts` builds one from
+    GGUF blocks (and float parts), e.g. a fused q/k/v whose tensors have different types, multiplied 'exact'
+    or 'int8' (`compute`; for a float weight in int8, quantize_q8_0 it first).
     Calling it: x [..., K] float32 on the CPU -> y [..., N] float32. Row i of a call over M rows equals
     bit for bit the call over that row alone, for any M and thread count.
     A plain class, not an nn.Module: calls cost ~1 us of Python, and nothing can cast the packed bytes.
     """
 
-    __slots__ = ("bias", "in_features", "out_features", "parts", "weight_dtype")
+    __slots__ = ("bias", "compute", "in_features", "out_features", "parts", "weight_dtype")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float16):
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise ValueError(f"cpu linear: weight must be a [N, K] tensor, got {_describe(weight)}")
         self.out_features, self.in_features = weight.shape
-        self.weight_dtype = dtype
+        self.weight_dtype, self.compute = dtype, "exact"
         code = dtype_code(dtype)
-        scale = None  # [N] float32 for int8 weights
-        if dtype == torch.int8:
-            weight, scale = quantize_int8(weight)
-        # parts: (packed bytes, columns, format code, int8 scale or None), as the extension takes them
-        self.parts = [(pack_weight(weight, dtype), self.out_features, code, scale)]
+        # parts: (packed bytes, columns, format code), as the extension takes them
+        self.parts = [(pack_weight(weight, dtype), self.out_features, code)]
         self._set_bias(bias)
 
     @classmethod
-    def from_parts(cls, parts: list[tuple[str, torch.Tensor]], k: int, bias: torch.Tensor | None = None):
+    def from_parts(cls, parts: list[tuple[str, torch.Tensor]], k: int, bias: torch.Tensor | None = None,
+                   compute: str = "exact"):
         """A linear whose output columns are `parts` in order, each (format, data): a GGUF block format
         (GGUF_FORMATS) with data its raw blocks uint8 [n, row bytes] (see pack_gguf), or a float format
-        (FLOAT_FORMATS) with data a float tensor [n, k] stored in that format. k: input features."""
+        (FLOAT_FORMATS) with data a float tensor [n, k] stored in that format. k: input features.
+        compute: how the GGUF parts multiply, 'exact' (float32 on gguf's dequantized values) or 'int8'
+        (integer dot products on activation rows quantized to int8, see the module docstring); float parts
+        are float32 math either way."""
+        if compute not in COMPUTES:
+            raise ValueError(f"cpu linear: compute must be one of {', '.join(map(repr, COMPUTES))}, got {compute!r}")
         self = cls.__new__(cls)
-        self.in_features, self.out_features = k, 0
+        self.in_features, self.out_features, self.compute = k, 0, compute
         self.parts = []
         for fmt, data in parts:
             if fmt in GGUF_FORMATS:
-                packed = pack_gguf(data, fmt, k)
+                packed, code = pack_gguf(data, fmt, k, compute), gguf_code(fmt, compute)
             elif fmt in FLOAT_FORMATS:
                 if not isinstance(data, torch.Tensor) or tuple(data.shape[1:]) != (k,):
                     raise ValueError(f"cpu linear: a {fmt} part must be a [n, {k}] tensor, got {_describe(data)}")
-                packed = pack_weight(data, getattr(torch, fmt))
+                packed, code = pack_weight(data, getattr(torch, fmt)), format_code(fmt)
             else:
                 raise ValueError(f"cpu linear: part format must be one of {GGUF_FORMATS + FLOAT_FORMATS}, got {fmt!r}")
-            self.parts.append((packed, data.shape[0], format_code(fmt), None))
+            self.parts.append((packed, data.shape[0], code))
             self.out_features += data.shape[0]
         fmts = sorted({fmt for fmt, _ in parts})
         self.weight_dtype = fmts[0] if len(fmts) == 1 else "+".join(fmts)
@@ -218,17 +242,12 @@ class PackedLinear:
         return self.parts[0][2]
 
     @property
-    def scale(self) -> torch.Tensor | None:
-        return self.parts[0][3] if len(self.parts) == 1 else None
-
-    @property
     def weight_bytes(self) -> int:
-        """Bytes of weight one call reads (without the padding to 32 columns), int8 scales included."""
+        """Bytes of weight one call reads (without the padding to 32 columns)."""
         total = 0
-        for packed, n, _, scale in self.parts:
+        for packed, n, _ in self.parts:
             padded = -(-n // GROUP) * GROUP
             total += packed.numel() * packed.element_size() * n // max(padded, 1)
-            total += 0 if scale is None else scale.numel() * 4
         return total
 
     def spec(self) -> tuple[list, torch.Tensor | None]:
@@ -251,7 +270,7 @@ class PackedLinear:
     def __repr__(self) -> str:
         return (
             f"PackedLinear(in_features={self.in_features}, out_features={self.out_features}, "
-            f"dtype={self.weight_dtype}, bias={self.bias is not None})"
+            f"dtype={self.weight_dtype}, compute={self.compute}, bias={self.bias is not None})"
         )
 
 
@@ -260,13 +279,14 @@ class GGUFEmbedding(torch.nn.Module):
     float32 values gguf's dequantize gives. Its packed bytes can be shared with a tied lm_head
     (PackedLinear.from_parts on the same table: `as_linear`).
 
-    weight: the table's raw blocks uint8 [V, row bytes]; fmt: a GGUF_FORMATS name; dim: the embedding width."""
+    weight: the table's raw blocks uint8 [V, row bytes]; fmt: a GGUF_FORMATS name; dim: the embedding width;
+    compute: the layout, 'exact' or 'int8' (what a tied lm_head multiplies with; lookups are exact either way)."""
 
-    def __init__(self, raw: torch.Tensor, fmt: str, dim: int):
+    def __init__(self, raw: torch.Tensor, fmt: str, dim: int, compute: str = "exact"):
         super().__init__()
-        self.num_embeddings, self.embedding_dim, self.fmt = raw.shape[0], dim, fmt
-        self.code = format_code(fmt)
-        self.packed = pack_gguf(raw, fmt, dim)
+        self.num_embeddings, self.embedding_dim, self.fmt, self.compute = raw.shape[0], dim, fmt, compute
+        self.code = gguf_code(fmt, compute)
+        self.packed = pack_gguf(raw, fmt, dim, compute)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [...] int -> [..., dim] float32."""
@@ -279,16 +299,12 @@ class GGUFEmbedding(torch.nn.Module):
         lin = PackedLinear.__new__(PackedLinear)
         lin.in_features, lin.out_features, lin.weight_dtype, lin.bias = (self.embedding_dim, self.num_embeddings,
                                                                           self.fmt, None)
-        lin.parts = [(self.packed, self.num_embeddings, self.code, None)]
+        lin.compute, lin.parts = self.compute, [(self.packed, self.num_embeddings, self.code)]
         return lin
 
 
 def stored_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The weight [N, K] the kernel multiplies by, in float64: rounded to `dtype`, or for int8 the
-    dequantized scale[:, None] * q of quantize_int8."""
-    if dtype == torch.int8:
-        q, scale = quantize_int8(weight)
-        return q.double() * scale.double()[:, None]
+    """The weight [N, K] the kernel multiplies by, in float64: rounded to `dtype`."""
     return weight.detach().to(dtype).double()
 
 
@@ -304,3 +320,116 @@ def linear_ref(
     if bias is not None:
         y = y + bias.double()
     return y.float()
+
+
+# ---- compute="int8": the same arithmetic in numpy, bit for bit ------------------------------------------------
+
+def _fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """float32 fma(a, b, c) with one rounding, elementwise. a * b is exact in float64; the float64 sum s is
+    then rounded once more, which differs from one rounding only when s lands exactly on a float32 midpoint
+    with a nonzero error, so there s is nudged one float64 step toward the exact sum first."""
+    p = a.astype(np.float64) * b.astype(np.float64)
+    c64 = c.astype(np.float64)
+    s = p + c64
+    t = s - p
+    err = (p - (s - t)) + (c64 - t)  # exact: s + err == p + c (Knuth's two-sum)
+    mid = (s.view(np.uint64) & np.uint64((1 << 29) - 1)) == np.uint64(1 << 28)
+    s = np.where(mid & (err != 0), np.nextafter(s, np.where(err > 0, np.inf, -np.inf)), s)
+    return s.astype(np.float32)
+
+
+def quantize_rows_ref(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x [M, K] float32 (K a multiple of 32) -> (q [M, K] int8, d [M, K / 32] float32): per 32-k block,
+    d = max|x| / 127 and q = round-half-even(x * (1 / d)) (0 where d is 0), as the kernels quantize a row."""
+    m, k = x.shape
+    xb = np.asarray(x, np.float32).reshape(m, k // 32, 32)
+    d = (np.abs(xb).max(-1) / np.float32(127)).astype(np.float32)
+    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, np.float32(1)), np.float32(0)).astype(np.float32)
+    q = np.clip(np.rint(xb * inv[..., None]), -127, 127).astype(np.int8)
+    return q.reshape(m, k), d
+
+
+def gguf_unpack(raw: np.ndarray, fmt: str, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+    """GGUF blocks uint8 [N, row bytes] of a weight [N, k] -> (q [N, k] int32: the signed integer each weight
+    is a multiple of, s [N, k / sub] float32: its sub-block's scale, o [N, k / sub] float32 or None: the
+    sub-block's offset (Q4_1 / Q5_1: + m; Q4_K / Q5_K: - dmin * mn, given as dmin * mn), sub: k per sub-block),
+    so that gguf's dequantized weight is s * q (+ m, or - o) with gguf's roundings (tests check that)."""
+    import gguf
+
+    n = raw.shape[0]
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[fmt.upper()]]
+    b = np.ascontiguousarray(raw).reshape(n, k // block, size)
+
+    def f16(at):
+        return b[..., at : at + 2].copy().view(np.float16)[..., 0].astype(np.float32)
+
+    def nib32(qs):  # element s * 16 + i is nibble s of qs[i]
+        return np.concatenate([qs & 15, qs >> 4], -1).astype(np.int32)
+
+    def bits32(at):  # bit e of the u32 at `at`, for e = 0..31
+        u = b[..., at : at + 4].copy().view(np.uint32)
+        return ((u >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int32)
+
+    o = None
+    if fmt == "q8_0":
+        s, q = f16(0), b[..., 2:].view(np.int8).astype(np.int32)
+    elif fmt in ("q4_0", "q4_1"):
+        at = 2 if fmt == "q4_0" else 4
+        s, q = f16(0), nib32(b[..., at : at + 16]) - (8 if fmt == "q4_0" else 0)
+        o = f16(2) if fmt == "q4_1" else None
+    elif fmt in ("q5_0", "q5_1"):
+        at = 2 if fmt == "q5_0" else 4
+        q = nib32(b[..., at + 4 : at + 20]) | (bits32(at) << 4)
+        s, q = f16(0), q - (16 if fmt == "q5_0" else 0)
+        o = f16(2) if fmt == "q5_1" else None
+    elif fmt in ("q4_k", "q5_k"):
+        d, dmin, sc6 = f16(0), f16(2), b[..., 4:16].astype(np.int32)
+        sc = np.concatenate([sc6[..., 0:4] & 63, (sc6[..., 8:12] & 15) | ((sc6[..., 0:4] >> 2) & 48)], -1)
+        mn = np.concatenate([sc6[..., 4:8] & 63, (sc6[..., 8:12] >> 4) | ((sc6[..., 4:8] >> 2) & 48)], -1)
+        at = 16 if fmt == "q4_k" else 48
+        qs = b[..., at : at + 128].reshape(n, k // 256, 4, 32).astype(np.int32)
+        q = np.stack([qs & 15, qs >> 4], 3).reshape(n, k // 256, 256)  # element 64 j + 32 s + i
+        if fmt == "q5_k":
+            qh = b[..., 16:48].astype(np.int32)  # bit e // 32 of qh[e % 32]
+            q = q | (((qh[..., None, :] >> np.arange(8)[:, None]) & 1).reshape(n, k // 256, 256) << 4)
+        s = d[..., None] * sc.astype(np.float32)
+        o = dmin[..., None] * mn.astype(np.float32)
+    elif fmt == "q6_k":
+        ql, qh = b[..., 0:128].astype(np.int32), b[..., 128:192].astype(np.int32)
+        e = np.arange(256)
+        h, r = e // 128, e % 128
+        lo = (ql[..., h * 64 + r % 64] >> (4 * (r // 64))) & 15
+        hi = (qh[..., h * 32 + r % 32] >> (2 * (r // 32))) & 3
+        q = (lo | (hi << 4)) - 32
+        s = f16(208)[..., None] * b[..., 192:208].view(np.int8).astype(np.float32)
+    else:
+        raise ValueError(f"gguf_unpack: unknown format {fmt!r}")
+    sub = 16 if fmt == "q6_k" else 32
+    return q.reshape(n, k), s.reshape(n, k // sub).astype(np.float32), None if o is None else o.reshape(n, -1), sub
+
+
+def linear_int8_ref(x: np.ndarray, raw: np.ndarray, fmt: str, bias: np.ndarray | None = None) -> np.ndarray:
+    """compute="int8" in numpy: x [M, K] float32, raw the GGUF blocks uint8 [N, row bytes] of a weight [N, K] in
+    `fmt` -> y [M, N] float32, bit for bit what the kernels give (see csrc/int8_kernel.h): per sub-block of
+    `sub` k in order, acc = fma(s * dx, float(I), acc), then for formats with a min acc = fma(+-o, sx, acc),
+    where I is the exact integer dot product of the weight's and the row's quants, dx the row's 32-k block
+    scale and sx = dx * float(the block's sum of quants); the bias is added last."""
+    x = np.asarray(x, np.float32)
+    m, k = x.shape
+    xq, dx = quantize_rows_ref(x)
+    sx = (dx * xq.reshape(m, k // 32, 32).astype(np.int32).sum(-1).astype(np.float32)).astype(np.float32)
+    q, s, o, sub = gguf_unpack(raw, fmt, k)
+    n = q.shape[0]
+    ints = np.einsum("mjk,njk->mnj", xq.reshape(m, k // sub, sub).astype(np.int64),
+                     q.reshape(n, k // sub, sub).astype(np.int64))
+    acc = np.zeros((m, n), np.float32)
+    for j in range(k // sub):
+        b32 = j * sub // 32
+        t = (s[None, :, j] * dx[:, None, b32]).astype(np.float32)
+        acc = _fma32(t, ints[:, :, j].astype(np.float32), acc)
+        if o is not None:
+            sign = np.float32(1 if fmt in ("q4_1", "q5_1") else -1)
+            acc = _fma32(np.broadcast_to(sign * o[None, :, j], (m, n)), np.broadcast_to(sx[:, None, b32], (m, n)), acc)
+    if bias is not None:
+        acc = (acc + np.asarray(bias, np.float32)).astype(np.float32)
+    return acc

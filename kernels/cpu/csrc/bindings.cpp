@@ -18,7 +18,9 @@ using specedit_cpu::ISA_AVX512;
 static bool has_avx512() {
   static const bool yes = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
+    // the AVX-512 kernels use BW, VL and VNNI too (the int8 kernel); a CPU without them runs the AVX2 ones
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
   }();
   return yes;
 }
@@ -46,8 +48,8 @@ static int64_t resolve_isa(int64_t isa, const char* what) {
   return isa;
 }
 
-// One part of a packed weight from Python: (packed bytes, N, dtype code, scale [N] float32 or None).
-using PartSpec = std::tuple<at::Tensor, int64_t, int64_t, std::optional<at::Tensor>>;
+// One part of a packed weight from Python: (packed bytes, N, dtype code).
+using PartSpec = std::tuple<at::Tensor, int64_t, int64_t>;
 
 // Bytes of a packed part of N columns over K in a WeightDtype; ValueError when K does not fit its blocks.
 static int64_t packed_nbytes(int64_t N, int64_t K, int64_t dtype, const std::string& what) {
@@ -60,7 +62,7 @@ static int64_t packed_nbytes(int64_t N, int64_t K, int64_t dtype, const std::str
                       QK_OF[dtype], " of dtype code ", dtype);
     return groups * (K / QK_OF[dtype]) * PACKED_BYTES_OF[dtype];
   }
-  return groups * 32 * K * (dtype == W_F32 ? 4 : dtype == W_I8 ? 1 : 2);
+  return groups * 32 * K * (dtype == W_F32 ? 4 : 2);
 }
 
 // A packed weight: its parts (pack_weight()'s integer views or repack()'s bytes; their N add up to the
@@ -80,14 +82,12 @@ static specedit_cpu::Packed to_packed(const std::vector<PartSpec>& parts, int64_
                       t->scalar_type(), " ", t->sizes());
     return t->data_ptr<float>();
   };
-  for (const auto& [packed, N, dtype, scale] : parts) {
+  for (const auto& [packed, N, dtype] : parts) {
     const int64_t bytes = packed_nbytes(N, K, dtype, what);
     TORCH_CHECK_VALUE(packed.device().is_cpu() && packed.is_contiguous() && (int64_t)packed.nbytes() == bytes,
                       what, ": packed weight must be a contiguous CPU tensor of ", bytes, " bytes for N=", N,
                       " K=", K, " dtype code ", dtype, ", got ", packed.nbytes(), " bytes on ", packed.device());
-    const float* sc = vec(scale, N, "scale");
-    TORCH_CHECK_VALUE((dtype == W_I8) == (sc != nullptr), what, ": int8 weights (and only they) need a scale");
-    w.part[w.nparts++] = {packed.data_ptr(), N, (int)dtype, sc};
+    w.part[w.nparts++] = {packed.data_ptr(), N, (int)dtype};
     w.N += N;
   }
   w.bias = vec(bias, w.N, "bias");
@@ -225,7 +225,6 @@ class Stack {
       for (const auto& [parts, bias] : lin) {
         for (const auto& p : parts) {
           keep_.push_back(std::get<0>(p));
-          if (std::get<3>(p).has_value() && std::get<3>(p)->defined()) keep_.push_back(*std::get<3>(p));
         }
         if (bias.has_value() && bias->defined()) keep_.push_back(*bias);
       }
@@ -325,11 +324,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   dtypes["float32"] = (int)specedit_cpu::W_F32;
   dtypes["float16"] = (int)specedit_cpu::W_F16;
   dtypes["bfloat16"] = (int)specedit_cpu::W_BF16;
-  dtypes["int8"] = (int)specedit_cpu::W_I8;
   for (auto [name, code] : {std::pair<const char*, int>{"q8_0", specedit_cpu::W_Q8_0}, {"q4_0", specedit_cpu::W_Q4_0},
                             {"q4_1", specedit_cpu::W_Q4_1}, {"q5_0", specedit_cpu::W_Q5_0}, {"q5_1", specedit_cpu::W_Q5_1},
                             {"q4_k", specedit_cpu::W_Q4_K}, {"q5_k", specedit_cpu::W_Q5_K}, {"q6_k", specedit_cpu::W_Q6_K}})
-    dtypes[name] = code;
+  {
+    dtypes[name] = code;  // compute="exact"
+    dtypes[(std::string("int8:") + name).c_str()] = code + specedit_cpu::I8_SHIFT;  // compute="int8"
+  }
   isas["auto"] = (int)ISA_AUTO;
   isas["avx2"] = (int)ISA_AVX2;
   isas["avx512"] = (int)ISA_AVX512;

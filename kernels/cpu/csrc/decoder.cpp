@@ -24,12 +24,10 @@
 
 namespace specedit_cpu {
 namespace avx2 {
-void linear_cols(const float*, int64_t, int64_t, const void*, int, const float*, int64_t, float*, int64_t, int64_t,
-                 int64_t);
+void linear_cols(const float*, const QRows*, int64_t, int64_t, const void*, int, float*, int64_t, int64_t, int64_t);
 }
 namespace avx512 {
-void linear_cols(const float*, int64_t, int64_t, const void*, int, const float*, int64_t, float*, int64_t, int64_t,
-                 int64_t);
+void linear_cols(const float*, const QRows*, int64_t, int64_t, const void*, int, float*, int64_t, int64_t, int64_t);
 }
 
 void linear_run(const float* x, int64_t M, const Packed& w, float* y, int64_t isa) {
@@ -43,13 +41,30 @@ void linear_run(const float* x, int64_t M, const Packed& w, float* y, int64_t is
     first[p + 1] = first[p] + (w.part[p].N + 31) / 32;
     col[p + 1] = col[p] + w.part[p].N;
   }
+  // compute="int8" parts read x quantized once per call, row by row (quant.h); float parts read x itself
+  QRows xq{};
+  thread_local std::vector<int64_t> qbuf;  // 8-byte units
+  bool int8 = false;
+  for (int p = 0; p < w.nparts; ++p) int8 |= w.part[p].dtype >= W_I8_Q8_0;
+  if (int8) {
+    const int64_t nb = K / 32, per_row = K + 4 * (3 * nb + 2 * nb);  // bytes: q, then d, sx, s32, s16
+    qbuf.resize((M * per_row + 7) / 8 + 1);
+    char* base = (char*)qbuf.data();
+    xq.K = K;
+    xq.d = (float*)base;
+    xq.sx = xq.d + M * nb;
+    xq.s32 = (int32_t*)(xq.sx + M * nb);
+    xq.s16 = xq.s32 + M * nb;
+    xq.q = (int8_t*)(xq.s16 + M * 2 * nb);
+    parallel_for(0, M, std::max<int64_t>(1, 65536 / K), [&](int64_t r0, int64_t r1) { quantize_rows(x, K, xq, r0, r1); });
+  }
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, 32 * K));
   parallel_for(0, first[w.nparts], grain, [&](int64_t g0, int64_t g1) {
     for (int p = 0; p < w.nparts; ++p) {
       const int64_t a = std::max(g0, first[p]) - first[p], b = std::min(g1, first[p + 1]) - first[p];
       const Part& part = w.part[p];
       if (a < b)
-        fn(x, M, K, part.data, part.dtype, part.scale, part.N, y + col[p], N, a * 32, std::min(b * 32, part.N));
+        fn(x, &xq, M, K, part.data, part.dtype, y + col[p], N, a * 32, std::min(b * 32, part.N));
     }
   });
   if (w.bias)

@@ -4,17 +4,16 @@
 #include <stdint.h>
 
 #include "attention.h"
+#include "quant.h"
 
 namespace specedit_cpu {
 
-// One part of a packed weight: N output columns in one WeightDtype (codes.h). Float and int8 formats are
-// pack_weight's [ceil(N/32)][K][32] (W_I8 with scale [N]: W = scale[n] * q[n, k]); GGUF block formats are
-// repack()'s layout (quant.h).
+// One part of a packed weight: N output columns in one WeightDtype (codes.h). Float formats are
+// pack_weight's [ceil(N/32)][K][32]; GGUF block formats are repack()'s layouts (quant.h).
 struct Part {
   const void* data;
   int64_t N;
   int dtype;
-  const float* scale;
 };
 
 // A linear layer: its output columns are its parts' columns in order (a fused q/k/v or gate/up whose GGUF
@@ -64,6 +63,8 @@ void attention_run(AttnProblem P, int64_t isa);  // attention.cpp
 // the values the kernel multiplies by.
 void repack(const uint8_t* raw, int64_t N, int64_t K, int dtype, uint8_t* out, int64_t g0, int64_t g1);
 void dequant_cols(const uint8_t* w, int64_t K, int dtype, const int64_t* cols, int64_t n, float* out);
+// quant.cpp: rows [r0, r1) of x [M, K] quantized for compute="int8" into o's buffers (quant.h, QRows).
+void quantize_rows(const float* x, int64_t K, const QRows& o, int64_t r0, int64_t r1);
 
 // Runs x [M, dim] through every layer in place: sequence b owns counts[b] consecutive rows (ragged: a
 // sequence may send one row while another sends a whole draft; M = sum of counts). cache: [L, 2, B, Hkv, S, D]

@@ -16,6 +16,10 @@
 // weight vector loaded (and converted from f16/bf16) feeds R FMAs. All M rows of a group are done before
 // the next group, so weights stream from DRAM once per call and re-reads hit L1/L2. The stream is
 // software-prefetched 16 KB ahead, so memory and FMAs overlap even when M makes their times equal.
+//
+// GGUF block weights: quant_kernel.h (compute="exact", dequantized in registers into the same FMA chain) and
+// int8_kernel.h (compute="int8", integer dot products), both included at the end, over the Isa struct below
+// (the one place for per-ISA intrinsics).
 #include <immintrin.h>
 #include <stdint.h>
 
@@ -28,7 +32,6 @@ namespace {
 
 struct f16_t { uint16_t bits; };
 struct bf16_t { uint16_t bits; };
-struct i8_t { int8_t bits; };  // int8 weights: exact in fp32; the column's scale multiplies the finished sum
 
 #if defined(SPECEDIT_AVX512)
 struct Isa {
@@ -46,7 +49,6 @@ struct Isa {
   static inline V load(const bf16_t* p) {  // bf16 is the top half of an fp32: widen and shift, exact
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
   }
-  static inline V load(const i8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
   static inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static inline V add(V a, V b) { return _mm512_add_ps(a, b); }
   static inline V sub(V a, V b) { return _mm512_sub_ps(a, b); }
@@ -67,6 +69,26 @@ struct Isa {
   static inline VI slli4(VI a) { return _mm512_slli_epi32(a, 4); }
   static inline VI srlv(VI a, VI n) { return _mm512_srlv_epi32(a, n); }
   static inline V cvt(VI a) { return _mm512_cvtepi32_ps(a); }
+  // int8 dot products (int8_kernel.h; AVX-512 BW + VNNI): a VI holds 64 bytes, 16 columns x 4 k
+  static constexpr int IRMAX = 6;    // rows per int8 tile: 6 x (2 float + 2 int32 accumulators) + weights
+  static constexpr int Q8_OFF = 128;  // Q8_0 quants enter vpdpbusd as q + 128 (unsigned); 128 * sum(x) is taken back
+  static inline VI loadb(const uint8_t* p) { return _mm512_loadu_si512(p); }
+  static inline VI lo4(VI b) { return _mm512_and_si512(b, _mm512_set1_epi8(15)); }
+  static inline VI hi4(VI b) { return _mm512_and_si512(_mm512_srli_epi16(b, 4), _mm512_set1_epi8(15)); }
+  static inline VI addbits(VI q, const uint8_t* bits, int v) {  // + v in the bytes whose bit is set
+    uint64_t k;
+    __builtin_memcpy(&k, bits, 8);
+    return _mm512_mask_add_epi8(q, k, q, _mm512_set1_epi8((char)v));
+  }
+  static inline VI q8(const uint8_t* p) { return _mm512_xor_si512(loadb(p), _mm512_set1_epi8((char)0x80)); }
+  static inline VI bcast4(const int8_t* p) {
+    int32_t v;
+    __builtin_memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+  }
+  static inline VI dot4(VI acc, VI w, VI x) { return _mm512_dpbusd_epi32(acc, w, x); }  // + sum of 4 u8 * s8
+  static inline VI dot4_q8(VI acc, VI w, VI x) { return dot4(acc, w, x); }
+  static inline V fnma(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b, one rounding
 };
 #else
 struct Isa {
@@ -86,7 +108,6 @@ struct Isa {
   static inline V load(const bf16_t* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
   }
-  static inline V load(const i8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))); }
   static inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static inline V add(V a, V b) { return _mm256_add_ps(a, b); }
   static inline V sub(V a, V b) { return _mm256_sub_ps(a, b); }
@@ -106,6 +127,34 @@ struct Isa {
   static inline VI slli4(VI a) { return _mm256_slli_epi32(a, 4); }
   static inline VI srlv(VI a, VI n) { return _mm256_srlv_epi32(a, n); }
   static inline V cvt(VI a) { return _mm256_cvtepi32_ps(a); }
+  // int8 dot products (int8_kernel.h): a VI holds 32 bytes, 8 columns x 4 k
+  static constexpr int IRMAX = 2;   // rows per int8 tile: 2 x (2 float + 2 int32 accumulators) + weights
+  static constexpr int Q8_OFF = 0;  // Q8_0 quants stay signed (dot4_q8)
+  static inline VI loadb(const uint8_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+  static inline VI lo4(VI b) { return _mm256_and_si256(b, _mm256_set1_epi8(15)); }
+  static inline VI hi4(VI b) { return _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi8(15)); }
+  static inline VI addbits(VI q, const uint8_t* bits, int v) {  // + v in the bytes whose bit is set
+    uint32_t k;
+    __builtin_memcpy(&k, bits, 4);
+    // byte i takes bit i: each byte gets its bit's source byte, then all of its other bits set
+    const VI shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+    VI b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)k), shuf);
+    b = _mm256_cmpeq_epi8(_mm256_or_si256(b, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)), _mm256_set1_epi64x(-1));
+    return _mm256_or_si256(q, _mm256_and_si256(b, _mm256_set1_epi8((char)v)));
+  }
+  static inline VI q8(const uint8_t* p) { return loadb(p); }
+  static inline VI bcast4(const int8_t* p) {
+    int32_t v;
+    __builtin_memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+  }
+  // + sum of 4 u8 * s8 (pair sums of at most 63 * 127 * 2: no int16 saturation)
+  static inline VI dot4(VI acc, VI w, VI x) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+  }
+  // + sum of 4 s8 * s8: |w| * (x with w's sign), pair sums at most 128 * 127 * 2
+  static inline VI dot4_q8(VI acc, VI w, VI x) { return dot4(acc, _mm256_abs_epi8(w), _mm256_sign_epi8(x, w)); }
+  static inline V fnma(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
 };
 #endif
 
@@ -117,11 +166,9 @@ constexpr int PREFETCH = 16384;
 
 // R rows x 16*C columns. x: R rows at stride K. w: first column of the tile inside a packed group
 // ([K][32]). y: R rows at stride ldy; only the first ncols of the tile's columns are written.
-// scale: null, or the tile's 16*C column scales (int8 weights), applied to each finished sum.
 template <class T, int R, int C>
-inline void tile(const float* x, int64_t K, const T* w, float* y, int64_t ldy, int ncols, const float* scale) {
-  // cache lines of weights per k (int8: half a line; prefetching a line twice costs little)
-  constexpr int LINES = (int)sizeof(T) * GROUP >= 64 ? (int)sizeof(T) * GROUP / 64 : 1;
+inline void tile(const float* x, int64_t K, const T* w, float* y, int64_t ldy, int ncols) {
+  constexpr int LINES = (int)sizeof(T) * GROUP / 64;  // cache lines of weights per k
   // Every index into acc must be a compile-time constant after unrolling, or GCC keeps acc in memory.
   Isa::V acc[R][C][NV];
 #pragma GCC unroll 24
@@ -149,18 +196,6 @@ inline void tile(const float* x, int64_t K, const T* w, float* y, int64_t ldy, i
         for (int v = 0; v < NV; ++v) acc[r][c][v] = Isa::fma(xb, wv[c][v], acc[r][c][v]);
     }
   }
-  if (scale) {
-    float sc[C * 16] = {0};  // the partial last group has fewer scales than lanes
-    for (int j = 0; j < ncols; ++j) sc[j] = scale[j];
-#pragma GCC unroll 8
-    for (int c = 0; c < C; ++c)
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) {
-        const Isa::V sv = Isa::load(sc + c * 16 + v * Isa::W);
-#pragma GCC unroll 24
-        for (int r = 0; r < R; ++r) acc[r][c][v] = Isa::mul(acc[r][c][v], sv);
-      }
-  }
   if (ncols == C * 16) {
 #pragma GCC unroll 24
     for (int r = 0; r < R; ++r)
@@ -183,20 +218,18 @@ inline void tile(const float* x, int64_t K, const T* w, float* y, int64_t ldy, i
 
 // Compile-time dispatch of a runtime row count 1..R to tile<T, r, C>.
 template <class T, int R, int C>
-inline void tile_rows(int r, const float* x, int64_t K, const T* w, float* y, int64_t ldy, int ncols,
-                      const float* scale) {
+inline void tile_rows(int r, const float* x, int64_t K, const T* w, float* y, int64_t ldy, int ncols) {
   if (r == R) {
-    tile<T, R, C>(x, K, w, y, ldy, ncols, scale);
+    tile<T, R, C>(x, K, w, y, ldy, ncols);
   } else if constexpr (R > 1) {
-    tile_rows<T, R - 1, C>(r, x, K, w, y, ldy, ncols, scale);
+    tile_rows<T, R - 1, C>(r, x, K, w, y, ldy, ncols);
   }
 }
 
 // Columns [col0, col1) (col0 a multiple of 32, col1 too unless it is N), all M rows, in tiles of at
 // most RMAX rows x 16*C columns.
 template <class T, int RMAX, int C>
-void run_tiles(const float* x, int64_t M, int64_t K, const T* w, const float* scale, int64_t N, float* y,
-               int64_t col0, int64_t col1) {
+void run_tiles(const float* x, int64_t M, int64_t K, const T* w, int64_t N, float* y, int64_t col0, int64_t col1) {
   constexpr int STEP = C * 16;
   // The first PREFETCH bytes of this thread's stream: the k loop prefetches only from there on.
   for (int64_t b = 0; b < PREFETCH; b += 64) _mm_prefetch((const char*)(w + col0 * K) + b, _MM_HINT_T0);
@@ -206,35 +239,42 @@ void run_tiles(const float* x, int64_t M, int64_t K, const T* w, const float* sc
       const int ncols = (int)(col1 - n0 - off < STEP ? col1 - n0 - off : STEP);
       for (int64_t m0 = 0; m0 < M; m0 += RMAX) {
         const int r = (int)(M - m0 < RMAX ? M - m0 : RMAX);
-        tile_rows<T, RMAX, C>(r, x + m0 * K, K, wg + off, y + m0 * N + n0 + off, N, ncols,
-                              scale ? scale + n0 + off : nullptr);
+        tile_rows<T, RMAX, C>(r, x + m0 * K, K, wg + off, y + m0 * N + n0 + off, N, ncols);
       }
     }
   }
 }
 
 template <class T>
-void run(const float* x, int64_t M, int64_t K, const T* w, const float* scale, int64_t N, float* y, int64_t col0,
-         int64_t col1) {
+void run(const float* x, int64_t M, int64_t K, const T* w, int64_t N, float* y, int64_t col0, int64_t col1) {
   if constexpr (Isa::SMALL_M > 0) {
-    if (M <= Isa::SMALL_M) return run_tiles<T, Isa::SMALL_M, 2>(x, M, K, w, scale, N, y, col0, col1);
+    if (M <= Isa::SMALL_M) return run_tiles<T, Isa::SMALL_M, 2>(x, M, K, w, N, y, col0, col1);
   }
-  run_tiles<T, Isa::RMAX, Isa::C>(x, M, K, w, scale, N, y, col0, col1);
+  run_tiles<T, Isa::RMAX, Isa::C>(x, M, K, w, N, y, col0, col1);
 }
 
 #include "quant_kernel.h"
+#include "int8_kernel.h"
 
 }  // namespace
 
-// Entry point: dtype is a WeightDtype (codes.h); W_I8 weights carry a per-column scale [N]. y has row
-// stride ldy (>= N: a weight may fill a slice of y's columns).
-void linear_cols(const float* x, int64_t M, int64_t K, const void* w, int dtype, const float* scale, int64_t N,
-                 float* y, int64_t ldy, int64_t col0, int64_t col1) {
+// Entry point: dtype is a WeightDtype (codes.h); the int8 layouts (W_I8_Q8_0 ..) read xq, x quantized
+// (quant.h), instead of x. y has row stride ldy (>= N: a weight may fill a slice of y's columns).
+void linear_cols(const float* x, const QRows* xq, int64_t M, int64_t K, const void* w, int dtype, float* y,
+                 int64_t ldy, int64_t col0, int64_t col1) {
+  const uint8_t* wq = (const uint8_t*)w;
   switch (dtype) {
-    case W_F32: return run(x, M, K, (const float*)w, nullptr, ldy, y, col0, col1);
-    case W_F16: return run(x, M, K, (const f16_t*)w, nullptr, ldy, y, col0, col1);
-    case W_BF16: return run(x, M, K, (const bf16_t*)w, nullptr, ldy, y, col0, col1);
-    case W_I8: return run(x, M, K, (const i8_t*)w, scale, ldy, y, col0, col1);
+    case W_I8_Q8_0: return run_i8<W_Q8_0>(*xq, M, wq, ldy, y, col0, col1);
+    case W_I8_Q4_0: return run_i8<W_Q4_0>(*xq, M, wq, ldy, y, col0, col1);
+    case W_I8_Q4_1: return run_i8<W_Q4_1>(*xq, M, wq, ldy, y, col0, col1);
+    case W_I8_Q5_0: return run_i8<W_Q5_0>(*xq, M, wq, ldy, y, col0, col1);
+    case W_I8_Q5_1: return run_i8<W_Q5_1>(*xq, M, wq, ldy, y, col0, col1);
+    case W_I8_Q4_K: return run_i8<W_Q4_K>(*xq, M, wq, ldy, y, col0, col1);
+    case W_I8_Q5_K: return run_i8<W_Q5_K>(*xq, M, wq, ldy, y, col0, col1);
+    case W_I8_Q6_K: return run_i8<W_Q6_K>(*xq, M, wq, ldy, y, col0, col1);
+    case W_F32: return run(x, M, K, (const float*)w, ldy, y, col0, col1);
+    case W_F16: return run(x, M, K, (const f16_t*)w, ldy, y, col0, col1);
+    case W_BF16: return run(x, M, K, (const bf16_t*)w, ldy, y, col0, col1);
     case W_Q8_0: return run_q<W_Q8_0>(x, M, K, (const uint8_t*)w, ldy, y, col0, col1);
     case W_Q4_0: return run_q<W_Q4_0>(x, M, K, (const uint8_t*)w, ldy, y, col0, col1);
     case W_Q4_1: return run_q<W_Q4_1>(x, M, K, (const uint8_t*)w, ldy, y, col0, col1);
@@ -244,7 +284,6 @@ void linear_cols(const float* x, int64_t M, int64_t K, const void* w, int dtype,
     case W_Q5_K: return run_q<W_Q5_K>(x, M, K, (const uint8_t*)w, ldy, y, col0, col1);
     case W_Q6_K: return run_q<W_Q6_K>(x, M, K, (const uint8_t*)w, ldy, y, col0, col1);
   }
-  (void)N;
 }
 
 }  // namespace SPECEDIT_ISA_NS

@@ -2,6 +2,8 @@
 // tests). Scalar code: it runs once per weight at load, or on a few rows per step.
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 
@@ -83,11 +85,36 @@ void unpack(const uint8_t* b, QBlock& o) {
   }
 }
 
-// Writes the 32 columns' blocks o[0..32) as one super-block `out` (quant.h).
-template <int DT>
+// Byte offset, inside a super-block's records, of the quant of column c at k (0 <= k < QK), and the bit at
+// which its nibble starts; I8: the int8 layout (quant.h), else the exact one.
+template <int DT, bool I8>
+inline int64_t qbyte(int k, int c, int& shift) {
+  using F = QFmt<DT>;
+  shift = F::Q8 ? 0 : 4 * (c / 16);
+  if (!I8) return (int64_t)k * F::REC + (F::Q8 ? c : c % 16);
+  return (int64_t)(k / 4) * 4 * F::REC + (F::Q8 ? 64 * (c / 16) : 0) + 4 * (c % 16) + k % 4;
+}
+
+// Byte offset (from the record's start) of high-bit plane h's bit for column c at k, and the bit's index there.
+template <int DT, bool I8>
+inline int64_t hibyte(int k, int c, int h, int& bit) {
+  using F = QFmt<DT>;
+  if (!I8) {  // bit HI * c + h of the u32 / u64 after the nibbles
+    const int at = F::HI * c + h;
+    bit = at % 8;
+    return (int64_t)k * F::REC + 16 + at / 8;
+  }
+  const int at = 4 * (c % 16) + k % 4;
+  bit = at % 8;
+  return (int64_t)(k / 4) * 4 * F::REC + 64 + 8 * (2 * h + c / 16) + at / 8;
+}
+
+// Writes the 32 columns' blocks o[0..32) as one super-block `out` (quant.h), in the exact (I8 false) or the
+// int8 layout.
+template <int DT, bool I8>
 void put(const QBlock* o, uint8_t* out) {
   using F = QFmt<DT>;
-  std::memset(out, 0, F::HDR);
+  std::memset(out, 0, F::BYTES);
   for (int c = 0; c < 32; ++c) {
     std::memcpy(out + 2 * c, &o[c].d, 2);
     if (F::HAS_MIN) std::memcpy(out + 64 + 2 * c, &o[c].m, 2);
@@ -100,26 +127,17 @@ void put(const QBlock* o, uint8_t* out) {
     for (int j = 0; j < 16; ++j)
       for (int c = 0; c < 32; ++c) sc[32 * j + c] = o[c].sc[j];
   }
-  for (int k = 0; k < F::QK; ++k) {
-    uint8_t* rec = out + F::HDR + k * F::REC;
-    if (F::Q8) {
-      for (int c = 0; c < 32; ++c) rec[c] = o[c].q[k];
-      continue;
+  uint8_t* rec = out + F::HDR;
+  for (int k = 0; k < F::QK; ++k)
+    for (int c = 0; c < 32; ++c) {
+      int shift, bit;
+      const int q = o[c].q[k];
+      rec[qbyte<DT, I8>(k, c, shift)] |= (uint8_t)((F::Q8 ? q : q & 15) << shift);
+      for (int h = 0; h < F::HI; ++h) rec[hibyte<DT, I8>(k, c, h, bit)] |= (uint8_t)(((q >> (4 + h)) & 1) << bit);
     }
-    for (int j = 0; j < 16; ++j) rec[j] = (uint8_t)((o[j].q[k] & 15) | ((o[j + 16].q[k] & 15) << 4));
-    if (F::HI == 1) {
-      uint32_t hb = 0;
-      for (int c = 0; c < 32; ++c) hb |= (uint32_t)((o[c].q[k] >> 4) & 1) << c;
-      std::memcpy(rec + 16, &hb, 4);
-    } else if (F::HI == 2) {
-      uint64_t hb = 0;
-      for (int c = 0; c < 32; ++c) hb |= (uint64_t)((o[c].q[k] >> 4) & 3) << (2 * c);
-      std::memcpy(rec + 16, &hb, 8);
-    }
-  }
 }
 
-template <int DT>
+template <int DT, bool I8>
 void repack_groups(const uint8_t* raw, int64_t N, int64_t K, uint8_t* out, int64_t g0, int64_t g1) {
   using F = QFmt<DT>;
   const int64_t nsb = K / F::QK, row_bytes = nsb * F::GGUF_BYTES;
@@ -130,15 +148,15 @@ void repack_groups(const uint8_t* raw, int64_t N, int64_t K, uint8_t* out, int64
         if (g * 32 + c < N) unpack<DT>(raw + (g * 32 + c) * row_bytes + sb * F::GGUF_BYTES, o[c]);
         else o[c] = QBlock();  // padding columns: zero bytes, w = 0
       }
-      put<DT>(o, out + (g * nsb + sb) * F::BYTES);
+      put<DT, I8>(o, out + (g * nsb + sb) * F::BYTES);
     }
   }
 }
 
 inline float f16(const uint8_t* p) { return _cvtsh_ss(u16(p)); }
 
-// Column n of a repacked weight -> out[K] float32, the way the kernel (and gguf) dequantizes it.
-template <int DT>
+// Column n of a repacked weight (exact or int8 layout) -> out[K] float32, the way gguf dequantizes it.
+template <int DT, bool I8>
 void dequant_col(const uint8_t* w, int64_t K, int64_t n, float* out) {
   using F = QFmt<DT>;
   const int64_t nsb = K / F::QK;
@@ -149,15 +167,11 @@ void dequant_col(const uint8_t* w, int64_t K, int64_t n, float* out) {
     const float d = f16(blk + 2 * c), m = F::HAS_MIN ? f16(blk + 64 + 2 * c) : 0.0f;
     const uint8_t* sc = blk + 64 + 64 * F::HAS_MIN;
     for (int k = 0; k < F::QK; ++k) {
-      const uint8_t* rec = blk + F::HDR + k * F::REC;
-      int q;
-      if (F::Q8) {
-        q = (int8_t)rec[c];
-      } else {
-        q = (rec[c % 16] >> (4 * (c / 16))) & 15;
-        if (F::HI == 1) q |= ((rec[16 + c / 8] >> (c % 8)) & 1) << 4;
-        if (F::HI == 2) q |= ((rec[16 + c / 4] >> (2 * (c % 4))) & 3) << 4;
-      }
+      const uint8_t* rec = blk + F::HDR;
+      int shift, bit;
+      const uint8_t b = rec[qbyte<DT, I8>(k, c, shift)];
+      int q = F::Q8 ? (int)(int8_t)b : (b >> shift) & 15;
+      for (int h = 0; h < F::HI; ++h) q |= ((rec[hibyte<DT, I8>(k, c, h, bit)] >> bit) & 1) << (4 + h);
       const float qf = (float)(q - F::OFF);
       const int j = k / F::SUB;
       float v;
@@ -176,30 +190,70 @@ void dequant_col(const uint8_t* w, int64_t K, int64_t n, float* out) {
   }
 }
 
+// fn(integral_constant<DT>, integral_constant<I8>) for a GGUF block dtype code of either layout.
 template <class Fn>
 void dispatch(int dtype, Fn&& fn) {
-  switch (dtype) {
-    case W_Q8_0: return fn(std::integral_constant<int, W_Q8_0>());
-    case W_Q4_0: return fn(std::integral_constant<int, W_Q4_0>());
-    case W_Q4_1: return fn(std::integral_constant<int, W_Q4_1>());
-    case W_Q5_0: return fn(std::integral_constant<int, W_Q5_0>());
-    case W_Q5_1: return fn(std::integral_constant<int, W_Q5_1>());
-    case W_Q4_K: return fn(std::integral_constant<int, W_Q4_K>());
-    case W_Q5_K: return fn(std::integral_constant<int, W_Q5_K>());
-    case W_Q6_K: return fn(std::integral_constant<int, W_Q6_K>());
+  using std::integral_constant;
+  const bool i8 = dtype >= W_I8_Q8_0;
+  auto go = [&](auto dt) {
+    if (i8) fn(dt, integral_constant<bool, true>());
+    else fn(dt, integral_constant<bool, false>());
+  };
+  switch (i8 ? dtype - I8_SHIFT : dtype) {
+    case W_Q8_0: return go(integral_constant<int, W_Q8_0>());
+    case W_Q4_0: return go(integral_constant<int, W_Q4_0>());
+    case W_Q4_1: return go(integral_constant<int, W_Q4_1>());
+    case W_Q5_0: return go(integral_constant<int, W_Q5_0>());
+    case W_Q5_1: return go(integral_constant<int, W_Q5_1>());
+    case W_Q4_K: return go(integral_constant<int, W_Q4_K>());
+    case W_Q5_K: return go(integral_constant<int, W_Q5_K>());
+    case W_Q6_K: return go(integral_constant<int, W_Q6_K>());
   }
 }
 
 }  // namespace
 
 void repack(const uint8_t* raw, int64_t N, int64_t K, int dtype, uint8_t* out, int64_t g0, int64_t g1) {
-  dispatch(dtype, [&](auto dt) { repack_groups<decltype(dt)::value>(raw, N, K, out, g0, g1); });
+  dispatch(dtype, [&](auto dt, auto i8) {
+    repack_groups<decltype(dt)::value, decltype(i8)::value>(raw, N, K, out, g0, g1);
+  });
 }
 
 void dequant_cols(const uint8_t* w, int64_t K, int dtype, const int64_t* cols, int64_t n, float* out) {
-  dispatch(dtype, [&](auto dt) {
-    for (int64_t i = 0; i < n; ++i) dequant_col<decltype(dt)::value>(w, K, cols[i], out + i * K);
+  dispatch(dtype, [&](auto dt, auto i8) {
+    for (int64_t i = 0; i < n; ++i) dequant_col<decltype(dt)::value, decltype(i8)::value>(w, K, cols[i], out + i * K);
   });
+}
+
+// Rows [r0, r1) of x [M, K] (K a multiple of 32) quantized as quant.h's QRows says, into the buffers of `o`
+// (row r at the offsets QRows describes). Scalar, in one fixed order, compiled once for every ISA.
+void quantize_rows(const float* x, int64_t K, const QRows& o, int64_t r0, int64_t r1) {
+  int8_t* q = const_cast<int8_t*>(o.q);
+  float* d = const_cast<float*>(o.d);
+  float* sx = const_cast<float*>(o.sx);
+  int32_t* s32 = const_cast<int32_t*>(o.s32);
+  int32_t* s16 = const_cast<int32_t*>(o.s16);
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t b = 0; b < K / 32; ++b) {
+      const float* xb = x + r * K + 32 * b;
+      float amax = 0.0f;
+      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
+      const float db = amax / 127.0f;
+      const float inv = db != 0.0f ? 1.0f / db : 0.0f;
+      int32_t sum[2] = {0, 0};
+      for (int i = 0; i < 32; ++i) {
+        const float v = std::nearbyint(xb[i] * inv);  // round half to even (the default rounding mode)
+        const int qi = (int)std::min(127.0f, std::max(-127.0f, v));
+        q[r * K + 32 * b + i] = (int8_t)qi;
+        sum[i / 16] += qi;
+      }
+      const int64_t at = r * (K / 32) + b;
+      d[at] = db;
+      s32[at] = sum[0] + sum[1];
+      sx[at] = db * (float)s32[at];
+      s16[2 * at] = sum[0], s16[2 * at + 1] = sum[1];
+    }
+  }
 }
 
 }  // namespace specedit_cpu

@@ -213,7 +213,7 @@ void run_q(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t ldy, 
     float* buf = (float*)_mm_malloc(K * GROUP * sizeof(float), 64);
     for (; n0 < col1; n0 += GROUP) {
       qdequant_group<DT>(w + n0 / GROUP * gbytes, K, buf);
-      run(x, M, K, buf, nullptr, ldy, y + n0, 0, col1 - n0 < GROUP ? col1 - n0 : GROUP);
+      run(x, M, K, buf, ldy, y + n0, 0, col1 - n0 < GROUP ? col1 - n0 : GROUP);
     }
     _mm_free(buf);
     return;
