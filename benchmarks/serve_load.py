@@ -13,6 +13,11 @@ every answer equals its alone answer. Writes benchmarks/out/serve_load_long_prom
 
     python benchmarks/serve_load.py [--dtype auto] [--requests 8] [--levels 1,2,4,8] [--model smollm2-135m-instruct]
     python benchmarks/serve_load.py --scenario long-prompt [--long-tokens 6000] [--shorts 6] [--long-alone]
+    python benchmarks/serve_load.py --replicas 1,2 [--cpus-per-replica 1] [--levels 1,4,8]
+
+`--replicas 1,2` runs the load scenario against Ray Serve (specedit.ray_serve) instead: a deployment of 1
+replica, then one of 2, each replica one engine on `--cpus-per-replica` CPUs. Writes
+benchmarks/out/serve_load_replicas.csv.
 """
 
 from __future__ import annotations
@@ -159,7 +164,12 @@ def main():
     ap.add_argument("--shorts", type=int, default=6, help="long-prompt: short requests sent beside it")
     ap.add_argument("--short-tokens", type=int, default=32, help="long-prompt: max_tokens of a short request")
     ap.add_argument("--long-alone", action="store_true", help="long-prompt: time the long request alone too")
+    ap.add_argument("--replicas", metavar="N,M", help="Ray Serve deployments of N, then M replicas instead of the "
+                                                       "in-process server (e.g. 1,2); levels as --levels")
+    ap.add_argument("--cpus-per-replica", type=float, default=1.0)
     args = ap.parse_args()
+    if args.replicas:
+        return replicas(args)
 
     eng = load(args.model, args.dtype)
     eng.cost_model()
@@ -176,14 +186,21 @@ def main():
         server.should_exit = True
         return
     bodies = requests_from_nofuneval(args.requests)
-    one(client, bodies[0])  # warm up
-
     print(f"machine: {machine()}; model {args.model}, dtype {args.dtype} ({eng.backend.name} backend); "
           f"{len(bodies)} NoFunEval edits with the original as the prediction, streamed")
+    rows = levels(client, bodies, args, "in process")
+    server.should_exit = True
+    write_csv("serve_load.csv", rows)
+
+
+def levels(client, bodies, args, label: str) -> list[dict]:
+    """Send `bodies` one at a time, then at each of args.levels concurrent clients; print a table, return rows."""
+    one(client, bodies[0])  # warm up
     alone = [one(client, b) for b in bodies]
     alone_wall = sum(r[2] for r in alone)
     base_rate = sum(r[1] for r in alone) / alone_wall
-    print(f"one at a time: {base_rate:.1f} tok/s aggregate, latency p50 {statistics.median(r[2] for r in alone):.2f} s")
+    print(f"{label}: one at a time {base_rate:.1f} tok/s aggregate, latency p50 "
+          f"{statistics.median(r[2] for r in alone):.2f} s")
     print(f"\n{'clients':>8}{'agg tok/s':>11}{'x alone':>9}{'p50 lat s':>11}{'p95 lat s':>11}{'p50 ttft s':>12}"
           f"{'worst lat/alone':>17}{'identical':>11}")
     rows = []
@@ -201,16 +218,52 @@ def main():
             for i, (r, a) in enumerate(zip(results, alone)):
                 print(f"{'':>8}request {i}: {a[1]:>4} tokens, alone {a[2]:5.2f} s (first token {a[3]:.2f} s), "
                       f"here {r[2]:5.2f} s (first token {r[3]:.2f} s): {r[2] / a[2]:.2f}x")
-        rows.append({"clients": c, "agg_tok_s": round(rate, 1), "x_alone": round(rate / base_rate, 3),
+        rows.append({"setup": label, "clients": c, "agg_tok_s": round(rate, 1), "x_alone": round(rate / base_rate, 3),
                      "p50_latency_s": round(statistics.median(lat), 3), "p95_latency_s": round(p95, 3),
                      "p50_ttft_s": round(ttft, 3), "worst_latency_ratio": round(worst, 3), "identical": same,
                      "machine": machine(), "model": args.model, "dtype": args.dtype})
-    server.should_exit = True
+    return rows
+
+
+def write_csv(name: str, rows: list[dict]) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    with open(OUT / "serve_load.csv", "w", newline="") as f:
+    with open(OUT / name, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+
+
+def replicas(args) -> None:
+    """The same load against Ray Serve deployments of 1, 2, ... replicas of `--cpus-per-replica` CPUs each, one
+    after another on a local Ray cluster, each answer compared with the first deployment's alone answer."""
+    import socket
+
+    import ray
+    from ray import serve
+
+    from specedit import ray_serve
+
+    counts = [int(x) for x in args.replicas.split(",")]
+    dtype, _, compute = args.dtype.partition(":")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=max(counts) * args.cpus_per_replica, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    bodies = requests_from_nofuneval(args.requests)
+    print(f"machine: {machine()}; model {args.model}, dtype {args.dtype}; Ray Serve, {args.cpus_per_replica} CPU per "
+          f"replica; {len(bodies)} NoFunEval edits with the original as the prediction, streamed")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+    rows = []
+    for n in counts:
+        serve.run(ray_serve.build(args.model, NAME, n, args.cpus_per_replica,
+                                  load_kwargs={"dtype": dtype, "compute": compute or "auto"}),
+                  name="specedit", route_prefix="/")
+        rows += levels(client, bodies, args, f"{n} replica{'s' * (n > 1)}")
+        serve.delete("specedit")
+    serve.shutdown()
+    ray.shutdown()
+    write_csv("serve_load_replicas.csv", rows)
 
 
 if __name__ == "__main__":

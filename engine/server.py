@@ -456,6 +456,7 @@ def usage(s: Stats) -> dict:
         "prompt_tokens": s.prompt_tokens,
         "completion_tokens": s.new_tokens,
         "total_tokens": s.prompt_tokens + s.new_tokens,
+        "prompt_tokens_details": {"cached_tokens": s.cached_tokens},  # from the prefix cache
         "completion_tokens_details": {
             "accepted_prediction_tokens": s.accepted_prediction_tokens,
             "rejected_prediction_tokens": s.rejected_prediction_tokens,

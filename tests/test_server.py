@@ -72,6 +72,17 @@ def test_chat_with_and_without_prediction_equals_generate(srv):
     assert plain.usage.completion_tokens_details.accepted_prediction_tokens == 0
 
 
+def test_usage_reports_cached_prompt_tokens(srv):
+    eng, _, client = srv
+    msgs = [{"role": "user", "content": "Add type hints:\n" + CODE * 4}]
+    first = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4)
+    again = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4)
+    block = eng.prefix_cache.block
+    assert first.usage.prompt_tokens_details.cached_tokens % block == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == (first.usage.prompt_tokens - 1) // block * block > 0
+    assert again.choices[0].message.content == first.choices[0].message.content
+
+
 def test_text_completion_equals_generate(srv):
     eng, _, client = srv
     out = client.completions.create(model=MODEL, prompt=CODE, max_tokens=20,
