@@ -214,30 +214,46 @@ def diff_name(path: Path) -> str:
 
 
 def resolve_model(model: str) -> Path:
-    """The model's HF directory (a GGUF or a named model converts once into the cache); UsageError when absent."""
-    from .gguf import resolve
+    """What `specedit.load` takes for `model`: its GGUF file (a path, or the GGUF a registered name such as
+    smollm2-135m-instruct stands for), run as stored unless --dtype says otherwise, or an HF directory.
+    UsageError when it is absent or neither."""
+    from .gguf import gguf_file
 
     try:
-        return resolve(model)
+        path = gguf_file(model)
     except (FileNotFoundError, ModuleNotFoundError, ValueError) as e:
         raise UsageError(f"model {model!r}: {e}") from None
+    if path is None and not (Path(model).expanduser() / "config.json").is_file():
+        raise UsageError(f"model {model!r}: no config.json in that directory (an HF model directory or a .gguf "
+                         "file is needed)")
+    return path or Path(model).expanduser()
 
 
-def check_fits(model_dir: Path, path: Path, source: str, instruction: str, language: str | None) -> tuple[int, int]:
+def model_meta(model: Path):
+    """(ModelConfig, tokenizer directory or None) of a resolved model, without loading its weights."""
+    from .config import ModelConfig
+    from .gguf import read_native, tokenizer_dir
+
+    try:
+        if model.is_dir():
+            return ModelConfig.from_hf_dir(model), model
+        config, _ = read_native(model)
+        return ModelConfig.from_hf(config, model), tokenizer_dir(model)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
+def check_fits(model: Path, path: Path, source: str, instruction: str, language: str | None) -> tuple[int, int]:
     """Count the edit's tokens with the model's tokenizer alone (no weights) and check that the prompt plus an
     answer as long as the file fit the context. Returns (prompt tokens, file tokens incl. the closing fence)."""
     from . import prompts
-    from .config import ModelConfig
 
-    try:
-        cfg = ModelConfig.from_hf_dir(model_dir)
-    except (FileNotFoundError, ValueError) as e:
-        raise UsageError(str(e)) from None
-    if not ((model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer.model").is_file()):
-        raise UsageError(f"model {model_dir}: no tokenizer in the model directory; apply needs one")
+    cfg, tok_dir = model_meta(model)
+    if tok_dir is None or not ((tok_dir / "tokenizer.json").is_file() or (tok_dir / "tokenizer.model").is_file()):
+        raise UsageError(f"model {model}: no tokenizer in the model; apply needs one")
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
     tok.model_max_length = 2**62  # counting only: no "sequence longer than the model" warning
     # A cheap bound first (a 5 MB file would take many seconds to tokenize): no token stands for more characters
     # than its vocabulary entry has (byte-level pieces: one character per byte), and the file is counted twice
@@ -522,10 +538,10 @@ def run(args) -> int:
             if same_file(args.partial_output, args.file):
                 raise UsageError(f"--partial-output {args.partial_output}: is FILE itself; a partial answer is "
                                  "never written over the input")
-    model_dir = resolve_model(args.model)
-    n_prompt, n_file = check_fits(model_dir, args.file, source, args.instruction, language)
+    model = resolve_model(args.model)
+    n_prompt, n_file = check_fits(model, args.file, source, args.instruction, language)
     try:
-        eng = specedit.load(model_dir, dtype=args.dtype, compute=args.compute)
+        eng = specedit.load(model, dtype=args.dtype, compute=args.compute)
     except ValueError as e:  # a bad dtype or compute for this machine, a bad checkpoint
         raise UsageError(str(e)) from None
     if args.cmd == "bench":

