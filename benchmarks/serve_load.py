@@ -195,7 +195,8 @@ def main():
 
 def levels(client, bodies, args, label: str) -> list[dict]:
     """Send `bodies` one at a time, then at each of args.levels concurrent clients; print a table, return rows."""
-    one(client, bodies[0])  # warm up
+    for b in bodies:  # warm up: every level then finds the same prefix cache (each prompt's prefix is kept)
+        one(client, b)
     alone = [one(client, b) for b in bodies]
     alone_wall = sum(r[2] for r in alone)
     base_rate = sum(r[1] for r in alone) / alone_wall
