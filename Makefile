@@ -42,7 +42,7 @@ test-latest:
 
 # Refresh requirements.lock to the versions test-latest just passed with.
 lock: test-latest
-	{ echo "# make lock: the versions \`make test-latest\` passed with, $$(date -u +%F); install with -c"; \
+	{ echo "# the versions the suite last passed with ($$(date -u +%F), make test-latest); the Makefile installs with -c; refresh: make lock"; \
 	  $(LATEST)/bin/pip freeze --exclude-editable --exclude specedit; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 
