@@ -14,10 +14,9 @@ import time
 
 import openai
 import pytest
-import uvicorn
 
 import specedit
-from helpers import make_text_checkpoint
+from helpers import make_text_checkpoint, start_server
 from specedit import prompts as sp
 from specedit.server import create_app
 
@@ -26,21 +25,10 @@ CODE = "def add(a, b):\n    return a + b\n"
 MSGS = [{"role": "user", "content": "Add type hints:\n" + CODE}]
 
 
-def start(app):
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(500):
-        if server.started:
-            break
-        time.sleep(0.01)
-    return server, server.servers[0].sockets[0].getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
     eng = specedit.load(make_text_checkpoint(tmp_path_factory.mktemp("srv")))
-    server, port = start(create_app(eng, MODEL, max_body=4096 * 16))
+    server, port = start_server(create_app(eng, MODEL, max_body=4096 * 16))
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
     yield eng, port, client
     server.should_exit = True
@@ -214,7 +202,7 @@ def test_unexpected_exception_is_500_server_error_and_logged(tmp_path, caplog):
             raise RuntimeError("boom")
 
     eng = specedit.load(make_text_checkpoint(tmp_path))
-    server, port = start(create_app(Broken(eng), MODEL))
+    server, port = start_server(create_app(Broken(eng), MODEL))
     try:
         with caplog.at_level("INFO", logger="specedit.server"):
             err = assert_openai_error(raw(port, "POST", "/v1/completions",
@@ -246,7 +234,7 @@ def test_error_inside_a_stream_ends_it_with_an_error_event_and_done(tmp_path):
 
     eng = specedit.load(make_text_checkpoint(tmp_path))
     eng.submit = lambda *a, **kw: FailingHandle()
-    server, port = start(create_app(eng, MODEL))
+    server, port = start_server(create_app(eng, MODEL))
     try:
         status, text = raw(port, "POST", "/v1/completions",
                            json.dumps({"model": MODEL, "prompt": "x", "stream": True}).encode())
@@ -307,7 +295,7 @@ def test_malformed_bodies_and_lengths(srv):
 
 def test_api_key(tmp_path):
     eng = specedit.load(make_text_checkpoint(tmp_path))
-    server, port = start(create_app(eng, MODEL, api_key="sesame"))
+    server, port = start_server(create_app(eng, MODEL, api_key="sesame"))
     try:
         url = f"http://127.0.0.1:{port}/v1"
         with pytest.raises(openai.AuthenticationError):

@@ -4,13 +4,11 @@ stream: an error event and [DONE]), while requests running beside it get their u
 import http.client
 import json
 import threading
-import time
 
 import pytest
-import uvicorn
 
 import specedit
-from helpers import make_text_checkpoint
+from helpers import make_text_checkpoint, start_server
 from specedit.server import create_app
 
 MODEL = "tiny"
@@ -40,13 +38,8 @@ def srv(tmp_path_factory):
         return seq
 
     eng._sequence = planted
-    server = uvicorn.Server(uvicorn.Config(create_app(eng, MODEL), host="127.0.0.1", port=0, log_level="error"))
-    threading.Thread(target=server.run, daemon=True).start()
-    for _ in range(500):
-        if server.started:
-            break
-        time.sleep(0.01)
-    yield eng, server.servers[0].sockets[0].getsockname()[1]
+    server, port = start_server(create_app(eng, MODEL))
+    yield eng, port
     server.should_exit = True
 
 
