@@ -13,13 +13,13 @@ from . import checks, prompts
 from .backends import CHOICES, COMPUTES, Backend, engine_limit, select
 from .cache import KVCache
 from .config import ModelConfig
-from .decode import SequenceState, Stopper, effective_temperature, plain_decode
+from .decode import SequenceState, Stopper, effective_temperature
 from .drafter import Drafter, NgramLookup, special_bytes, token_bytes_table
 from .model import Transformer
 from .results import EditResult, GenerateResult, Stats
 from .prefix_cache import PrefixCache
-from .scheduler import Handle, Job, Scheduler, Service
-from .speculate import ChunkPolicy, CostModel, DraftSource, speculative_decode
+from .scheduler import Handle, Job, Scheduler, Service, alone
+from .speculate import ChunkPolicy, CostModel, DraftSource
 from .weights import load_hf_tensors, parse_dtype, to_runtime_state
 
 K_MAX = 64  # largest draft verified in one forward
@@ -232,14 +232,14 @@ class Engine:
         return seq
 
     def _steps(self, ids_or_text, max_new_tokens, prediction, temperature, stop, seed, stats) -> Iterator[list[int]]:
+        """One generation through the scheduler's loop with this sequence alone, in the caller's thread: the
+        tokens decided at each step (stats filled as it goes)."""
         seq = self._sequence(ids_or_text, max_new_tokens, prediction, temperature, stop, seed, stats)
         limit = engine_limit(self.backend, self.cfg)
         cache = self._cache(min(limit, len(seq.prompt) + seq.stopper.max_new + K_MAX + 1))
-        if seq.source is None:
-            yield from plain_decode(self.model, cache, seq)
-        else:
-            yield from speculative_decode(self.model, cache, seq, self.backend.accept)
-        stats.finish_reason = seq.stopper.reason
+        loop = Scheduler(self.model, self.backend.accept, None, lambda rows, length: self._cache(length, rows),
+                         limit, K_MAX, max_batch=1, prefill_chunk=limit, fair=False, timed=False)
+        yield from alone(loop, seq, cache)
 
     def stream(self, ids_or_text: str | Sequence[int], max_new_tokens: int = 256, prediction=None,
                temperature: float = 0.0, stop: Sequence[str] = (), seed: int = 0,

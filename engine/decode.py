@@ -1,9 +1,9 @@
-"""Plain decoding, one token per forward: the oracle every lossless test compares against."""
+"""One sequence's state as the decoding loop (specedit.scheduler) sees it: its prompt, cache row, stop rule
+(Stopper), how tokens are picked (pick, temperature) and its stats."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -97,43 +97,3 @@ class SequenceState:
         """Offer the prefilled prompt's K/V rows to the prefix cache."""
         if self.prefix is not None:
             self.prefix.store(self.prompt, cache, self.row)
-
-
-def prefill(model, cache: KVCache, seq: SequenceState) -> int:
-    """Run seq.prompt [len(prompt)] through the model into an empty cache row (past the prefix the prefix cache
-    holds); return the first new token.
-
-    Records prompt_tokens, cached_tokens and prefill_s (the time to first token) in seq.stats.
-    """
-    seq.stats.prompt_tokens = len(seq.prompt)
-    t0 = time.perf_counter()
-    done = seq.load_prefix(cache)
-    logits = model(torch.tensor([seq.prompt[done:]], device=cache.buf.device), cache)  # [1, V]
-    seq.store_prefix(cache)
-    token = pick(logits[0], seq.temperature, seq.generator)
-    seq.stats.prefill_s = time.perf_counter() - t0
-    return token
-
-
-def plain_decode(model, cache: KVCache, seq: SequenceState) -> Iterator[list[int]]:
-    """Prefill seq.prompt into an empty batch-1 cache, then decode one token per forward.
-
-    Yields each new token as a one-element list (the same shape of output as the speculative loop, which yields
-    every step's accepted tokens), until seq.stopper says the output is complete. Fills seq.stats.
-    """
-    stats = seq.stats
-    token = prefill(model, cache, seq)
-    t1 = time.perf_counter()
-    step = torch.empty(1, 1, dtype=torch.long, device=cache.buf.device)
-    while True:
-        stats.new_tokens += 1
-        done = seq.stopper.push(token)
-        yield [token]
-        if done:
-            break
-        step.fill_(token)
-        logits = model(step, cache)
-        stats.forwards += 1
-        token = pick(logits[0], seq.temperature, seq.generator)
-        stats.decode_s = time.perf_counter() - t1
-    stats.decode_s = time.perf_counter() - t1

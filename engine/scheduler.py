@@ -120,10 +120,11 @@ class Scheduler:
     one step prefills; `timed`: the prefill budget scales the cost model by the forwards' measured times (False:
     the cost model alone, for tests that count steps)."""
 
-    def __init__(self, model, accept: AcceptFn, cost: Callable[[int], float],
+    def __init__(self, model, accept: AcceptFn, cost: Callable[[int], float] | None,
                  make_cache: Callable[[int, int], KVCache], limit: int, k_max: int = 64, max_batch: int = 8,
                  prefill_chunk: int = 64, fair: bool = True, timed: bool = True):
-        self.model, self.accept, self.cost, self.make_cache, self.limit = model, accept, cost, make_cache, limit
+        self.model, self.accept, self.make_cache, self.limit = model, accept, make_cache, limit
+        self.cost = cost if cost is not None else (lambda rows: 1.0)  # None: one sequence alone, nothing to pace
         self.k_max, self.max_batch, self.prefill_chunk, self.fair = k_max, max_batch, prefill_chunk, fair
         self.timed = timed
         self._slow: float | None = None  # the decode forwards' wall time over their cost model's (recent average)
@@ -155,8 +156,8 @@ class Scheduler:
         decoding = [(b, j) for b, j in enumerate(self.slots) if j in go]
         drafts = self._propose(decoding)
         decoding = [(b, j) for b, j in decoding if b in drafts]
-        rows = sum(len(d[0]) + 1 for d in drafts.values())
-        self._prefill(self._prefill_budget(rows))
+        if self.joining:
+            self._prefill(self._prefill_budget(sum(len(d[0]) + 1 for d in drafts.values())))
         if decoding:
             self._decode_step(decoding, drafts)
 
@@ -231,33 +232,38 @@ class Scheduler:
     def _prefill_chunk(self, job: Job, n: int | None = None) -> None:
         """Prefill the next `n` (default prefill_chunk) prompt tokens of a waiting job; once its prompt is in, pick
         its first token and join it into a free row (or end it, if that token ends it)."""
-        seq = job.seq
+        seq, t0 = job.seq, time.perf_counter()
         if job.prefilled == 0:
             job.prefilled = seq.load_prefix(job.cache)
         chunk = seq.prompt[job.prefilled : job.prefilled + (n or self.prefill_chunk)]
-        t0 = time.perf_counter()
+        t1 = time.perf_counter()
         logits = self.model(torch.tensor([chunk], device=job.cache.buf.device), job.cache)  # [1, V]
-        wall = time.perf_counter() - t0
+        wall = time.perf_counter() - t1
         job.alone_s += self.cost(len(chunk))
         job.slow = ema(job.slow, wall / self.cost(len(chunk)))
-        seq.stats.prefill_s += wall
         job.prefilled += len(chunk)
         if job.prefilled < len(seq.prompt):
+            seq.stats.prefill_s += time.perf_counter() - t0
             return
         seq.store_prefix(job.cache)
         seq.stats.prompt_tokens = len(seq.prompt)
+        first = pick(logits[0], seq.temperature, seq.generator)
         job.t_first = time.perf_counter()
-        if self._push(job, [pick(logits[0], seq.temperature, seq.generator)]):
+        seq.stats.prefill_s += job.t_first - t0  # time to first token, the prefix cache's work included
+        if self._push(job, [first]):
             self._join(job)
         else:
             self.drop(job)
 
     def _join(self, job: Job) -> None:
         """Move a prefilled job from `joining` into a free row: copy its positions there, growing the batched
-        cache first if it needs more room (nothing changes if that fails)."""
+        cache first if it needs more room (nothing changes if that fails). A batch of one row takes the job's
+        own cache as it is when it has room for the whole generation (no copy)."""
         need = min(self.limit, len(job.seq.prompt) + job.seq.stopper.max_new + self.k_max + 1)
         b = self.slots.index(None)
-        if self.cache is None or self.cache.max_len < need:
+        if self.cache is None and self.max_batch == 1 and job.cache.max_len >= need:
+            self.cache = job.cache
+        elif self.cache is None or self.cache.max_len < need:
             size = need if self.cache is None else min(self.limit, max(need, 2 * self.cache.max_len))
             grown = self.make_cache(self.max_batch, size)
             for r, other in enumerate(self.slots):
@@ -380,12 +386,33 @@ class Scheduler:
             return {}
         T = max(len(rows[b]) for b in greedy)
         device = logits.device
-        idx = torch.tensor([[first[b] + min(t, len(rows[b]) - 1) for t in range(T)] for b in greedy], device=device)
+        if len(logits) == len(greedy) * T:  # only greedy rows, all T long (one sequence alone): a view, no copy
+            gathered = logits.view(len(greedy), T, -1)
+        else:
+            idx = torch.tensor([[first[b] + min(t, len(rows[b]) - 1) for t in range(T)] for b in greedy],
+                               device=device)
+            gathered = logits[idx]  # [G, T, V]
         draft = torch.tensor([rows[b][1:] + [0] * (T - len(rows[b])) for b in greedy], dtype=torch.int32,
                              device=device).view(len(greedy), T - 1)
         lens = torch.tensor([len(rows[b]) - 1 for b in greedy], dtype=torch.int32, device=device)
-        n, nxt, _ = self.accept(logits[idx], draft, lens)
+        n, nxt, _ = self.accept(gathered, draft, lens)
         return {b: (nb, tb) for b, nb, tb in zip(greedy, n.tolist(), nxt.tolist())}
+
+
+def alone(scheduler: Scheduler, seq: SequenceState, cache: KVCache) -> Iterator[list[int]]:
+    """The loop with one sequence, inline in the caller's thread (generate, stream, chat, edit): add `seq`,
+    prefilled into `cache` (one row; room for the whole generation lets a `max_batch=1` scheduler decode in it
+    without a copy), step until it ends and yield the tokens each step decided. Raises the sequence's error,
+    if it failed."""
+    steps: list[list[int]] = []
+    job = Job(seq, cache, steps.append, lambda: None)
+    scheduler.add(job)
+    while scheduler.busy:
+        scheduler.step()
+        yield from steps
+        steps.clear()
+    if job.error is not None:
+        raise job.error
 
 
 class Handle:

@@ -1,22 +1,23 @@
-"""The speculative-edit loop: propose -> verify -> accept -> rollback -> stream.
+"""Draft policy and acceptance: how long a draft to send (CostModel, ChunkPolicy), where it comes from
+(DraftSource: the prediction's drafter, else an n-gram lookup) and how a verify step's K+1 logits rows accept
+it (greedy_accept, sampled_accept). The loop that uses them is specedit.scheduler's.
 
-Each step feeds `[last token] + draft` (K+1 rows) through one forward. Row i's logits decide the token after
-draft[:i]; the longest prefix of the draft that matches is accepted, plus the model's own token after it (the
-correction, or a bonus token when the whole draft matched). The cache rows of rejected draft tokens are dropped
-by lowering the cache length. With no draft (the drafter has diverged and not yet re-synced) the step is plain
-decoding.
+A verify step feeds `[last token] + draft` (K+1 rows) through one forward. Row i's logits decide the token
+after draft[:i]; the longest prefix of the draft that matches is accepted, plus the model's own token after it
+(the correction, or a bonus token when the whole draft matched). The cache rows of rejected draft tokens are
+dropped by lowering the cache length. With no draft the step is plain decoding.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .cache import KVCache
-from .decode import MIN_TEMPERATURE, SequenceState, prefill
+from .decode import MIN_TEMPERATURE
 from .drafter import Drafter, NgramLookup
 from .results import Stats
 
@@ -160,43 +161,6 @@ class DraftSource:
             self.lookup_policy.update(proposed, accepted)
             stats.lookup_proposed += proposed
             stats.lookup_accepted += accepted
-
-
-def speculative_decode(model, cache: KVCache, seq: SequenceState, accept: AcceptFn) -> Iterator[list[int]]:
-    """Prefill seq.prompt, then decode with drafts from seq.source; yields the tokens decided at each step.
-
-    Greedy (temperature 0): the output is exactly plain greedy decoding's. Sampling: each draft token is
-    accepted with probability p(token); on rejection the token is sampled from p with the draft token removed
-    (the draft is a point mass), which keeps the output distribution of plain sampling.
-    """
-    stats, stopper, source, row = seq.stats, seq.stopper, seq.source, seq.row
-    device = cache.buf.device
-    new = [prefill(model, cache, seq)]
-    t1 = time.perf_counter()
-    while True:
-        for i, tok in enumerate(new):
-            if stopper.push(tok):
-                new = new[: i + 1]
-                stats.new_tokens += len(new)
-                yield new
-                stats.decode_s = time.perf_counter() - t1
-                return
-        stats.new_tokens += len(new)
-        source.observe(new)
-        yield new
-        room = min(stopper.max_new - stopper.count - 1, cache.max_len - cache.lengths[row] - 1)
-        draft, from_prediction = source.propose(room)
-        x = torch.tensor([[new[-1]] + draft], device=device)  # [1, K+1]
-        logits = model(x, cache, all_logits=True)[0]  # [K+1, V]
-        stats.forwards += 1
-        if seq.temperature <= 0:
-            n, nxt = greedy_accept(accept, logits, draft)
-        else:
-            n, nxt = sampled_accept(logits, draft, seq.temperature, seq.generator)
-        cache.rollback(row, cache.lengths[row] - (len(draft) - n))
-        source.update(len(draft), n, from_prediction, stats)
-        new = draft[:n] + [nxt]
-        stats.decode_s = time.perf_counter() - t1
 
 
 def greedy_accept(accept: AcceptFn, logits: torch.Tensor, draft: list[int]) -> tuple[int, int]:
