@@ -1,4 +1,6 @@
-"""Many sequences per forward: the batched speculative loop, and a thread that runs it for many callers.
+"""The decode loop: `Scheduler.step` advances any set of sequences (1 or N) by one forward; `alone()` runs it
+inline for one caller (generate, stream, chat, edit) and `Service` in a thread for many (submit, generate_batch,
+the server).
 
 Each step packs every active sequence's `[last] + draft` rows into ONE forward over a batched KV cache (one
 cache row per sequence; ragged: a sequence without a draft contributes its one row), accepts every sequence
