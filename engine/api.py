@@ -13,13 +13,13 @@ from . import checks, prompts
 from .backends import CHOICES, COMPUTES, Backend, engine_limit, select
 from .cache import KVCache
 from .config import ModelConfig
-from .decode import SequenceState, Stopper, effective_temperature
 from .drafter import Drafter, NgramLookup, special_bytes, token_bytes_table
 from .model import Transformer
 from .results import EditResult, GenerateResult, Stats
 from .prefix_cache import PrefixCache
 from .scheduler import Handle, Job, Scheduler, Service, alone
-from .speculate import ChunkPolicy, CostModel, DraftSource
+from .sequence import SequenceState, Stopper
+from .speculate import ChunkPolicy, CostModel, DraftSource, effective_temperature
 from .weights import load_hf_tensors, parse_dtype, to_runtime_state
 
 K_MAX = 64  # largest draft verified in one forward

@@ -68,8 +68,8 @@ from dataclasses import dataclass
 import torch
 
 from .cache import KVCache
-from .decode import SequenceState, pick
-from .speculate import AcceptFn, greedy_accept, sampled_accept
+from .sequence import SequenceState
+from .speculate import AcceptFn, greedy_accept, pick, sampled_accept
 
 
 @dataclass(eq=False)  # jobs compare by identity

@@ -1,6 +1,7 @@
 """Draft policy and acceptance: how long a draft to send (CostModel, ChunkPolicy), where it comes from
-(DraftSource: the prediction's drafter, else an n-gram lookup) and how a verify step's K+1 logits rows accept
-it (greedy_accept, sampled_accept). The loop that uses them is specedit.scheduler's.
+(DraftSource: the prediction's drafter, else an n-gram lookup), how a verify step's K+1 logits rows accept it
+(greedy_accept, sampled_accept) and how one row picks a token (pick). The loop that uses them is
+specedit.scheduler's.
 
 A verify step feeds `[last token] + draft` (K+1 rows) through one forward. Row i's logits decide the token
 after draft[:i]; the longest prefix of the draft that matches is accepted, plus the model's own token after it
@@ -17,9 +18,28 @@ from dataclasses import dataclass
 import torch
 
 from .cache import KVCache
-from .decode import MIN_TEMPERATURE
 from .drafter import Drafter, NgramLookup
 from .results import Stats
+
+# Temperatures below this decode greedily. Float32 logits divided by a smaller one can overflow (1e-300 is 0 in
+# float32, and logits / 0 is inf: inf - inf is NaN in the softmax); and at 1e-6 a logit gap of 1e-4 already
+# makes the runner-up e^-100 times less likely than the argmax, so sampling would be argmax but for exact ties.
+MIN_TEMPERATURE = 1e-6
+
+
+def effective_temperature(temperature: float) -> float:
+    """The temperature decoding uses: 0.0 (greedy) below MIN_TEMPERATURE, else `temperature` as a float."""
+    return float(temperature) if temperature >= MIN_TEMPERATURE else 0.0
+
+
+def pick(logits: torch.Tensor, temperature: float = 0.0, generator: torch.Generator | None = None) -> int:
+    """Next token from float32 logits [V]: argmax when temperature < MIN_TEMPERATURE (0 = greedy; lowest index on
+    ties), else a sample from softmax(logits / temperature)."""
+    if temperature < MIN_TEMPERATURE:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
 
 # accept(logits [B, Q, V], draft [B, K], draft_lens [B]) -> (num_accepted [B], next_token [B], argmax [B, Q])
 AcceptFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]

@@ -1,20 +1,17 @@
-"""One sequence's state as the decoding loop (specedit.scheduler) sees it: its prompt, cache row, stop rule
-(Stopper), how tokens are picked (pick, temperature) and its stats."""
+"""One sequence's state as the decode loop (specedit.scheduler) sees it: its prompt, cache row, stop rule
+(Stopper), temperature, draft source, prefix cache and stats."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from .cache import KVCache
 from .prefix_cache import PrefixCache
 from .results import Stats
-
-if TYPE_CHECKING:
-    from .speculate import DraftSource
+from .speculate import DraftSource
 
 
 class Stopper:
@@ -47,26 +44,6 @@ class Stopper:
         if not self.reason and self.count >= self.max_new:
             self.reason = "length"
         return bool(self.reason)
-
-
-# Temperatures below this decode greedily. Float32 logits divided by a smaller one can overflow (1e-300 is 0 in
-# float32, and logits / 0 is inf: inf - inf is NaN in the softmax); and at 1e-6 a logit gap of 1e-4 already
-# makes the runner-up e^-100 times less likely than the argmax, so sampling would be argmax but for exact ties.
-MIN_TEMPERATURE = 1e-6
-
-
-def effective_temperature(temperature: float) -> float:
-    """The temperature decoding uses: 0.0 (greedy) below MIN_TEMPERATURE, else `temperature` as a float."""
-    return float(temperature) if temperature >= MIN_TEMPERATURE else 0.0
-
-
-def pick(logits: torch.Tensor, temperature: float = 0.0, generator: torch.Generator | None = None) -> int:
-    """Next token from float32 logits [V]: argmax when temperature < MIN_TEMPERATURE (0 = greedy; lowest index on
-    ties), else a sample from softmax(logits / temperature)."""
-    if temperature < MIN_TEMPERATURE:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 @dataclass
