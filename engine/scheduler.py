@@ -388,6 +388,8 @@ class Scheduler:
             return {}
         T = max(len(rows[b]) for b in greedy)
         device = logits.device
+        if T == 1 and len(logits) == len(greedy):  # no drafts, only greedy rows: each row's argmax
+            return {b: (0, tok) for b, tok in zip(greedy, logits.argmax(dim=-1).tolist())}
         if len(logits) == len(greedy) * T:  # only greedy rows, all T long (one sequence alone): a view, no copy
             gathered = logits.view(len(greedy), T, -1)
         else:
