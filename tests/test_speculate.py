@@ -250,3 +250,41 @@ def test_output_lookup_drafts_a_repetitive_output_losslessly(tmp_path):
     r = eng.generate(prompt, max_new_tokens=60, prediction=[1, 2, 3])
     assert r.token_ids == plain.token_ids
     assert r.stats.draft_accepted == 0 and r.stats.lookup_proposed > 0
+
+
+def test_one_sequence_runs_the_loop_inline_one_step_per_forward(eng, prompt, plain, monkeypatch):
+    """generate/stream step the scheduler's loop in the caller's thread (no scheduler thread), and each step
+    hands out the tokens of one forward: the prefill's first token, then one batch per decode forward."""
+    import threading
+
+    from specedit import Stats
+    from specedit.checks import GenParams
+
+    forward_rows, threads = eng.model.forward_rows, set()
+
+    def recording(rows, cache):
+        threads.add(threading.current_thread())
+        return forward_rows(rows, cache)
+
+    monkeypatch.setattr(eng.model, "forward_rows", recording)
+    stats = Stats()
+    steps = list(eng._steps(prompt, GenParams(N, prediction=plain), stats))
+    assert [t for s in steps for t in s] == plain and len(steps) == stats.forwards + 1 < N
+    assert stats.finish_reason == "length" and stats.draft_accepted > 0 and stats.prompt_tokens == len(prompt)
+    assert "".join(eng.stream(prompt, max_new_tokens=N)) == eng.generate(prompt, max_new_tokens=N).text
+    assert threads == {threading.current_thread()} and eng._service is None
+
+
+def test_a_fault_in_the_inline_loop_is_raised_to_the_caller(eng, prompt, plain, monkeypatch):
+    forward_rows = eng.model.forward_rows
+
+    def faulty(rows, cache):
+        if len(rows[0]) > 1:  # the first verify step
+            raise RuntimeError("planted verify fault")
+        return forward_rows(rows, cache)
+
+    monkeypatch.setattr(eng.model, "forward_rows", faulty)
+    with pytest.raises(RuntimeError, match="planted verify fault"):
+        spec(eng, prompt, plain)
+    monkeypatch.undo()
+    assert spec(eng, prompt, plain).token_ids == plain
