@@ -36,6 +36,7 @@ from edit_speed import LONG, cases, edit_request, instruction
 
 import specedit
 from specedit import prompts
+from specedit.checks import GenParams
 from specedit.results import Stats
 
 
@@ -58,7 +59,7 @@ def run(eng, prompt: str, max_new: int, prediction, stop: list[str]) -> Run:
     steps, tokens = [], []
     prev = (0, 0, 0, 0)
     t0 = time.perf_counter()
-    for new in eng._steps(prompt, max_new, prediction, 0.0, stop, 0, stats):
+    for new in eng._steps(prompt, GenParams(max_new, stop=tuple(stop), prediction=prediction), stats):
         tokens += new
         now = (stats.draft_proposed, stats.draft_accepted, stats.lookup_proposed, stats.lookup_accepted)
         if stats.forwards > len(steps):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ import torch
 from . import checks, prompts
 from .backends import CHOICES, COMPUTES, Backend, engine_limit, select
 from .cache import KVCache
+from .checks import GenParams
 from .config import ModelConfig
 from .drafter import Drafter, NgramLookup, special_bytes, token_bytes_table
 from .model import Transformer
@@ -211,14 +213,14 @@ class Engine:
         prompt, _ = self._prepare(ids, 1)
         return self.model(torch.tensor([prompt], device=self.backend.device), self._cache(len(prompt)), True)[0]
 
-    def _sequence(self, ids_or_text, max_new_tokens, prediction, temperature, stop, seed,
-                  stats: Stats | None = None) -> SequenceState:
-        """The loop state of one generation."""
-        prompt, max_new = self._prepare(ids_or_text, max_new_tokens)
-        temperature = effective_temperature(temperature)  # too small to divide by: greedy
+    def _sequence(self, ids_or_text, params: GenParams, stats: Stats | None = None) -> SequenceState:
+        """The loop state of one generation of `ids_or_text` under checked `params`."""
+        prompt, max_new = self._prepare(ids_or_text, params.max_new_tokens)
+        temperature = effective_temperature(params.temperature)  # too small to divide by: greedy
+        prediction = params.prediction
         seq = SequenceState(
-            prompt, Stopper(self.eos_ids, max_new, stop, self.token_bytes), temperature,
-            torch.Generator(device=self.backend.device).manual_seed(seed) if temperature > 0 else None,
+            prompt, Stopper(self.eos_ids, max_new, params.stop, self.token_bytes), temperature,
+            torch.Generator(device=self.backend.device).manual_seed(params.seed) if temperature > 0 else None,
             prefix=self.prefix_cache, stats=stats if stats is not None else Stats(),
         )
         if prediction is not None:
@@ -231,10 +233,10 @@ class Engine:
             )
         return seq
 
-    def _steps(self, ids_or_text, max_new_tokens, prediction, temperature, stop, seed, stats) -> Iterator[list[int]]:
+    def _steps(self, ids_or_text, params: GenParams, stats: Stats) -> Iterator[list[int]]:
         """One generation through the scheduler's loop with this sequence alone, in the caller's thread: the
         tokens decided at each step (stats filled as it goes)."""
-        seq = self._sequence(ids_or_text, max_new_tokens, prediction, temperature, stop, seed, stats)
+        seq = self._sequence(ids_or_text, params, stats)
         limit = engine_limit(self.backend, self.cfg)
         cache = self._cache(min(limit, len(seq.prompt) + seq.stopper.max_new + K_MAX + 1))
         loop = Scheduler(self.model, self.backend.accept, None, lambda rows, length: self._cache(length, rows),
@@ -247,16 +249,16 @@ class Engine:
         """Yield text deltas (whole UTF-8 characters) as tokens are decided; arguments as in `generate`.
         `stats`, when given, is filled as decoding goes (finish_reason once the iterator is exhausted).
         Arguments are checked when stream() is called, before the first delta is asked for."""
-        stop = self._check_gen_args(ids_or_text, max_new_tokens, prediction, temperature, stop, seed)
+        params = checks.generation(ids_or_text, max_new_tokens, prediction, temperature, stop, seed)
         if stats is not None and not isinstance(stats, Stats):
             raise TypeError(f"stats must be a specedit.Stats or None, got {type(stats).__name__}")
-        return self._stream(ids_or_text, max_new_tokens, prediction, temperature, stop, seed, stats)
+        return self._stream(ids_or_text, params, stats)
 
     @torch.inference_mode()
-    def _stream(self, ids_or_text, max_new_tokens, prediction, temperature, stop, seed, stats) -> Iterator[str]:
-        text = prompts.TextStream(self._text_bytes(), stop)
+    def _stream(self, ids_or_text, params: GenParams, stats: Stats | None) -> Iterator[str]:
+        text = prompts.TextStream(self._text_bytes(), params.stop)
         stats = stats if stats is not None else Stats()
-        for new in self._steps(ids_or_text, max_new_tokens, prediction, temperature, stop, seed, stats):
+        for new in self._steps(ids_or_text, params, stats):
             delta = text.feed(new)
             if delta:
                 yield delta
@@ -276,12 +278,12 @@ class Engine:
         `stats.finish_reason` says why it ended: "stop" (EOS or a stop string) or "length" (`max_new_tokens`
         or the model's context). Raises TypeError / ValueError naming a bad argument.
         """
-        stop = self._check_gen_args(ids_or_text, max_new_tokens, prediction, temperature, stop, seed)
+        params = checks.generation(ids_or_text, max_new_tokens, prediction, temperature, stop, seed)
         stats = Stats()
         tokens: list[int] = []
-        text = prompts.TextStream(self._text_bytes(), stop)
+        text = prompts.TextStream(self._text_bytes(), params.stop)
         out = []
-        for new in self._steps(ids_or_text, max_new_tokens, prediction, temperature, stop, seed, stats):
+        for new in self._steps(ids_or_text, params, stats):
             tokens += new
             out.append(text.feed(new))
         out.append(text.finish())
@@ -297,9 +299,6 @@ class Engine:
             raise ValueError(f"{self.path}: the model has no chat template; use generate() with a prompt")
         prompt = prompts.chat_ids(self.tokenizer, msgs)  # the messages' text never becomes control tokens
         return self.generate(prompt, max_new_tokens, prediction, temperature, stop, seed)
-
-    def _check_gen_args(self, ids_or_text, max_new_tokens, prediction, temperature, stop, seed) -> list[str]:
-        return checks.generation(ids_or_text, max_new_tokens, prediction, temperature, stop, seed)
 
     def edit(self, original: str, instruction: str, language: str | None = None, max_new_tokens: int | None = None,
              speculate: bool = True) -> EditResult:
@@ -356,9 +355,9 @@ class Engine:
         the next step boundary. Sequences submitted together share every forward (see specedit.scheduler);
         each one's greedy output equals its own `generate`'s token for token on the CPU kernels.
         """
-        stop = self._check_gen_args(ids_or_text, max_new_tokens, prediction, temperature, stop, seed)
+        params = checks.generation(ids_or_text, max_new_tokens, prediction, temperature, stop, seed)
         with torch.inference_mode():
-            seq = self._sequence(ids_or_text, max_new_tokens, prediction, temperature, stop, seed)
+            seq = self._sequence(ids_or_text, params)
         return self._submit(seq)
 
     def _submit(self, seq: SequenceState) -> Handle:
@@ -385,15 +384,15 @@ class Engine:
         for i, (p, q) in enumerate(zip(prompts_, preds)):  # every prompt checked before any is queued
             checks.text_or_ids(f"prompts[{i}]", p)
             checks.text_or_ids(f"prediction[{i}]", q, optional=True)
-        stop = self._check_gen_args(prompts_[0] if prompts_ else "", max_new_tokens, None, temperature, stop, seed)
+        params = checks.generation(prompts_[0] if prompts_ else "", max_new_tokens, None, temperature, stop, seed)
         with torch.inference_mode():  # also each prompt against the context, before any is queued
-            seqs = [self._sequence(p, max_new_tokens, q, temperature, stop, seed) for p, q in zip(prompts_, preds)]
+            seqs = [self._sequence(p, replace(params, prediction=q)) for p, q in zip(prompts_, preds)]
         handles = [self._submit(seq) for seq in seqs]
         results = []
         try:
             for h in handles:
                 tokens = h.wait()
-                text = prompts.TextStream(self._text_bytes(), stop)
+                text = prompts.TextStream(self._text_bytes(), params.stop)
                 results.append(GenerateResult(tokens, text.feed(tokens) + text.finish(), h.stats))
         except BaseException:  # one failed (its error is raised here): the rest are not waited for, free their rows
             for h in handles:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from numbers import Integral, Real
 
 import torch
@@ -98,15 +99,26 @@ def stop_strings(value) -> list[str]:
     return out
 
 
-def generation(ids_or_text, max_new_tokens, prediction, temperature_, stop, seed_) -> list[str]:
+@dataclass(frozen=True)
+class GenParams:
+    """How one prompt is decoded, checked once by `generation` and passed down whole."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 (or below speculate.MIN_TEMPERATURE): greedy
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    prediction: str | Sequence[int] | None = None  # the expected output (text or ids): the draft
+
+
+def generation(ids_or_text, max_new_tokens, prediction, temperature_, stop, seed_) -> GenParams:
     """The checks of every generation entry point (generate, stream, chat, submit, generate_batch): TypeError /
-    ValueError naming the argument. Returns `stop` as a list."""
+    ValueError naming the argument. Returns the arguments as one GenParams."""
     text_or_ids("ids_or_text", ids_or_text)
     positive_int("max_new_tokens", max_new_tokens)
     text_or_ids("prediction", prediction, optional=True)
     temperature(temperature_)
     seed(seed_)
-    return stop_strings(stop)
+    return GenParams(max_new_tokens, temperature_, seed_, tuple(stop_strings(stop)), prediction)
 
 
 def choice(name: str, value, choices: Sequence) -> None:

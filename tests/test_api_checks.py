@@ -291,3 +291,12 @@ def test_generate_batch_checks_every_prompt_before_queueing_any(eng):
         eng.generate_batch(["a", [1] * 600])
     svc = eng._service
     assert svc is None or (not svc._incoming and not svc.scheduler.busy)
+
+
+def test_generation_checks_once_into_one_options_object():
+    from specedit.checks import GenParams, generation
+
+    assert generation("x", 5, [1, 2], 0.5, ["a", "b"], 3) == GenParams(5, 0.5, 3, ("a", "b"), [1, 2])
+    assert generation([1], 7, None, 0.0, (), 0) == GenParams(7)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generation("x", 0, None, 0.0, (), 0)

@@ -18,6 +18,7 @@ import pytest
 
 import specedit
 from helpers import make_checkpoint, make_text_checkpoint
+from specedit.checks import GenParams
 from specedit.kernels.cpu import build
 
 pytestmark = pytest.mark.skipif(not build.available(), reason="batch exactness rests on the CPU kernels")
@@ -165,7 +166,7 @@ def test_a_long_wait_for_a_row_gives_a_bounded_claim(tmp_path):
     cost = eng.cost_model()
     s = Scheduler(eng.model, eng.backend.accept, cost, lambda rows, length: eng._cache(length, rows), 512,
                   max_batch=4)
-    seq = eng._sequence([1, 2, 3, 4], 8, None, 0.0, (), 0)
+    seq = eng._sequence([1, 2, 3, 4], GenParams(8))
     job = Job(seq, eng._cache(len(seq.prompt)), lambda toks: None, lambda: None)
     s.add(job)
     job.t_add -= 100.0  # as if it had queued for 100 s
@@ -193,7 +194,7 @@ def plant(eng, where, prompt, pred):
     ('first', right after its prefill), its drafter ('draft'), or its prefill forward ('prefill')."""
     from specedit.cache import KVCache
 
-    seq = eng._sequence(prompt, 36, pred, 0.0, (), 0)
+    seq = eng._sequence(prompt, GenParams(36, prediction=pred))
     cache = None
     if where in ("stop", "first"):
         push, at = seq.stopper.push, 3 if where == "stop" else 1
@@ -350,7 +351,7 @@ def test_a_short_prompt_is_not_held_behind_a_long_prefill(eng):
     ended = {}
 
     def job(name, prompt, n):
-        seq = eng._sequence(prompt, n, None, 0.0, (), 0)
+        seq = eng._sequence(prompt, GenParams(n))
         return Job(seq, eng._cache(len(prompt)), out[name].extend, lambda: ended.setdefault(name, long_job.prefilled))
 
     long_job = job("long", long_p, 8)
