@@ -51,10 +51,7 @@ inline void itile(const QRows& xa, int64_t m0, const uint8_t* g, int half, float
     const uint8_t* blk = g + sb * F::BYTES;
     Isa::V d[2], m[2];
 #pragma GCC unroll 2
-    for (int c = 0; c < 2; ++c) {
-      d[c] = Isa::load((const f16_t*)blk + qcol(c, half));
-      m[c] = F::HAS_MIN ? Isa::load((const f16_t*)(blk + 64) + qcol(c, half)) : Isa::zero();
-    }
+    for (int c = 0; c < 2; ++c) qsuper<DT>(blk, c, half, d[c], m[c]);
     for (int j = 0; j < NSUB; ++j) {
 #pragma GCC unroll 4
       for (int l = 0; l < CHUNK; ++l) _mm_prefetch((const char*)blk + PREFETCH + 64 * (j * CHUNK + l), _MM_HINT_T0);

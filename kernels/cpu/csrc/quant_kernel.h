@@ -60,6 +60,14 @@ inline Isa::V qweight(const uint8_t* rec, int c, int half, Isa::VI lanes, Isa::V
   else return Isa::fms(s, qf, o);
 }
 
+// A super-block's per-column f16 scale d and min m (zero for formats without one), widened, for vector c of pass
+// `half`: what qscales then turns into each sub-block's scale and offset.
+template <int DT>
+inline void qsuper(const uint8_t* blk, int c, int half, Isa::V& d, Isa::V& m) {
+  d = Isa::load((const f16_t*)blk + qcol(c, half));
+  m = QFmt<DT>::HAS_MIN ? Isa::load((const f16_t*)(blk + 64) + qcol(c, half)) : Isa::zero();
+}
+
 // Scale and offset of sub-block j of a super-block (d, m: its per-column f16 scales, widened).
 template <int DT>
 inline void qscales(const uint8_t* blk, int j, int c, int half, Isa::V d, Isa::V m, Isa::V& s, Isa::V& o) {
@@ -88,10 +96,7 @@ inline void qdequant_group(const uint8_t* g, int64_t K, float* buf) {
     for (int half = 0; half < (Isa::W == 16 ? 1 : 2); ++half) {
       Isa::V d[2], m[2];
 #pragma GCC unroll 2
-      for (int c = 0; c < 2; ++c) {
-        d[c] = Isa::load((const f16_t*)blk + qcol(c, half));
-        m[c] = F::HAS_MIN ? Isa::load((const f16_t*)(blk + 64) + qcol(c, half)) : Isa::zero();
-      }
+      for (int c = 0; c < 2; ++c) qsuper<DT>(blk, c, half, d[c], m[c]);
       for (int j = 0; j < NSUB; ++j) {
         Isa::V s[2], o[2];
 #pragma GCC unroll 2
@@ -128,10 +133,7 @@ inline void qtile(const float* x, int64_t K, const uint8_t* g, int64_t gstride, 
     for (int gi = 0; gi < G; ++gi) {
       blk[gi] = g + gi * gstride + sb * F::BYTES;
 #pragma GCC unroll 2
-      for (int c = 0; c < 2; ++c) {
-        d[gi][c] = Isa::load((const f16_t*)blk[gi] + qcol(c, half));
-        m[gi][c] = F::HAS_MIN ? Isa::load((const f16_t*)(blk[gi] + 64) + qcol(c, half)) : Isa::zero();
-      }
+      for (int c = 0; c < 2; ++c) qsuper<DT>(blk[gi], c, half, d[gi][c], m[gi][c]);
     }
     for (int j = 0; j < NSUB; ++j) {
       Isa::V s[G][2], o[G][2];
