@@ -95,6 +95,15 @@ def _not_regular(path: Path, mode: int) -> str | None:
     return next((f"{path}: {why}" for test, why in _KINDS if test(mode)), f"{path}: not a regular file")
 
 
+def read_failure(what: str, e: OSError) -> UsageError:
+    """One line naming `what` for an OSError met opening or reading it."""
+    if isinstance(e, FileNotFoundError):
+        return UsageError(f"{what}: no such file")
+    if isinstance(e, PermissionError):
+        return UsageError(f"{what}: permission denied (cannot read it)")
+    return UsageError(f"{what}: cannot read it ({e.strerror})")
+
+
 def read_bytes(path: Path, limit: int | None = None) -> bytes:
     """The bytes of the regular file `path`, checked before anything is read: UsageError naming the file when it
     is missing, unreadable, not a regular file (a FIFO would block, /dev/zero never ends) or over `limit`
@@ -107,12 +116,8 @@ def read_bytes(path: Path, limit: int | None = None) -> bytes:
             raise UsageError(why)
         # O_NONBLOCK: were it swapped for a FIFO since the stat, open() must not wait for a writer
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such file") from None
-    except PermissionError:
-        raise UsageError(f"{path}: permission denied (cannot read it)") from None
     except OSError as e:
-        raise UsageError(f"{path}: cannot read it ({e.strerror})") from None
+        raise read_failure(str(path), e) from None
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
         why = _not_regular(path, st.st_mode)
@@ -124,7 +129,7 @@ def read_bytes(path: Path, limit: int | None = None) -> bytes:
         try:
             data = f.read(limit + 1)
         except OSError as e:
-            raise UsageError(f"{path}: cannot read it ({e.strerror})") from None
+            raise read_failure(str(path), e) from None
     if len(data) > limit:  # it grew while being read
         raise UsageError(f"{path}: larger than any file apply edits ({limit:,} bytes at most)")
     return data
@@ -390,12 +395,8 @@ def read_key_file(path: Path, limit: int = 64 * 1024) -> bytes:
             raise UsageError(_not_regular(path, mode) or f"{path}: not a regular file")
         with open(path, "rb") as f:
             data = f.read(limit + 1)
-    except FileNotFoundError:
-        raise UsageError(f"--api-key-file {path}: no such file") from None
-    except PermissionError:
-        raise UsageError(f"--api-key-file {path}: permission denied (cannot read it)") from None
     except OSError as e:
-        raise UsageError(f"--api-key-file {path}: cannot read it ({e.strerror})") from None
+        raise read_failure(f"--api-key-file {path}", e) from None
     if len(data) > limit:
         raise UsageError(f"--api-key-file {path}: over {limit:,} bytes; it should hold one key")
     return data

@@ -38,15 +38,19 @@ def src(tmp_path):
     return p
 
 
-def answer(monkeypatch, text=HINTED, reason="stop", complete=True, new_tokens=20, raises=None):
-    """Make Engine.edit return `text` with this finish_reason / completeness (or raise `raises`)."""
+def answer(monkeypatch, text=HINTED, reason="stop", complete=True, new_tokens=20, raises=None, originals=None):
+    """Make Engine.edit return `text` (None: the original unchanged) with this finish_reason / completeness (or
+    raise `raises`). Returns the max_new_tokens of each call; `originals`, when given, gets each original."""
     calls = []
 
     def edit(self, original, instruction, language=None, max_new_tokens=None, speculate=True):
         calls.append(max_new_tokens)
+        if originals is not None:
+            originals.append(original)
         if raises is not None:
             raise raises
-        return EditResult(text, "", Stats(finish_reason=reason, new_tokens=new_tokens), [], complete)
+        out = original if text is None else text
+        return EditResult(out, "", Stats(finish_reason=reason, new_tokens=new_tokens), [], complete)
 
     monkeypatch.setattr(specedit.Engine, "edit", edit)
     return calls
@@ -409,12 +413,7 @@ def test_long_file_is_refused_by_a_cheap_bound_before_tokenizing(model, tmp_path
 @pytest.mark.parametrize("where", ["--in-place", "-o"])
 def test_crlf_and_bom_are_kept(model, tmp_path, monkeypatch, bom, where):
     seen = []
-
-    def edit(self, original, instruction, language=None, max_new_tokens=None, speculate=True):
-        seen.append(original)
-        return EditResult(HINTED, "", Stats(finish_reason="stop", new_tokens=5), [], True)
-
-    monkeypatch.setattr(specedit.Engine, "edit", edit)
+    answer(monkeypatch, HINTED, new_tokens=5, originals=seen)
     f = tmp_path / "win.py"
     head = b"\xef\xbb\xbf" if bom else b""
     f.write_bytes(head + CODE.replace("\n", "\r\n").encode())
@@ -427,12 +426,7 @@ def test_crlf_and_bom_are_kept(model, tmp_path, monkeypatch, bom, where):
 
 def test_mixed_line_endings_are_left_as_they_are(model, tmp_path, monkeypatch):
     seen = []
-
-    def edit(self, original, instruction, language=None, max_new_tokens=None, speculate=True):
-        seen.append(original)
-        return EditResult(original, "", Stats(finish_reason="stop", new_tokens=5), [], True)
-
-    monkeypatch.setattr(specedit.Engine, "edit", edit)
+    answer(monkeypatch, None, new_tokens=5, originals=seen)
     f = tmp_path / "mixed.py"
     f.write_bytes(b"a = 1\r\nb = 2\n")
     assert apply(model, f, "Add type hints.", "--in-place") == 0
