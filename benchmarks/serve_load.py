@@ -88,7 +88,7 @@ def long_prompt_body(eng, tokens: int) -> dict:
     code = "\n\n".join(r["source_code"] for name in ("latency", "resource_util") for r in nofuneval(name))
     ask = "Summarize what the following code does, in one sentence.\n\n"
     ids = eng.encode(code[: 5 * tokens])[: tokens - count(ask)]
-    content = ask + eng.tokenizer.decode(ids)
+    content = ask + eng.detokenize(ids)
     return {"messages": [{"role": "user", "content": content}], "max_tokens": 8, "_prompt_tokens": count(content)}
 
 

@@ -15,6 +15,7 @@ from .backends import CHOICES, COMPUTES, Backend, engine_limit, select
 from .cache import KVCache
 from .checks import GenParams
 from .config import ModelConfig
+from .detokenize import Detokenizer, text_bytes
 from .drafter import Drafter, NgramLookup, special_bytes, token_bytes_table
 from .model import Transformer
 from .results import EditResult, GenerateResult, Stats
@@ -183,11 +184,19 @@ class Engine:
             self._token_bytes = table
         return self._token_bytes
 
-    def _text_bytes(self) -> list[bytes]:
-        """token_bytes with text-less (special) tokens as b"": what streaming text is made of."""
+    def detokenizer(self, stop: Sequence[str] = ()) -> Detokenizer:
+        """An incremental detokenizer: `.feed(ids)` returns the text those ids complete (whole UTF-8 characters,
+        special tokens as no text, held back while it could start a stop string), `.finish()` the rest; text
+        ends before the first of `stop`. Every answer's text is made this way."""
         if self._text is None:
-            self._text = [b"" if b.startswith(b"\xff") else b for b in self.token_bytes]
-        return self._text
+            self._text = text_bytes(self.token_bytes)
+        return Detokenizer(self._text, stop)
+
+    def detokenize(self, ids: Sequence[int], stop: Sequence[str] = ()) -> str:
+        """The text of token ids [T] as generate() returns it: special tokens give no text, invalid UTF-8 gives
+        U+FFFD, and the text ends before the first of `stop`."""
+        d = self.detokenizer(stop)
+        return d.feed(ids) + d.finish()
 
     def _cache(self, length: int, rows: int = 1) -> KVCache:
         return KVCache(self.cfg, rows, length, self.backend.param_dtype, self.backend.device,
@@ -256,7 +265,7 @@ class Engine:
 
     @torch.inference_mode()
     def _stream(self, ids_or_text, params: GenParams, stats: Stats | None) -> Iterator[str]:
-        text = prompts.TextStream(self._text_bytes(), params.stop)
+        text = self.detokenizer(params.stop)
         stats = stats if stats is not None else Stats()
         for new in self._steps(ids_or_text, params, stats):
             delta = text.feed(new)
@@ -281,7 +290,7 @@ class Engine:
         params = checks.generation(ids_or_text, max_new_tokens, prediction, temperature, stop, seed)
         stats = Stats()
         tokens: list[int] = []
-        text = prompts.TextStream(self._text_bytes(), params.stop)
+        text = self.detokenizer(params.stop)
         out = []
         for new in self._steps(ids_or_text, params, stats):
             tokens += new
@@ -392,8 +401,7 @@ class Engine:
         try:
             for h in handles:
                 tokens = h.wait()
-                text = prompts.TextStream(self._text_bytes(), params.stop)
-                results.append(GenerateResult(tokens, text.feed(tokens) + text.finish(), h.stats))
+                results.append(GenerateResult(tokens, self.detokenize(tokens, params.stop), h.stats))
         except BaseException:  # one failed (its error is raised here): the rest are not waited for, free their rows
             for h in handles:
                 h.cancel()

@@ -53,13 +53,16 @@ from collections.abc import Sequence
 __all__ = ["Drafter", "NgramLookup", "special_bytes", "token_bytes_table"]
 
 
+SPECIAL_PREFIX = b"\xff"  # never occurs in UTF-8 text
+
+
 def special_bytes(token_id: int) -> bytes:
     """Bytes standing for a token with no text (a special token, or an id outside the table).
 
     ``b"\\xff" + decimal id + b"\\xff"``: 0xFF never occurs in UTF-8 text and the closing 0xFF keeps one
     id from being a prefix of another, so such a token is matched only by the same id.
     """
-    return b"\xff" + str(token_id).encode() + b"\xff"
+    return SPECIAL_PREFIX + str(token_id).encode() + SPECIAL_PREFIX
 
 
 class Drafter:

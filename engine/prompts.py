@@ -1,8 +1,8 @@
-"""Edit prompts (the model's chat template), text streaming on bytes, extraction of the edited code, diffs."""
+"""Edit prompts (the model's chat template), user text kept out of control tokens, extraction of the edited code,
+diffs."""
 
 from __future__ import annotations
 
-import codecs
 import copy
 import difflib
 import re
@@ -178,41 +178,3 @@ def unified_diff(original: str, edited: str, name: str = "file") -> str:
             original.splitlines(keepends=True), edited.splitlines(keepends=True), f"a/{name}", f"b/{name}"
         )
     )
-
-
-class TextStream:
-    """Turns token ids into text deltas of whole UTF-8 characters, cut before the first stop string.
-
-    `feed(tokens)` returns the text now decided; text that could still be the start of a stop string is held
-    back until it is not; `finish()` returns the rest.
-    """
-
-    def __init__(self, token_bytes: Sequence[bytes], stop: Sequence[str] = ()):
-        self.token_bytes = token_bytes
-        self.stop = [s for s in stop if s]
-        self.hold = max((len(s) for s in self.stop), default=1) - 1
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.pending = ""
-        self.stopped = False
-
-    def _emit(self, final: bool) -> str:
-        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            self.stopped = True
-            out, self.pending = self.pending[: min(hits)], ""
-            return out
-        cut = len(self.pending) if final else max(0, len(self.pending) - self.hold)
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out
-
-    def feed(self, tokens: Sequence[int]) -> str:
-        if self.stopped:
-            return ""
-        self.pending += self.decoder.decode(b"".join(self.token_bytes[t] for t in tokens))
-        return self._emit(final=False)
-
-    def finish(self) -> str:
-        if self.stopped:
-            return ""
-        self.pending += self.decoder.decode(b"", final=True)
-        return self._emit(final=True)

@@ -278,8 +278,7 @@ def create_app(engine, model_name: str = "specedit", api_key: str | None = None,
         if flight.closing and not handle.stats.finish_reason:
             raise APIError(503, "the server is shutting down; the request was cancelled", None,
                            "server_shutting_down", "server_error")
-        text = prompts.TextStream(engine._text_bytes(), opts["stop"])
-        out = text.feed(tokens) + text.finish()
+        out = engine.detokenize(tokens, opts["stop"])
         s = handle.stats
         request.state.tokens = s.new_tokens
         if kind == "chat":
@@ -290,7 +289,7 @@ def create_app(engine, model_name: str = "specedit", api_key: str | None = None,
         return {**envelope(kind, rid, False), "choices": [choice], "usage": usage(s)}
 
     async def stream(request: Request, kind: str, rid: str, handle, stop: list[str], include_usage: bool):
-        text = prompts.TextStream(engine._text_bytes(), stop)
+        text = engine.detokenizer(stop)
 
         def event(choice_text: str | None, finish: str | None, first: bool = False) -> str:
             if kind == "chat":

@@ -25,7 +25,7 @@ def srv(tmp_path_factory):
 
     def planted(ids_or_text, *a, **k):  # a prompt holding FAULT gets a stop check that raises at its 3rd token
         seq = sequence(ids_or_text, *a, **k)
-        text = ids_or_text if isinstance(ids_or_text, str) else eng.tokenizer.decode(list(ids_or_text))
+        text = ids_or_text if isinstance(ids_or_text, str) else eng.detokenize(ids_or_text)
         if "FAULT" in text:
             push = seq.stopper.push
 
