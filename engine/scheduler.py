@@ -42,15 +42,11 @@ against the time since it was submitted. A job less than FAIR (0.8) as far behin
 job furthest behind sits out the step, so those behind get a shorter forward. Nobody starves: a job sitting
 out falls behind until it goes again; and the time a job waited for a free row counts only up to what
 max_batch sequences sharing the machine would have cost it, or after a long queue it would hold everyone
-else back until it caught up. Prefill chunks are not held back (held by the same rule, a newcomer's
-first 256 tokens put it ahead and its next chunk waited: p50 time to first token 0.27-0.41 s against 0.20 s, and
-the worst latency at 8 clients 8.2-8.4x against 6.1-7.7x). Only where rows are ragged (`fair=True`): a backend
-that pads every row to the longest computes absent rows anyway.
-
-(Measured against the planner this replaced, which spent rows wherever one forward's expected tokens per second
-grew most: 8 NoFunEval edits through the server, default model, both on the same cost model, 3 interleaved
-runs each: at 4 clients 468-510 tok/s against 459-471, worst latency 4.0-4.1x its alone latency against
-4.2-5.2x, p95 latency 2.6-2.8 s against 3.6-4.2 s; at 8 clients 474-501 tok/s against 428-462.)
+else back until it caught up. Prefill chunks are not held back: by the same rule a newcomer's first chunk
+would put it ahead and its next chunk would wait, delaying its first token. Only where rows are ragged
+(`fair=True`): a backend that pads every row to the longest computes absent rows anyway. Measured against a
+planner that spends rows wherever one forward's tokens per second grow most: docs/results.md, "Scheduler
+fairness".
 """
 
 from __future__ import annotations

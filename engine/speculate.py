@@ -86,9 +86,8 @@ class CostModel:
                 reps=5) -> CostModel:
         """Time forwards of T rows after a `prefix`-token context: one warmup per T, then `reps` rounds that
         each time every T once (a burst of load from elsewhere hits all T alike), min per T. Not `steady` when
-        some T's two best rounds differ by more than a quarter. (5 rounds, not 3: one cached model 10% high at 8
-        rows cut its drafts by a token and a server's throughput by ~10%; on a busy host 3 rounds gave 8 rows
-        7.2-7.6 ms, 5 rounds 6.9-7.2 ms, for 0.2 s more, paid once per machine, model and format.)"""
+        some T's two best rounds differ by more than a quarter. Five rounds because the model is cached for a
+        week: a cost 10% high at 8 rows shortens drafts by a token and costs a server ~10% throughput."""
         device = model.rope_cos.device
         cache = make_cache(prefix + max(rows))
         model(torch.zeros(1, prefix, dtype=torch.long, device=device), cache)

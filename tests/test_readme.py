@@ -87,3 +87,13 @@ def test_curl_example_body_is_accepted(server):
 def test_readme_keeps_the_two_setup_commands():
     two = block("Two commands", "sh")
     assert [line.split("#")[0].strip() for line in two.strip().splitlines()] == ["make demo", "make test"]
+
+
+def test_readme_is_short_and_its_links_stay_in_the_repository():
+    assert len(README.splitlines()) <= 160, "README.md: keep it to 160 lines; reference text goes to docs/"
+    root = Path(__file__).resolve().parents[1]
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)]+)\)", doc.read_text()):
+            assert "://" not in target, f"{doc.name}: link outside the repository: {target}"
+            path = (doc.parent / target.split("#")[0]).resolve()
+            assert path.is_relative_to(root) and path.exists(), f"{doc.name}: broken link {target}"

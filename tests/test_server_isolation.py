@@ -90,8 +90,8 @@ def test_a_failing_request_gets_a_500_and_the_others_their_answers(srv):
 
 
 def test_the_reported_tiny_temperature_is_greedy_beside_other_requests(srv):
-    """The report's case: "temperature": 1e-300 (passes ge=0) made the sampler divide by zero in the scheduler
-    thread and ended every request in flight. Now it decodes greedily, and a stream beside it gets its answer."""
+    """"temperature": 1e-300 (it passes ge=0) would divide the logits by zero in the scheduler thread: it decodes
+    greedily, and a stream beside it gets its answer."""
     eng, port = srv
     want = eng.generate("def add(a, b):", max_new_tokens=24).text
     out = {}
