@@ -22,7 +22,8 @@ from .results import EditResult, GenerateResult, Stats
 from .prefix_cache import PrefixCache
 from .scheduler import Handle, Job, Scheduler, Service, alone
 from .sequence import SequenceState, Stopper
-from .speculate import ChunkPolicy, CostModel, DraftSource, effective_temperature
+from .acceptance import effective_temperature
+from .draft_policy import ChunkPolicy, CostModel, DraftSource
 from .weights import load_hf_tensors, parse_dtype, to_runtime_state
 
 K_MAX = 64  # largest draft verified in one forward

@@ -104,7 +104,7 @@ class GenParams:
     """How one prompt is decoded, checked once by `generation` and passed down whole."""
 
     max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 (or below speculate.MIN_TEMPERATURE): greedy
+    temperature: float = 0.0  # 0 (or below acceptance.MIN_TEMPERATURE): greedy
     seed: int = 0
     stop: tuple[str, ...] = ()
     prediction: str | Sequence[int] | None = None  # the expected output (text or ids): the draft

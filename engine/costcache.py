@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .kernels.cpu.build import CSRC, cache_root
-from .speculate import CostModel
+from .draft_policy import CostModel
 
 MAX_AGE_S = 7 * 24 * 3600  # a cached cost model is measured again after a week
 

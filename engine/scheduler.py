@@ -65,7 +65,7 @@ import torch
 
 from .cache import KVCache
 from .sequence import SequenceState
-from .speculate import AcceptFn, greedy_accept, pick, sampled_accept
+from .acceptance import AcceptFn, greedy_accept, pick, sampled_accept
 
 
 @dataclass(eq=False)  # jobs compare by identity

@@ -11,7 +11,7 @@ import torch
 from .cache import KVCache
 from .prefix_cache import PrefixCache
 from .results import Stats
-from .speculate import DraftSource
+from .draft_policy import DraftSource
 
 
 class Stopper:

@@ -12,7 +12,7 @@ import specedit
 from helpers import make_text_checkpoint
 from specedit import costcache
 from specedit.results import GenerateResult, Stats
-from specedit.speculate import CostModel
+from specedit.draft_policy import CostModel
 
 CODE = "def add(a, b):\n    return a + b\n"
 

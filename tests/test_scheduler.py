@@ -336,7 +336,7 @@ def test_a_short_prompt_is_not_held_behind_a_long_prefill(eng):
     """A short request queued while a long prompt is being prefilled gets its whole answer long before that
     prefill ends (steps counted, not timed), and both outputs equal their alone outputs."""
     from specedit.scheduler import Job, Scheduler
-    from specedit.speculate import CostModel
+    from specedit.draft_policy import CostModel
 
     cost = CostModel([1, 8, 64], [1.0, 1.2, 8.0])  # fixed: the budget does not depend on this machine's load
     s = Scheduler(eng.model, eng.backend.accept, cost, lambda rows, length: eng._cache(length, rows), 512,

@@ -9,7 +9,8 @@ import torch
 import specedit
 from helpers import ARCHS, make_checkpoint, make_text_checkpoint, verify_and_steps
 from specedit.cache import KVCache
-from specedit.speculate import ChunkPolicy, CostModel, sampled_accept
+from specedit.acceptance import sampled_accept
+from specedit.draft_policy import ChunkPolicy, CostModel
 
 N = 48
 
@@ -191,7 +192,7 @@ def test_sampling_is_seeded(eng, prompt, plain):
 def test_a_temperature_too_small_to_divide_by_is_greedy(t):
     """Below MIN_TEMPERATURE (1e-6) pick and sampled_accept are argmax: float32 logits / 1e-300 would be inf and
     the softmax NaN, which torch.multinomial refuses."""
-    from specedit.speculate import MIN_TEMPERATURE, pick
+    from specedit.acceptance import MIN_TEMPERATURE, pick
 
     assert t < MIN_TEMPERATURE
     g = torch.Generator().manual_seed(0)
@@ -205,7 +206,7 @@ def test_a_temperature_too_small_to_divide_by_is_greedy(t):
 
 @pytest.mark.parametrize("t", [1e-6, 1e-4, 0.01, 0.5, 1.0, 2.0])
 def test_every_finite_temperature_up_to_2_samples_without_nan(t):
-    from specedit.speculate import pick
+    from specedit.acceptance import pick
 
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(3, 1000, generator=g) * 30  # wide logits: at small t most of the mass is on one token

@@ -7,7 +7,7 @@ import pytest
 
 import specedit
 from helpers import make_checkpoint
-from specedit.speculate import CostModel
+from specedit.draft_policy import CostModel
 
 
 @pytest.fixture(scope="module")

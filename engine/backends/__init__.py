@@ -20,7 +20,7 @@ import torch
 from .. import checks
 from ..config import ModelConfig
 from ..model import AttendFn
-from ..speculate import AcceptFn
+from ..acceptance import AcceptFn
 from ..weights import parse_dtype
 
 CHOICES = ("auto", "cpu", "torch", "triton")
