@@ -11,7 +11,7 @@ Writes benchmarks/out/edit_speed.csv.
 
 It starts with the first speculative call of a fresh engine against the same call repeated: the cost model
 that call needs is read from $SPECEDIT_CACHE/cost (measured there once per machine, model and weight format);
---cold-cost deletes it first, which is what every fresh engine paid before it was cached.
+--cold-cost deletes it first, so the first call pays for measuring it.
 """
 
 from __future__ import annotations
