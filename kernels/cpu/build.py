@@ -26,6 +26,7 @@ NAME = "specedit_cpu_kernels"
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (
     "bindings.cpp",
+    "dispatch.cpp",
     "decoder.cpp",
     "linear_avx2.cpp",
     "linear_avx512.cpp",

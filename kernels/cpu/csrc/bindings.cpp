@@ -3,49 +3,26 @@
 // binding because the torch and pybind headers are what takes time to compile.
 // Narrow includes on purpose: <torch/extension.h> alone takes ~19 s to compile here, these ~5 s.
 #include <ATen/Parallel.h>
-#include <cstdlib>
 #include <string>
 #include <ATen/ops/empty.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include "decoder.h"
+#include "dispatch.h"
 #include "quant.h"
 
 using specedit_cpu::ISA_AUTO;
 using specedit_cpu::ISA_AVX2;
 using specedit_cpu::ISA_AVX512;
 
-static bool has_avx512() {
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    // the AVX-512 kernels use BW, VL and VNNI too (the int8 kernel); a CPU without them runs the AVX2 ones
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-  }();
-  return yes;
-}
+// "avx512" or "avx2": what ISA_AUTO runs on this CPU.
+static std::string best_isa() { return specedit_cpu::resolve_isa(ISA_AUTO) == ISA_AVX512 ? "avx512" : "avx2"; }
 
-// What ISA_AUTO runs: AVX-512 where the CPU has it, unless SPECEDIT_ISA=avx2 (read once, at the first call)
-// asks for the AVX2 kernels, so a whole run takes the path an AVX2-only machine takes (build.py checks the
-// variable's value when it loads the extension).
-static int64_t auto_isa() {
-  static const int64_t isa = [] {
-    const char* env = std::getenv("SPECEDIT_ISA");
-    const bool avx2 = env != nullptr && std::string(env) == "avx2";
-    return (int64_t)(has_avx512() && !avx2 ? ISA_AVX512 : ISA_AVX2);
-  }();
-  return isa;
-}
-
-// "avx512" or "avx2": what ISA_AUTO picks.
-static std::string best_isa() { return auto_isa() == ISA_AVX512 ? "avx512" : "avx2"; }
-
-// An IsaCode from Python -> the instruction set to run (ISA_AUTO resolved); ValueError if not runnable here.
-static int64_t resolve_isa(int64_t isa, const char* what) {
-  if (isa == ISA_AUTO) return auto_isa();
-  TORCH_CHECK_VALUE(isa == ISA_AVX2 || (isa == ISA_AVX512 && has_avx512()), what, ": isa code ", isa,
-                    " is not available here");
-  return isa;
+// An IsaCode from Python -> the instruction set to run (dispatch.h); ValueError if this CPU cannot run it.
+static int64_t runnable_isa(int64_t isa, const char* what) {
+  const int64_t resolved = specedit_cpu::resolve_isa(isa);
+  TORCH_CHECK_VALUE(resolved >= 0, what, ": isa code ", isa, " is not available here");
+  return resolved;
 }
 
 // One part of a packed weight from Python: (packed bytes, N, dtype code).
@@ -102,7 +79,7 @@ static at::Tensor linear(const at::Tensor& x_, const std::vector<PartSpec>& part
   TORCH_CHECK_VALUE(x_.scalar_type() == at::kFloat, "cpu linear: x must be float32, got ", x_.scalar_type());
   TORCH_CHECK_VALUE(x_.dim() == 2 && x_.size(1) == K, "cpu linear: x must be [M, ", K, "], got ", x_.sizes());
   const specedit_cpu::Packed w = to_packed(parts, K, bias, "cpu linear");
-  isa = resolve_isa(isa, "cpu linear");
+  isa = runnable_isa(isa, "cpu linear");
   const at::Tensor x = x_.contiguous();
   auto y = at::empty({x.size(0), w.N}, x.options());
   specedit_cpu::linear_run(x.data_ptr<float>(), x.size(0), w, y.data_ptr<float>(), isa);
@@ -169,7 +146,7 @@ static at::Tensor attention(const at::Tensor& q_, const at::Tensor& k, const at:
     TORCH_CHECK_VALUE(n >= T && n <= S, "cpu attention: length ", n, " outside [T=", T, ", S_max=", S, "]");
   TORCH_CHECK_VALUE(scale > 0 && scale < 1e300, "cpu attention: scale must be positive and finite, got ", scale);
   TORCH_CHECK_VALUE(window >= 0, "cpu attention: window must be >= 0 (0 = none), got ", window);
-  isa = resolve_isa(isa, "cpu attention");
+  isa = runnable_isa(isa, "cpu attention");
   const at::Tensor q = q_.stride(3) == 1 ? q_ : q_.contiguous();
   at::Tensor out = at::empty({B, T, H, D}, q.options());
   specedit_cpu::AttnProblem P{};
@@ -290,7 +267,7 @@ class Stack {
       TORCH_CHECK_VALUE(starts[b] >= 0 && starts[b] + counts[b] <= S && starts[b] + counts[b] <= max_pos_,
                         "cpu stack: start ", starts[b], " + ", counts[b], " rows exceeds the cache (", S,
                         ") or the rope table (", max_pos_, ")");
-    isa = resolve_isa(isa, "cpu stack");
+    isa = runnable_isa(isa, "cpu stack");
     const int64_t nqkv = (d.H + 2 * d.Hkv) * d.D;
     at::Tensor x = x_.clone(at::MemoryFormat::Contiguous);
     at::Tensor work = at::empty({M * (2 * d.dim + nqkv + d.H * d.D + 3 * d.I)}, x.options());

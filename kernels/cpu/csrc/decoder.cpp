@@ -20,19 +20,14 @@
 #include <vector>
 
 #include "decoder.h"
+#include "dispatch.h"
 #include "pool.h"
 
 namespace specedit_cpu {
-namespace avx2 {
-void linear_cols(const float*, const QRows*, int64_t, int64_t, const void*, int, float*, int64_t, int64_t, int64_t);
-}
-namespace avx512 {
-void linear_cols(const float*, const QRows*, int64_t, int64_t, const void*, int, float*, int64_t, int64_t, int64_t);
-}
 
 void linear_run(const float* x, int64_t M, const Packed& w, float* y, int64_t isa) {
   if (M == 0 || w.N == 0) return;
-  auto fn = isa == ISA_AVX512 ? avx512::linear_cols : avx2::linear_cols;
+  LinearCols::Fn* const fn = kernel<LinearCols>(isa);
   const int64_t N = w.N, K = w.K;
   // Threads split the columns in groups of 32 (numbered across the parts); each streams its own contiguous
   // slice of the weights. A chunk should carry at least ~64K weights, so small layers are not split into slivers.
