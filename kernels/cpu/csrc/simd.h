@@ -50,10 +50,12 @@ struct Isa {
   static inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static inline V div(V a, V b) { return _mm512_div_ps(a, b); }
   static inline V max(V a, V b) { return _mm512_max_ps(a, b); }  // a NaN a gives b
+  static inline V min(V a, V b) { return _mm512_min_ps(a, b); }  // a NaN a gives b
   static inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }   // a * b + c, one rounding
   static inline V fms(V a, V b, V c) { return _mm512_fmsub_ps(a, b, c); }   // a * b - c, one rounding
   static inline V fnma(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b, one rounding
   static inline V round(V x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static inline V floor(V x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
   static inline float first(V a) { return _mm512_cvtss_f32(a); }
   static inline float hmax(V a) { return _mm512_reduce_max_ps(a); }  // exact in any order
   // The fixed tree over 16 lanes (one vector here): 16 -> 8 (l + l+8) -> 4 (l + l+4) -> 2 (l + l+2) -> 1.
@@ -153,10 +155,12 @@ struct Isa {
   static inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static inline V div(V a, V b) { return _mm256_div_ps(a, b); }
   static inline V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static inline V min(V a, V b) { return _mm256_min_ps(a, b); }
   static inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static inline V fms(V a, V b, V c) { return _mm256_fmsub_ps(a, b, c); }
   static inline V fnma(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
   static inline V round(V x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static inline V floor(V x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
   static inline float first(V a) { return _mm256_cvtss_f32(a); }
   static inline float hmax(V a) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -237,9 +241,11 @@ struct Isa {
 };
 #endif
 
-// 2^x for x <= 0, the same lane-wise operations on every instruction set (Cephes exp2f polynomial on
-// [-0.5, 0.5], ~2 ulp). x < -125.5, -inf or NaN gives +0: an exact zero for masked scores, and no subnormal
-// result, so the flush-to-zero mode cannot matter either.
+// The two exponentials, each in the one form its callers' bits rest on; both scale by pow2i.
+//
+// exp2: 2^x for x <= 0, the attention's (scores are in base 2): Cephes exp2f, n = round(x), f = x - n (exact),
+// a degree-6 polynomial for 2^f on [-0.5, 0.5] in FMAs, ~2 ulp. x < -125.5, -inf or NaN gives +0: an exact zero
+// for masked scores, which the attention's row invariance needs (attention_kernel.h).
 inline Isa::V exp2(Isa::V x) {
   x = Isa::max(x, Isa::set1(-127.0f));  // NaN -> -127 (max returns its second operand)
   const Isa::V n = Isa::round(x);
@@ -255,6 +261,27 @@ inline Isa::V exp2(Isa::V x) {
 }
 
 inline float exp2_scalar(float x) { return Isa::first(exp2(Isa::set1(x))); }
+
+// exp: e^x, the SiLU's (decoder.cpp): Cephes expf, n = floor(x log2 e + 1/2), r = x - n ln 2 with ln 2 in two
+// parts (Cody-Waite), e^r = 1 + r + r^2 P(r) with a degree-5 P in separate multiplies and adds, ~1 ulp. x is
+// clamped to [-87.3, 88.3] (NaN to -87.3), so results stay finite; below e^-87.0 they are +0 (pow2i), where
+// 1 + e^x rounds to 1 all the same.
+// Why two: e^x through exp2(x log2 e) would round x log2 e first (up to 8 ulp at |x| = 10), and either routine
+// in place of the other changes bits that the model's outputs depend on (compute="int8" tokens included).
+inline Isa::V exp(Isa::V x) {
+  x = Isa::min(Isa::max(x, Isa::set1(-87.3f)), Isa::set1(88.3f));
+  const Isa::V n = Isa::floor(Isa::add(Isa::mul(x, Isa::set1(1.44269504088896341f)), Isa::set1(0.5f)));
+  Isa::V r = Isa::sub(x, Isa::mul(n, Isa::set1(0.693359375f)));
+  r = Isa::sub(r, Isa::mul(n, Isa::set1(-2.12194440e-4f)));
+  Isa::V p = Isa::set1(1.9875691500e-4f);
+  p = Isa::add(Isa::mul(p, r), Isa::set1(1.3981999507e-3f));
+  p = Isa::add(Isa::mul(p, r), Isa::set1(8.3334519073e-3f));
+  p = Isa::add(Isa::mul(p, r), Isa::set1(4.1665795894e-2f));
+  p = Isa::add(Isa::mul(p, r), Isa::set1(1.6666665459e-1f));
+  p = Isa::add(Isa::mul(p, r), Isa::set1(5.0000001201e-1f));
+  const Isa::V y = Isa::add(Isa::add(Isa::mul(p, Isa::mul(r, r)), r), Isa::set1(1.0f));
+  return Isa::mul(y, Isa::pow2i(n));
+}
 
 // Scalar helpers: SSE, on every x86-64 CPU.
 
