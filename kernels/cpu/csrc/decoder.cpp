@@ -1,4 +1,4 @@
-// The decoder stack of a Llama-family model in one call, for CPU decoding and verify passes.
+// Every decoder layer of a Llama-family model in one call, for CPU decoding and verify passes.
 //
 // Per layer, on M = B * T rows:  h = rms_norm(x) -> qkv = h W_qkv^T (+b) -> [q/k head norms] -> RoPE on q, k
 // -> K/V rows into the cache -> attention -> x += o W_o^T (+b) -> h = rms_norm(x) -> gu = h W_gu^T
@@ -125,8 +125,8 @@ void silu_mul(const float* gate, const float* up, int64_t n, float* a) {
 
 }  // namespace
 
-void stack_forward(const StackDims& d, const Layer* layers, float* x, int64_t B, const int64_t* counts,
-                   const int64_t* starts, float* cache, int64_t S, const StackScratch& s, int64_t isa) {
+void decoder_forward(const DecoderDims& d, const Layer* layers, float* x, int64_t B, const int64_t* counts,
+                     const int64_t* starts, float* cache, int64_t S, const DecoderScratch& s, int64_t isa) {
   const int64_t dim = d.dim, H = d.H, Hkv = d.Hkv, D = d.D, I = d.I;
   const int64_t nqkv = (H + 2 * Hkv) * D;
   const int64_t kv_plane = B * Hkv * S * D;  // one of K or V of one layer
