@@ -3,11 +3,12 @@
 //
 // Exactness: for each k the 32 columns' quants are widened to int32 lanes and turned into float32 weights with
 // the operations gguf's numpy dequantizer writes, in its order (QFmt::FORM), where a product followed by a sum
-// is one FMA only because the product is exact (see qtile), then fed to the same fma(x[m, k], w[n, k], acc) chain over k = 0..K-1 from +0 as the float
-// formats. So every output equals the float32 kernel's on the dequantized weight bit for bit, whatever M, the
-// thread split or the ISA (AVX2 and AVX-512 compute each lane identically).
+// is one FMA only because the product is exact (see qweight), then fed to the same fma(x[m, k], w[n, k], acc)
+// chain over k = 0..K-1 from +0 as the float formats. So every output equals the float32 kernel's on the
+// dequantized weight bit for bit, whatever M, the thread split or the ISA (AVX2 and AVX-512 compute each lane
+// identically).
 //
-// Speed: a tile decodes each k's weights once and uses them for all its rows (up to QRMAX), so a verify
+// Speed: a tile decodes each k's weights once and uses them for all its rows (up to Tiles::QRMAX), so a verify
 // forward of 65 rows dequantizes each weight ceil(65 / QRMAX) times, not 65; the bytes streamed are the
 // quantized ones (Q4_1: 5 bits per weight instead of 32).
 
@@ -44,9 +45,6 @@ inline Isa::VI qdecode(const uint8_t* rec, int c, int half, Isa::VI lanes) {
   return q;
 }
 
-// R rows x the pass's 16 (AVX2) or 32 (AVX-512) columns of G groups (g, g + gstride, ...; their K / QK
-// super-blocks each). G = 2 for one or two rows on AVX-512: a column's FMA chain waits 4 cycles per k, so one
-// group's 2 chains would leave the core idle; two groups' 4 chains keep it busy decoding.
 // The float32 weights of one k (vector c of pass `half`) from its quants and the sub-block's scale and offset.
 // s * qf is exact in float32 (s has at most 11 + 7 significant bits, q at most 6), so the one rounding of an FMA
 // equals gguf's rounded product then rounded sum: fma(s, q, o) == (s * q) + o bit for bit.
@@ -113,6 +111,9 @@ inline void qdequant_group(const uint8_t* g, int64_t K, float* buf) {
   }
 }
 
+// R rows x the pass's 16 (AVX2) or 32 (AVX-512) columns of G groups (g, g + gstride, ...; their K / QK
+// super-blocks each). G = 2 for one or two rows on AVX-512: a column's FMA chain waits 4 cycles per k, so one
+// group's 2 chains would leave the core idle; two groups' 4 chains keep it busy decoding.
 template <int DT, int R, int G>
 inline void qtile(const float* x, int64_t K, const uint8_t* g, int64_t gstride, int half, float* y, int64_t ldy,
                   int ncols) {

@@ -267,7 +267,8 @@ inline float exp2_scalar(float x) { return Isa::first(exp2(Isa::set1(x))); }
 // clamped to [-87.3, 88.3] (NaN to -87.3), so results stay finite; below e^-87.0 they are +0 (pow2i), where
 // 1 + e^x rounds to 1 all the same.
 // Why two: e^x through exp2(x log2 e) would round x log2 e first (up to 8 ulp at |x| = 10), and either routine
-// in place of the other changes bits that the model's outputs depend on (compute="int8" tokens included).
+// in place of the other changes output bits: SiLU through exp2's polynomial (even with this reduction) differs
+// in ~6% of its values by an ulp, enough to change SmolLM2's compute="int8" greedy tokens.
 inline Isa::V exp(Isa::V x) {
   x = Isa::min(Isa::max(x, Isa::set1(-87.3f)), Isa::set1(88.3f));
   const Isa::V n = Isa::floor(Isa::add(Isa::mul(x, Isa::set1(1.44269504088896341f)), Isa::set1(0.5f)));
@@ -283,7 +284,7 @@ inline Isa::V exp(Isa::V x) {
   return Isa::mul(y, Isa::pow2i(n));
 }
 
-// Scalar helpers: SSE, on every x86-64 CPU.
+// Scalar helpers, on every CPU the build runs on (SSE, and the FMA and F16C of the baseline flags).
 
 inline void spin_pause() { _mm_pause(); }  // in a spin-wait loop
 
