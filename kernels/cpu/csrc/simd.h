@@ -30,6 +30,13 @@ namespace {
 struct f16_t { uint16_t bits; };   // IEEE half, as stored by pack_weight
 struct bf16_t { uint16_t bits; };  // bfloat16: the top half of an fp32
 
+// The sum of 8 lanes in a fixed tree: 8 -> 4 (l + l+4) -> 2 (l + l+2) -> 1 (l + l+1).
+inline float sum8_tree(__m256 s8) {
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
 #if defined(SPECEDIT_AVX512)
 struct Isa {
   using V = __m512;   // fp32 lanes
@@ -58,13 +65,10 @@ struct Isa {
   static inline V floor(V x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
   static inline float first(V a) { return _mm512_cvtss_f32(a); }
   static inline float hmax(V a) { return _mm512_reduce_max_ps(a); }  // exact in any order
-  // The fixed tree over 16 lanes (one vector here): 16 -> 8 (l + l+8) -> 4 (l + l+4) -> 2 (l + l+2) -> 1.
+  // The fixed tree over 16 lanes (one vector here): 16 -> 8 (l + l+8), then sum8_tree.
   static inline float sum16(const V* v) {
-    const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(v[0]),
-                                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v[0]), 1)));
-    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+    return sum8_tree(_mm256_add_ps(_mm512_castps512_ps256(v[0]),
+                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v[0]), 1))));
   }
   // 2^n for integral n in [-127, 127]; n <= -126 gives +0 (no subnormals).
   static inline V pow2i(V n) {
@@ -167,13 +171,8 @@ struct Isa {
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
     return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
   }
-  // The same tree over 16 lanes, here two vectors: lanes 0-7 and 8-15.
-  static inline float sum16(const V* v) {
-    const __m256 s8 = _mm256_add_ps(v[0], v[1]);
-    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
-  }
+  // The same tree over 16 lanes, here two vectors (lanes 0-7 and 8-15): 16 -> 8, then sum8_tree.
+  static inline float sum16(const V* v) { return sum8_tree(_mm256_add_ps(v[0], v[1])); }
   static inline V pow2i(V n) {
     const __m256i ni = _mm256_cvtps_epi32(n);
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(ni, _mm256_set1_epi32(127)), 23);
