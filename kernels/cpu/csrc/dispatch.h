@@ -42,7 +42,8 @@ struct AttnCombine {
 // An IsaCode (codes.h) -> the instruction set to run, ISA_AVX2 or ISA_AVX512; -1 when this CPU cannot run it
 // (ISA_AVX512 without AVX-512, or an unknown code). ISA_AUTO is AVX-512 where the CPU has F, BW, VL and VNNI
 // (what the AVX-512 units are compiled for, simd.h), else AVX2; $SPECEDIT_ISA=avx2 makes it AVX2, so a whole
-// run takes the path an AVX2-only machine takes. Both are read once, at the first call.
+// run takes the path an AVX2-only machine takes (build.py checks the variable's value when it loads the
+// extension). Both are read once, at the first call.
 int64_t resolve_isa(int64_t isa);
 
 // The copy of Stub's entry point to call for a resolved instruction set (ISA_AVX2 or ISA_AVX512).

@@ -213,7 +213,7 @@ void run_q(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t ldy, 
   if (M > 2 * Tiles::QRMAX) {
     // Many rows (a verify or prefill forward): dequantize each group once into a [K][32] float32 buffer (L2)
     // and run the float32 tiles over it, rather than once per row tile. Same FMA chains, so the same bits.
-    float* buf = (float*)alloc_aligned(K * GROUP * sizeof(float), 64);
+    float* buf = (float*)alloc_aligned(K * GROUP * sizeof(float));
     for (; n0 < col1; n0 += GROUP) {
       qdequant_group<DT>(w + n0 / GROUP * gbytes, K, buf);
       run(x, M, K, buf, ldy, y + n0, 0, col1 - n0 < GROUP ? col1 - n0 : GROUP);

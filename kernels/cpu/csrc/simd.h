@@ -302,8 +302,10 @@ struct MxcsrScope {
 // The 64-byte line at p into every cache level (a software prefetch of a weight stream).
 inline void prefetch(const void* p) { _mm_prefetch((const char*)p, _MM_HINT_T0); }
 
-// Memory aligned to `align` bytes (a power of two); release with free_aligned.
-inline void* alloc_aligned(size_t bytes, size_t align) { return _mm_malloc(bytes, align); }
+// `bytes` at a 64-byte (cache line) boundary; release with free_aligned. The alignment is fixed, not an
+// argument: with a variable one GCC inlines differently around the call (the AVX2 matmul's machine code
+// changes), and the kernels' timings rest on that code.
+inline void* alloc_aligned(size_t bytes) { return _mm_malloc(bytes, 64); }
 inline void free_aligned(void* p) { _mm_free(p); }
 
 // IEEE half (its bits) -> float, exact (F16C, in the baseline flags).
