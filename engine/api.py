@@ -416,6 +416,6 @@ class Engine:
                 scheduler = Scheduler(self.model, self.backend.accept, self.cost_model(),
                                       lambda rows, length: self._cache(length, rows),
                                       engine_limit(self.backend, self.cfg), K_MAX, max_batch,
-                                      fair=self.model.fused_layers is not None)
+                                      fair=self.model.decoder is not None)
                 self._service = Service(scheduler)
             return self._service

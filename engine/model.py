@@ -20,9 +20,9 @@ from .config import ModelConfig
 # attend(q [B, T, H, D], cache, layer, scale) -> [B, T, H, D]; the cache already holds the T new rows
 # (cache.lengths_dev and cache.positions describe them).
 AttendFn = Callable[[torch.Tensor, KVCache, int, float], torch.Tensor]
-# fused_layers(x [B, T, dim], cache, starts) -> [B, T, dim]: every block at once, the new K/V rows written;
-# fused_layers(x [M, dim], cache, starts, counts) -> [M, dim]: the same with counts[b] rows for cache row b.
-FusedLayersFn = Callable[..., torch.Tensor]
+# decoder(x [B, T, dim], cache.buf, starts) -> [B, T, dim]: every block at once, the new K/V rows written;
+# decoder(x [M, dim], cache.buf, starts, counts) -> [M, dim]: the same with counts[b] rows for cache row b.
+DecoderFn = Callable[..., torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -95,8 +95,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The model. `attend` computes attention over the cache; a backend may set `fused_layers` to run every
-    block in one call (both chosen in specedit.backends, never here)."""
+    """The model. `attend` computes attention over the cache; a backend may set `decoder` to run every block
+    in one call (both chosen in specedit.backends, never here)."""
 
     def __init__(self, cfg: ModelConfig, attend: AttendFn):
         super().__init__()
@@ -109,7 +109,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.rope_cos: torch.Tensor | None = None  # [max_position, D], built by setup_rope()
         self.rope_sin: torch.Tensor | None = None
-        self.fused_layers: FusedLayersFn | None = None
+        self.decoder: DecoderFn | None = None
 
     def setup_rope(self, device, dtype) -> None:
         """Precompute cos/sin tables [max_position, head_dim] the way transformers does (float32 angles)."""
@@ -129,8 +129,8 @@ class Transformer(nn.Module):
         self._check_room(cache, [T] * B)
         starts = cache.advance(T)
         x = self.embed(tokens)  # [B, T, dim]
-        if self.fused_layers is not None:
-            x = self.fused_layers(x, cache, starts)
+        if self.decoder is not None:
+            x = self.decoder(x, cache.buf, starts)
         else:
             cos, sin = self.rope_cos[cache.positions], self.rope_sin[cache.positions]  # [B, T, D]
             for i, layer in enumerate(self.layers):
@@ -142,13 +142,13 @@ class Transformer(nn.Module):
     def forward_rows(self, rows: list[list[int]], cache: KVCache) -> torch.Tensor:
         """Append rows[b] (any number of tokens, none for a free row) to cache row b in one forward.
 
-        Returns float32 logits [M, V] of every new row, sequence after sequence (M = total tokens). The fused
-        layers take the rows ragged; the per-layer path pads every row to the longest with its last token and
+        Returns float32 logits [M, V] of every new row, sequence after sequence (M = total tokens). The decoder
+        takes the rows ragged; the per-layer path pads every row to the longest with its last token and
         rolls the padding back, which changes no other row's logits where rows are computed independently.
         """
         counts = [len(r) for r in rows]
         device = self.rope_cos.device
-        if self.fused_layers is None:
+        if self.decoder is None:
             T = max(counts)
             padded = [r + (r[-1:] or [0]) * (T - len(r)) for r in rows]
             logits = self(torch.tensor(padded, device=device), cache, True)
@@ -158,7 +158,7 @@ class Transformer(nn.Module):
         self._check_room(cache, counts)
         starts = cache.advance(counts)
         x = self.embed(torch.tensor([t for r in rows for t in r], device=device))  # [M, dim]
-        return self.lm_head(self.norm(self.fused_layers(x, cache, starts, counts))).float()
+        return self.lm_head(self.norm(self.decoder(x, cache.buf, starts, counts))).float()
 
     def _check_room(self, cache: KVCache, counts: list[int]) -> None:
         end = max(n + c for n, c in zip(cache.lengths, counts))

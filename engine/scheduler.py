@@ -6,8 +6,8 @@ Each step packs every active sequence's `[last] + draft` rows into ONE forward o
 cache row per sequence; ragged: a sequence without a draft contributes its one row), accepts every sequence
 with one batched `accept`, rolls back per row and hands each sequence its tokens. With row-invariant kernels
 (the CPU backend) a row's logits do not depend on the other rows, so every sequence's greedy output is exactly
-its batch-1 `generate`'s. (Backends without ragged fused layers pad the rows to the longest and roll the
-padding back.)
+its batch-1 `generate`'s. (Backends without a decoder that takes ragged rows pad the rows to the longest and
+roll the padding back.)
 
 Sequences join at step boundaries: a new one is prefilled in a cache of its own, in chunks between two steps,
 then its positions are copied into a free row of the batched cache (`max_batch` rows; its length grows by

@@ -26,7 +26,7 @@ def test_default_cpu_load_is_row_invariant_and_quiet(path):
         warnings.simplefilter("error")
         eng = specedit.load(path)
     assert eng.backend.name == "cpu" and eng.row_invariant
-    assert eng.model.fused_layers is not None
+    assert eng.model.decoder is not None
 
 
 def test_torch_backend_warns_that_rows_may_differ(path):

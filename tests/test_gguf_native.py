@@ -56,7 +56,7 @@ def write(tmp_path, arch, pick, tied=True, fmts=()):
 
 def assert_native_exact(path):
     native = specedit.load(path)
-    assert native.model.fused_layers is not None and native.path == path
+    assert native.model.decoder is not None and native.path == path
     ref = specedit.load(path, dtype="float32")  # gguf's dequantize -> float32 HF dir -> float32 engine
     a, b = native.logits(IDS), ref.logits(IDS)
     assert torch.isfinite(b).all() and b.abs().max() > 0
@@ -126,7 +126,7 @@ def test_other_backends_dequantize(tmp_path):
     path = write(tmp_path, "qwen2", lambda name: "q4_0")
     with pytest.warns(UserWarning, match="backend 'torch'"):
         eng = specedit.load(path, cpu_kernels=False)
-    assert eng.model.fused_layers is None and eng.path.is_dir()  # the converted float32 directory
+    assert eng.model.decoder is None and eng.path.is_dir()  # the converted float32 directory
 
 
 def write_mixed(tmp_path, arch="qwen2"):
@@ -150,7 +150,7 @@ def test_avx2_and_avx512_agree_on_the_whole_model(tmp_path, fmt, compute):
     outs = []
     for isa in ("avx2", "avx512"):
         c = eng._cache(len(IDS))
-        h = m.fused_layers(x, c, [0], isa=isa)  # [1, T, dim]
+        h = m.decoder(x, c.buf, [0], isa=isa)  # [1, T, dim]
         outs.append((m.lm_head(m.norm(h), isa=isa), c.buf.clone()))
     (a, ka), (b, kb) = outs
     assert torch.isfinite(a).all() and a.abs().max() > 0

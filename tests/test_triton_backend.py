@@ -43,8 +43,8 @@ def test_triton_greedy_plain_and_speculative_match_torch(engines):
 
 @pytest.mark.parametrize("which", ["torch", "triton"])
 def test_padded_batches_equal_each_prompts_own_generate(engines, which):
-    """Backends without ragged fused layers (the GPU path) pad every row of a batched step to the longest and
-    roll the padding back: sequences of different lengths, drafts accepted, rejected and absent."""
+    """Backends without a decoder that takes ragged rows (the GPU path) pad every row of a batched step to the
+    longest and roll the padding back: sequences of different lengths, drafts accepted, rejected and absent."""
     eng = dict(zip(("torch", "triton"), engines))[which]
     rng = random.Random(2)
     prompts = [rng.choices(range(128), k=k) for k in (5, 23, 12)]

@@ -2,12 +2,12 @@
 
     be = select("cpu", "auto", None, cfg, "float32")
     model = Transformer(cfg, be.attend)       # parameters loaded in be.param_dtype
-    be.prepare(model)                         # e.g. pack the linears and fuse the blocks (CPU kernels)
+    be.prepare(model)                         # e.g. pack the linears and set model.decoder (CPU kernels)
 
-Backends: "cpu" (the C++ kernels of specedit.kernels.cpu: packed linears, fused blocks, row-invariant
-attention), "torch" (F.linear and SDPA, anywhere) and "triton" (the Triton kernels of specedit.kernels; on a
-CPU under TRITON_INTERPRET=1). `backend="auto"` picks triton on CUDA and cpu on a CPU that can build the
-kernels, else torch, with a warning saying why.
+Backends: "cpu" (the C++ kernels of specedit.kernels.cpu: packed linears, every block in one decoder call,
+row-invariant attention), "torch" (F.linear and SDPA, anywhere) and "triton" (the Triton kernels of
+specedit.kernels; on a CPU under TRITON_INTERPRET=1). `backend="auto"` picks triton on CUDA and cpu on a CPU that
+can build the kernels, else torch, with a warning saying why.
 """
 
 from __future__ import annotations
@@ -55,11 +55,11 @@ class Backend:
 def _cpu_kernels_problem(cfg: ModelConfig) -> str | None:
     """None when the CPU kernels can run `cfg` here (building them if needed), else why not."""
     from ..kernels.cpu import build
-    from ..kernels.cpu.stack import unsupported_reason
+    from ..kernels.cpu.decoder import unsupported_reason
 
-    from .cpu import stack_dims
+    from .cpu import decoder_dims
 
-    why = unsupported_reason(stack_dims(cfg)) or build.unavailable_reason()
+    why = unsupported_reason(decoder_dims(cfg)) or build.unavailable_reason()
     if why is not None:
         return why
     try:

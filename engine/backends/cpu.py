@@ -1,6 +1,6 @@
 """The CPU backend: the C++ kernels of specedit.kernels.cpu. Every linear is packed once (weights stored in the
-chosen dtype, activations float32) and all decoder blocks run in one call (DecoderStack), so a decode step
-streams the weights once and a verify row equals the 1-row step bit for bit."""
+chosen dtype, activations float32) and all decoder blocks run in one call (Decoder, set as model.decoder), so a
+decode step streams the weights once and a verify row equals the 1-row step bit for bit."""
 
 from __future__ import annotations
 
@@ -9,36 +9,23 @@ import torch
 
 from ..cache import KVCache
 from ..kernels.cpu.attention import attention
+from ..kernels.cpu.decoder import Decoder, DecoderDims, LayerWeights
 from ..kernels.cpu.linear import GGUF_FORMATS, GGUFEmbedding, PackedLinear, quantize_q8_0
-from ..kernels.cpu.stack import DecoderStack, LayerWeights, StackDims
 
 
 def attend_cpu(q: torch.Tensor, cache: KVCache, layer: int, scale: float) -> torch.Tensor:
     """Same contract as attend_torch, through the row-invariant CPU attention (used when the blocks run one
-    torch op at a time; the fused stack calls the same kernel itself)."""
+    torch op at a time; the Decoder calls the same kernel itself)."""
     return attention(q, cache.k(layer), cache.v(layer), list(cache.lengths), scale, window=cache.sliding_window)
 
 
-class FusedLayers:
-    """model.fused_layers of the CPU backend: every block in one DecoderStack call on the cache's buffer."""
-
-    def __init__(self, stack: DecoderStack):
-        self.stack = stack
-
-    def __call__(self, x: torch.Tensor, cache: KVCache, starts: list[int], counts: list[int] | None = None,
-                 isa: str | None = None) -> torch.Tensor:
-        """x [B, T, dim] float32 -> [B, T, dim], or ragged x [M, dim] with counts[b] rows for row b -> [M, dim];
-        starts: each row's length before this forward."""
-        return self.stack(x, cache.buf, starts, counts, isa)
-
-
-def stack_dims(cfg) -> StackDims:
-    return StackDims(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.intermediate_size, cfg.norm_eps,
-                     cfg.sliding_window)
+def decoder_dims(cfg) -> DecoderDims:
+    return DecoderDims(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.intermediate_size, cfg.norm_eps,
+                       cfg.sliding_window)
 
 
 def pack_model(model, weight_dtype: torch.dtype, compute: str = "exact") -> None:
-    """Swap every nn.Linear of `model` for a PackedLinear in `weight_dtype` and fuse its blocks. weight_dtype
+    """Swap every nn.Linear of `model` for a PackedLinear in `weight_dtype` and set its Decoder. weight_dtype
     torch.int8 stores the weights as Q8_0 blocks (linear.quantize_q8_0), multiplied the `compute` way ('exact' or
     'int8'); float dtypes are float32 math whatever `compute` says.
 
@@ -57,10 +44,11 @@ def pack_model(model, weight_dtype: torch.dtype, compute: str = "exact") -> None
         else:
             packed = PackedLinear(lin.weight, lin.bias, weight_dtype)
         setattr(owner, name, packed)
-    _fuse(model)
+    _set_decoder(model)
 
 
-def _fuse(model) -> None:
+def _set_decoder(model) -> None:
+    """model.decoder: every block of `model` (its packed linears, norms and rope tables) in one Decoder call."""
     layers = [
         LayerWeights(
             blk.attn_norm.weight, None if blk.attn.q_norm is None else blk.attn.q_norm.weight,
@@ -69,7 +57,7 @@ def _fuse(model) -> None:
         )
         for blk in model.layers
     ]
-    model.fused_layers = FusedLayers(DecoderStack(layers, model.rope_cos, model.rope_sin, stack_dims(model.cfg)))
+    model.decoder = Decoder(layers, model.rope_cos, model.rope_sin, decoder_dims(model.cfg))
 
 
 def _float32(a: np.ndarray, fmt: str) -> torch.Tensor:
@@ -92,7 +80,7 @@ def load_native(model, tensors: dict[str, tuple[str, np.ndarray]], compute: str 
     """Fill a Transformer built on the meta device from GGUF tensors as stored (HF names -> (format, data), see
     specedit.gguf.read_native): linears packed in their own formats (a fused q/k/v or gate/up keeps one part
     per tensor type), the token embedding kept quantized (rows dequantized on lookup; a tied lm_head shares its
-    bytes), norms and biases in float32; then the blocks are fused. Nothing keeps a view of the file.
+    bytes), norms and biases in float32; then the Decoder is set. Nothing keeps a view of the file.
     compute: how the quantized linears multiply, 'exact' or 'int8' (PackedLinear.from_parts).
 
     Strict like weights.load_hf_tensors: missing, unexpected and wrongly shaped tensors are listed."""
@@ -150,7 +138,7 @@ def load_native(model, tensors: dict[str, tuple[str, np.ndarray]], compute: str 
         model.lm_head = linear(["lm_head.weight"], cfg.dim)
     meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     assert not meta, f"left on the meta device: {meta}"
-    _fuse(model)
+    _set_decoder(model)
 
 
 def _cols(raw: np.ndarray, fmt: str) -> int:

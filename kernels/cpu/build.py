@@ -1,7 +1,7 @@
 """The CPU kernels' C++ extension (csrc/): where it is cached, when it can be built, building and loading it.
 
 `specedit_cpu_kernels` holds the packed small-M matmul (linear.py), the row-invariant attention
-(attention.py) and the fused decoder stack (stack.py). It is compiled on first use by
+(attention.py) and every decoder layer in one call (decoder.py). It is compiled on first use by
 torch.utils.cpp_extension in a child process, which finds ninja on its own PATH (this process's environment
 is never changed), into `cache_root()/ext/<name>-torch<v>-py<v>-<hash of the sources and flags>`, and later
 processes load the built library from there directly. The codes for weight dtypes and instruction sets are
@@ -26,6 +26,7 @@ NAME = "specedit_cpu_kernels"
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (
     "bindings.cpp",
+    "dispatch.cpp",
     "decoder.cpp",
     "linear_avx2.cpp",
     "linear_avx512.cpp",

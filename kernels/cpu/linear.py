@@ -251,7 +251,7 @@ class PackedLinear:
         return total
 
     def spec(self) -> tuple[list, torch.Tensor | None]:
-        """(parts, bias) as the extension's linear and Stack take them."""
+        """(parts, bias) as the extension's linear and Decoder take them."""
         return self.parts, self.bias
 
     def __call__(self, x: torch.Tensor, isa: str | None = None) -> torch.Tensor:

@@ -5,26 +5,15 @@
 // that tile's rows. Which thread computes what never changes a bit: an item's partials are a function of
 // the item alone, and the combine reads them in a fixed order.
 // No torch header (threads: pool.h): tensors and pybind stay in bindings.cpp.
-#include <xmmintrin.h>
-
 #include <algorithm>
 #include <atomic>
 #include <memory>
 #include <vector>
 
 #include "attention.h"
+#include "dispatch.h"
 #include "pool.h"
-
-namespace specedit_cpu {
-namespace avx2 {
-void attn_block(const AttnProblem&, int64_t, int64_t, int64_t, int64_t, int64_t, float*);
-void attn_combine(const AttnProblem&, int64_t, int64_t, int64_t, int64_t, float*);
-}  // namespace avx2
-namespace avx512 {
-void attn_block(const AttnProblem&, int64_t, int64_t, int64_t, int64_t, int64_t, float*);
-void attn_combine(const AttnProblem&, int64_t, int64_t, int64_t, int64_t, float*);
-}  // namespace avx512
-}  // namespace specedit_cpu
+#include "simd.h"
 
 namespace {
 
@@ -40,14 +29,6 @@ constexpr int64_t MIN_PAIRS_PER_THREAD = 1024;
 struct Tile {
   int64_t b, g, t0, t1, blk0;
   int64_t first_item;
-};
-
-// Fixed floating-point environment for the kernel: round to nearest, no flush-to-zero / denormals-are-zero
-// (those are per thread: a caller's torch.set_flush_denormal must not make threads disagree).
-struct FpEnv {
-  unsigned int saved;
-  FpEnv() : saved(_mm_getcsr()) { _mm_setcsr(saved & ~(0x8040u | 0x6000u)); }
-  ~FpEnv() { _mm_setcsr(saved); }
 };
 
 }  // namespace
@@ -84,8 +65,8 @@ void run_rows(AttnProblem P, int64_t isa, int64_t nblk, float* part) {
   P.nblk = nblk;
   P.part = part;
 
-  auto block = isa == ISA_AVX512 ? specedit_cpu::avx512::attn_block : specedit_cpu::avx2::attn_block;
-  auto combine = isa == ISA_AVX512 ? specedit_cpu::avx512::attn_combine : specedit_cpu::avx2::attn_combine;
+  AttnBlock::Fn* const block = kernel<AttnBlock>(isa);
+  AttnCombine::Fn* const combine = kernel<AttnCombine>(isa);
   const size_t scratch_size = (size_t)(rows * G * (D + ATT_KB + ATT_SB) + D * ATT_SB + nblk + 64);
 
   std::unique_ptr<std::atomic<int64_t>[]> left(new std::atomic<int64_t>[tiles.size()]);
@@ -95,7 +76,9 @@ void run_rows(AttnProblem P, int64_t isa, int64_t nblk, float* part) {
   }
   std::atomic<int64_t> next{0};
   auto worker = [&]() {
-    FpEnv env;
+    // A fixed floating-point environment: round to nearest, no flush-to-zero / denormals-are-zero (MXCSR is
+    // per thread: a caller's torch.set_flush_denormal must not make threads disagree).
+    MxcsrScope env(mxcsr() & ~(MXCSR_FTZ | MXCSR_DAZ | MXCSR_ROUNDING));
     static thread_local std::vector<float> scratch;
     if (scratch.size() < scratch_size) scratch.resize(scratch_size);
     for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < nitems;) {

@@ -1,3 +1,3 @@
-// AVX2 + FMA instance of the attention kernel (the build passes -mavx2 -mfma -mf16c).
+// AVX2 + FMA copy of the attention kernel (the build's baseline flags).
 #define SPECEDIT_ISA_NS avx2
 #include "attention_kernel.h"

@@ -1,6 +1,5 @@
-// AVX-512 instance of the attention kernel, used only when the CPU reports avx512f at run time. The
-// pragma must come before any include (see linear_kernel.h).
-#pragma GCC target("avx512f,avx2,fma,f16c")
-#define SPECEDIT_ISA_NS avx512
+// AVX-512 copy of the attention kernel, run only on a CPU with the AVX-512 features simd.h compiles for
+// (dispatch.h). SPECEDIT_AVX512 must come before any include (simd.h).
 #define SPECEDIT_AVX512 1
+#define SPECEDIT_ISA_NS avx512
 #include "attention_kernel.h"

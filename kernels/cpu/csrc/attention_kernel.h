@@ -1,7 +1,8 @@
 // Row-invariant attention over a KV cache; one copy per instruction set.
 //
-// Included by attention_avx2.cpp and attention_avx512.cpp, each of which defines SPECEDIT_ISA_NS and
-// enables its instruction set first; like linear_kernel.h it includes no torch or libstdc++ header.
+// Included by attention_avx2.cpp and attention_avx512.cpp, each of which names its instruction set first
+// (simd.h); like linear_kernel.h it includes no torch or libstdc++ header, and its vector operations are
+// simd.h's Isa.
 //
 // The bits of a query row must depend only on that row's q and its visible keys: not on T (how many rows
 // the call has), on which rows share a tile, on the thread split, or on AVX2 vs AVX-512. Every reduction
@@ -11,7 +12,7 @@
 //           K is transposed to [d][key] tiles so that keys sit in lanes; nothing is summed across lanes.
 //   block = keys [256 i, 256 (i + 1)) (ATT_KB), absolute. Per query and block:
 //           m_b = max of s_j over the visible keys (exact, order-free),
-//           p_j = exp2(s_j - m_b), one vector routine for every lane (no scalar tail),
+//           p_j = exp2(s_j - m_b), simd.h's vector routine for every lane (no scalar tail),
 //           l_b = 16 partial sums, lane j % 16, in increasing j, then a fixed tree 16 -> 8 -> 4 -> 2 -> 1,
 //           o_b = per d, one FMA chain p_j * v_j[d] over the keys of the block in increasing j.
 //   out   = with m = max_b m_b and c_b = exp2(m_b - m): sum_b c_b o_b / sum_b c_b l_b, blocks in
@@ -23,163 +24,28 @@
 // that is -0 because every earlier product underflowed turns +0; equal as values, harmless downstream).
 // Keys outside [0, length) are never read (cache slots past the lengths may hold anything, NaN included).
 //
-// The 16 lanes of l_b are one zmm on AVX-512 and two ymm on AVX2; every other lane-wise operation is
-// correctly rounded IEEE arithmetic, so both paths give the same bits. Scalar float math goes through
-// intrinsics and the build uses -ffp-contract=off, so the compiler cannot fuse a multiply and an add
-// differently in the two copies.
-#include <immintrin.h>
-#include <stdint.h>
+// The 16 lanes of l_b are one zmm on AVX-512 and two ymm on AVX2 (Isa::sum16); every other lane-wise
+// operation is correctly rounded IEEE arithmetic, so both paths give the same bits. Scalar float math goes
+// through simd.h (fma_scalar, exp2_scalar) and the build uses -ffp-contract=off, so the compiler cannot fuse a
+// multiply and an add differently in the two copies.
+#include "simd.h"  // first: in an AVX-512 unit it sets the target of everything after it
 
 #include "attention.h"
+#include "dispatch.h"
 
 namespace specedit_cpu {
 namespace SPECEDIT_ISA_NS {
 namespace {
 
-#if defined(SPECEDIT_AVX512)
-struct Isa {
-  using V = __m512;
-  static constexpr int W = 16;
-  static constexpr int QS = 6;  // queries per score tile: 6 x 4 accumulators + 4 keys + 1 broadcast <= 32
-  static constexpr int QP = 4;  // queries per PV tile: 4 x 4 accumulators + 4 values + 1 broadcast
-  static inline V zero() { return _mm512_setzero_ps(); }
-  static inline V set1(float x) { return _mm512_set1_ps(x); }
-  static inline V bcast(const float* p) { return _mm512_set1_ps(*p); }
-  static inline V load(const float* p) { return _mm512_loadu_ps(p); }
-  static inline void store(float* p, V v) { _mm512_storeu_ps(p, v); }
-  static inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static inline V add(V a, V b) { return _mm512_add_ps(a, b); }
-  static inline V sub(V a, V b) { return _mm512_sub_ps(a, b); }
-  static inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
-  static inline V div(V a, V b) { return _mm512_div_ps(a, b); }
-  static inline V max(V a, V b) { return _mm512_max_ps(a, b); }
-  static inline float first(V a) { return _mm512_cvtss_f32(a); }
-  static inline float hmax(V a) { return _mm512_reduce_max_ps(a); }  // exact in any order
-  static inline __m256 lo8(V a) { return _mm512_castps512_ps256(a); }
-  static inline __m256 hi8(V a) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)); }
-  // 2^x for x <= 0 (x = -inf or NaN gives 0); see exp2() below for the shared recipe.
-  static inline V pow2i(V n) {  // 2^n for integral n in [-127, 0]; n <= -126 gives 0 (no subnormals)
-    const __m512i ni = _mm512_cvtps_epi32(n);
-    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(ni, _mm512_set1_epi32(127)), 23);
-    return _mm512_castsi512_ps(_mm512_maskz_mov_epi32(_mm512_cmpgt_epi32_mask(ni, _mm512_set1_epi32(-126)), e));
-  }
-  static inline V round(V x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  // 16 x 16 transpose in place: r[i][c] -> r[c][i].
-  static inline void transpose(V r[16]) {
-    V t[16];
-    for (int i = 0; i < 16; i += 2) {
-      t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-      t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-    }
-    // t[4a + 0] = rows 4a, 4a+1 interleaved, columns {0, 1} of each 128-bit lane; t[4a + 1]: columns {2, 3}
-    for (int a = 0; a < 16; a += 4) {
-      r[a + 0] = _mm512_shuffle_ps(t[a + 0], t[a + 2], _MM_SHUFFLE(1, 0, 1, 0));  // column 0 of each lane
-      r[a + 1] = _mm512_shuffle_ps(t[a + 0], t[a + 2], _MM_SHUFFLE(3, 2, 3, 2));  // column 1
-      r[a + 2] = _mm512_shuffle_ps(t[a + 1], t[a + 3], _MM_SHUFFLE(1, 0, 1, 0));  // column 2
-      r[a + 3] = _mm512_shuffle_ps(t[a + 1], t[a + 3], _MM_SHUFFLE(3, 2, 3, 2));  // column 3
-    }
-    // r[4a + c] = rows 4a..4a+3 at columns c, c+4, c+8, c+12 (one 128-bit lane each)
-    for (int c = 0; c < 4; ++c) {
-      t[c] = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88);        // rows 0-3, 4-7 at columns c, c+8
-      t[4 + c] = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xdd);    // rows 0-3, 4-7 at columns c+4, c+12
-      t[8 + c] = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
-      t[12 + c] = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xdd);
-    }
-    for (int c = 0; c < 4; ++c) {
-      r[c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0x88);            // column c
-      r[8 + c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0xdd);        // column c + 8
-      r[4 + c] = _mm512_shuffle_f32x4(t[4 + c], t[12 + c], 0x88);   // column c + 4
-      r[12 + c] = _mm512_shuffle_f32x4(t[4 + c], t[12 + c], 0xdd);  // column c + 12
-    }
-  }
-};
-#else
-struct Isa {
-  using V = __m256;
-  static constexpr int W = 8;
-  static constexpr int QS = 2;  // 2 x 4 accumulators + 4 keys + 1 broadcast <= 16 ymm
-  static constexpr int QP = 2;
-  static inline V zero() { return _mm256_setzero_ps(); }
-  static inline V set1(float x) { return _mm256_set1_ps(x); }
-  static inline V bcast(const float* p) { return _mm256_broadcast_ss(p); }
-  static inline V load(const float* p) { return _mm256_loadu_ps(p); }
-  static inline void store(float* p, V v) { _mm256_storeu_ps(p, v); }
-  static inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  static inline V add(V a, V b) { return _mm256_add_ps(a, b); }
-  static inline V sub(V a, V b) { return _mm256_sub_ps(a, b); }
-  static inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
-  static inline V div(V a, V b) { return _mm256_div_ps(a, b); }
-  static inline V max(V a, V b) { return _mm256_max_ps(a, b); }
-  static inline float first(V a) { return _mm256_cvtss_f32(a); }
-  static inline float hmax(V a) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
-  }
-  static inline V pow2i(V n) {
-    const __m256i ni = _mm256_cvtps_epi32(n);
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(ni, _mm256_set1_epi32(127)), 23);
-    return _mm256_castsi256_ps(_mm256_and_si256(_mm256_cmpgt_epi32(ni, _mm256_set1_epi32(-126)), e));
-  }
-  static inline V round(V x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  // 8 x 8 transpose in place.
-  static inline void transpose(V r[8]) {
-    V t[8], s[8];
-    for (int i = 0; i < 8; i += 2) {
-      t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-      t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-    }
-    for (int a = 0; a < 8; a += 4) {
-      s[a + 0] = _mm256_shuffle_ps(t[a + 0], t[a + 2], 0x44);
-      s[a + 1] = _mm256_shuffle_ps(t[a + 0], t[a + 2], 0xEE);
-      s[a + 2] = _mm256_shuffle_ps(t[a + 1], t[a + 3], 0x44);
-      s[a + 3] = _mm256_shuffle_ps(t[a + 1], t[a + 3], 0xEE);
-    }
-    for (int c = 0; c < 4; ++c) {
-      r[c] = _mm256_permute2f128_ps(s[c], s[4 + c], 0x20);
-      r[4 + c] = _mm256_permute2f128_ps(s[c], s[4 + c], 0x31);
-    }
-  }
-};
-#endif
-
 using V = Isa::V;
 constexpr int W = Isa::W;
+// Queries per tile, from the register file (32 zmm on AVX-512, 16 ymm on AVX2):
+constexpr int QS = W == 16 ? 6 : 2;  // score tile: QS x 4 accumulators + 4 keys + 1 broadcast
+constexpr int QP = W == 16 ? 4 : 2;  // PV tile: QP x 4 accumulators + 4 values + 1 broadcast
 constexpr int N16 = 16 / W;  // vectors per 16 logical lanes (l_b, exp chunks)
 constexpr int64_t KB = ATT_KB;
 constexpr int64_t SB = ATT_SB;
 constexpr int64_t LDS = KB + SB;  // row stride of the score buffer: a block's chunks from an aligned start
-
-// 2^x for x <= 0, the same lane-wise operations on both instruction sets (Cephes exp2f polynomial on
-// [-0.5, 0.5], ~2 ulp). x < -125.5, -inf or NaN gives +0: no subnormal result, so the flush-to-zero mode
-// cannot matter either.
-inline V exp2(V x) {
-  x = Isa::max(x, Isa::set1(-127.0f));  // NaN -> -127 (max returns its second operand)
-  const V n = Isa::round(x);
-  const V f = Isa::sub(x, n);
-  V p = Isa::set1(1.535336188319500e-4f);
-  p = Isa::fma(p, f, Isa::set1(1.339887440266574e-3f));
-  p = Isa::fma(p, f, Isa::set1(9.618437357674640e-3f));
-  p = Isa::fma(p, f, Isa::set1(5.550332471162809e-2f));
-  p = Isa::fma(p, f, Isa::set1(2.402264791363012e-1f));
-  p = Isa::fma(p, f, Isa::set1(6.931472028550421e-1f));
-  p = Isa::fma(p, f, Isa::set1(1.0f));
-  return Isa::mul(p, Isa::pow2i(n));
-}
-
-inline float exp2_scalar(float x) { return Isa::first(exp2(Isa::set1(x))); }
-
-// The fixed tree over 16 lanes: 16 -> 8 (l + l+8) -> 4 (l + l+4) -> 2 (l + l+2) -> 1.
-inline float sum16(const V* v) {
-#if defined(SPECEDIT_AVX512)
-  const __m256 s8 = _mm256_add_ps(Isa::lo8(v[0]), Isa::hi8(v[0]));
-#else
-  const __m256 s8 = _mm256_add_ps(v[0], v[1]);
-#endif
-  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
-}
 
 // Transpose keys [s0, s0 + SB) of one head, features 0..D-1, into kt[d * SB + key]. Keys outside [ja, jb)
 // are not read; their columns are zero.
@@ -336,9 +202,9 @@ void attn_block(const AttnProblem& P, int64_t b, int64_t g, int64_t t0, int64_t 
   // scores over the union, in tiles of SB keys from the aligned start
   for (int64_t s0 = c0; s0 < c1; s0 += SB) {
     transpose_keys(kbh, P.sk_s, s0, ja, jb, D, kt);
-    for (int q = 0; q < nq; q += Isa::QS) {
-      const int n = nq - q < Isa::QS ? nq - q : Isa::QS;
-      score_tiles<Isa::QS>(n, qs + (int64_t)q * D, D, kt, s + (int64_t)q * LDS + (s0 - c0));
+    for (int q = 0; q < nq; q += QS) {
+      const int n = nq - q < QS ? nq - q : QS;
+      score_tiles<QS>(n, qs + (int64_t)q * D, D, kt, s + (int64_t)q * LDS + (s0 - c0));
     }
   }
 
@@ -375,20 +241,20 @@ void attn_block(const AttnProblem& P, int64_t b, int64_t g, int64_t t0, int64_t 
           lsum[c] = Isa::add(lsum[c], p);
         }
       part[D] = m;
-      part[D + 1] = sum16(lsum);
+      part[D + 1] = Isa::sum16(lsum);
     }
   }
 
   // o_b = sum_j p_j v_j over the union (p = +0 outside each query's range)
-  for (int q = 0; q < nq; q += Isa::QP) {
-    const int n = nq - q < Isa::QP ? nq - q : Isa::QP;
+  for (int q = 0; q < nq; q += QP) {
+    const int n = nq - q < QP ? nq - q : QP;
     for (int i = 0; i < n; ++i) {
       const int64_t qi = q + i, t = t0 + qi / G, h = g * G + qi % G;
       outs[i] = part_of(P, b, t, h, blk);
     }
     for (int64_t d0 = 0; d0 < D; d0 += 4 * W) {
       const int dv = (int)((D - d0) / W < 4 ? (D - d0) / W : 4);
-      pv_tiles<Isa::QP>(n, dv, s + (int64_t)q * LDS, c0, vbh, P.sv_s, ja, jb, d0, outs);
+      pv_tiles<QP>(n, dv, s + (int64_t)q * LDS, c0, vbh, P.sv_s, ja, jb, d0, outs);
     }
   }
 }
@@ -406,13 +272,13 @@ void attn_combine(const AttnProblem& P, int64_t b, int64_t g, int64_t t0, int64_
       const int64_t stride = D + 2;
       float m = -__builtin_inff();
       for (int64_t k = b0; k <= b1; ++k) m = base[k * stride + D] > m ? base[k * stride + D] : m;
-      __m128 l = _mm_setzero_ps();
+      float l = 0.0f;
       for (int64_t k = b0; k <= b1; ++k) {
         const float c = exp2_scalar(base[k * stride + D] - m);
         scratch[k] = c;
-        l = _mm_fmadd_ss(_mm_set_ss(base[k * stride + D + 1]), _mm_set_ss(c), l);
+        l = fma_scalar(base[k * stride + D + 1], c, l);
       }
-      const V lv = Isa::set1(_mm_cvtss_f32(l));
+      const V lv = Isa::set1(l);
       float* out = P.out + b * P.so_b + (row0(P, b) + t) * P.so_t + h * P.so_h;
       for (int64_t d = 0; d < D; d += W) {
         V acc = Isa::zero();
@@ -424,4 +290,8 @@ void attn_combine(const AttnProblem& P, int64_t b, int64_t g, int64_t t0, int64_
 }
 
 }  // namespace SPECEDIT_ISA_NS
+
+AttnBlock::Fn* const AttnBlock::SPECEDIT_ISA_NS = SPECEDIT_ISA_NS::attn_block;
+AttnCombine::Fn* const AttnCombine::SPECEDIT_ISA_NS = SPECEDIT_ISA_NS::attn_combine;
+
 }  // namespace specedit_cpu

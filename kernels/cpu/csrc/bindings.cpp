@@ -1,51 +1,28 @@
-// Torch bindings of the CPU kernels: the small-M matmul, the row-invariant attention and the fused decoder
-// stack (checks and allocation here; work split in decoder.cpp and attention.cpp). One file holds every
-// binding because the torch and pybind headers are what takes time to compile.
+// Torch bindings of the CPU kernels: the small-M matmul, the row-invariant attention and the decoder, every
+// layer in one call (checks and allocation here; work split in decoder.cpp and attention.cpp). One file holds
+// every binding because the torch and pybind headers are what takes time to compile.
 // Narrow includes on purpose: <torch/extension.h> alone takes ~19 s to compile here, these ~5 s.
 #include <ATen/Parallel.h>
-#include <cstdlib>
 #include <string>
 #include <ATen/ops/empty.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include "decoder.h"
+#include "dispatch.h"
 #include "quant.h"
 
 using specedit_cpu::ISA_AUTO;
 using specedit_cpu::ISA_AVX2;
 using specedit_cpu::ISA_AVX512;
 
-static bool has_avx512() {
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    // the AVX-512 kernels use BW, VL and VNNI too (the int8 kernel); a CPU without them runs the AVX2 ones
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-  }();
-  return yes;
-}
+// "avx512" or "avx2": what ISA_AUTO runs on this CPU.
+static std::string best_isa() { return specedit_cpu::resolve_isa(ISA_AUTO) == ISA_AVX512 ? "avx512" : "avx2"; }
 
-// What ISA_AUTO runs: AVX-512 where the CPU has it, unless SPECEDIT_ISA=avx2 (read once, at the first call)
-// asks for the AVX2 kernels, so a whole run takes the path an AVX2-only machine takes (build.py checks the
-// variable's value when it loads the extension).
-static int64_t auto_isa() {
-  static const int64_t isa = [] {
-    const char* env = std::getenv("SPECEDIT_ISA");
-    const bool avx2 = env != nullptr && std::string(env) == "avx2";
-    return (int64_t)(has_avx512() && !avx2 ? ISA_AVX512 : ISA_AVX2);
-  }();
-  return isa;
-}
-
-// "avx512" or "avx2": what ISA_AUTO picks.
-static std::string best_isa() { return auto_isa() == ISA_AVX512 ? "avx512" : "avx2"; }
-
-// An IsaCode from Python -> the instruction set to run (ISA_AUTO resolved); ValueError if not runnable here.
-static int64_t resolve_isa(int64_t isa, const char* what) {
-  if (isa == ISA_AUTO) return auto_isa();
-  TORCH_CHECK_VALUE(isa == ISA_AVX2 || (isa == ISA_AVX512 && has_avx512()), what, ": isa code ", isa,
-                    " is not available here");
-  return isa;
+// An IsaCode from Python -> the instruction set to run (dispatch.h); ValueError if this CPU cannot run it.
+static int64_t runnable_isa(int64_t isa, const char* what) {
+  const int64_t resolved = specedit_cpu::resolve_isa(isa);
+  TORCH_CHECK_VALUE(resolved >= 0, what, ": isa code ", isa, " is not available here");
+  return resolved;
 }
 
 // One part of a packed weight from Python: (packed bytes, N, dtype code).
@@ -102,7 +79,7 @@ static at::Tensor linear(const at::Tensor& x_, const std::vector<PartSpec>& part
   TORCH_CHECK_VALUE(x_.scalar_type() == at::kFloat, "cpu linear: x must be float32, got ", x_.scalar_type());
   TORCH_CHECK_VALUE(x_.dim() == 2 && x_.size(1) == K, "cpu linear: x must be [M, ", K, "], got ", x_.sizes());
   const specedit_cpu::Packed w = to_packed(parts, K, bias, "cpu linear");
-  isa = resolve_isa(isa, "cpu linear");
+  isa = runnable_isa(isa, "cpu linear");
   const at::Tensor x = x_.contiguous();
   auto y = at::empty({x.size(0), w.N}, x.options());
   specedit_cpu::linear_run(x.data_ptr<float>(), x.size(0), w, y.data_ptr<float>(), isa);
@@ -169,7 +146,7 @@ static at::Tensor attention(const at::Tensor& q_, const at::Tensor& k, const at:
     TORCH_CHECK_VALUE(n >= T && n <= S, "cpu attention: length ", n, " outside [T=", T, ", S_max=", S, "]");
   TORCH_CHECK_VALUE(scale > 0 && scale < 1e300, "cpu attention: scale must be positive and finite, got ", scale);
   TORCH_CHECK_VALUE(window >= 0, "cpu attention: window must be >= 0 (0 = none), got ", window);
-  isa = resolve_isa(isa, "cpu attention");
+  isa = runnable_isa(isa, "cpu attention");
   const at::Tensor q = q_.stride(3) == 1 ? q_ : q_.contiguous();
   at::Tensor out = at::empty({B, T, H, D}, q.options());
   specedit_cpu::AttnProblem P{};
@@ -195,21 +172,21 @@ using LinearSpec = std::tuple<std::vector<PartSpec>, std::optional<at::Tensor>>;
 // [dim]) and 4 linears (qkv, o, gate_up, down), each in its own dtypes.
 using LayerSpec = std::tuple<std::vector<std::optional<at::Tensor>>, std::vector<LinearSpec>>;
 
-// The decoder stack of a model, built once from its tensors (kept alive here); forward() runs every layer
-// in one call (decoder.cpp).
-class Stack {
+// The decoder of a model, built once from its tensors (kept alive here); forward() runs every layer in one
+// call (decoder.cpp).
+class Decoder {
  public:
-  Stack(const std::vector<LayerSpec>& layers, const at::Tensor& cos,
+  Decoder(const std::vector<LayerSpec>& layers, const at::Tensor& cos,
         const at::Tensor& sin, int64_t dim, int64_t H, int64_t Hkv, int64_t D, int64_t I, double eps,
         double scale, int64_t window) {
     TORCH_CHECK_VALUE(dim > 0 && H > 0 && Hkv > 0 && H % Hkv == 0 && I > 0,
-                      "cpu stack: bad dims dim=", dim, " H=", H, " Hkv=", Hkv, " I=", I);
-    TORCH_CHECK_VALUE(D > 0 && D % 16 == 0 && D <= 512, "cpu stack: head dim must be a multiple of 16 up to 512, got ", D);
+                      "cpu decoder: bad dims dim=", dim, " H=", H, " Hkv=", Hkv, " I=", I);
+    TORCH_CHECK_VALUE(D > 0 && D % 16 == 0 && D <= 512, "cpu decoder: head dim must be a multiple of 16 up to 512, got ", D);
     for (const at::Tensor* t : {&cos, &sin})
       TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(1) == D && t->is_contiguous(),
-                        "cpu stack: rope tables must be contiguous float32 [max_position, ", D, "], got ",
+                        "cpu decoder: rope tables must be contiguous float32 [max_position, ", D, "], got ",
                         t->scalar_type(), " ", t->sizes());
-    TORCH_CHECK_VALUE(cos.sizes() == sin.sizes(), "cpu stack: rope tables differ in shape");
+    TORCH_CHECK_VALUE(cos.sizes() == sin.sizes(), "cpu decoder: rope tables differ in shape");
     keep_ = {cos, sin};
     dims_ = {(int64_t)layers.size(), dim, H, Hkv, D, I, (float)eps, scale, window,
              cos.data_ptr<float>(), sin.data_ptr<float>()};
@@ -218,7 +195,7 @@ class Stack {
     for (size_t l = 0; l < layers.size(); ++l) {
       const auto& t = std::get<0>(layers[l]);
       const auto& lin = std::get<1>(layers[l]);
-      TORCH_CHECK_VALUE(t.size() == 4 && lin.size() == 4, "cpu stack: layer ", l, " has ", t.size(), " norms and ",
+      TORCH_CHECK_VALUE(t.size() == 4 && lin.size() == 4, "cpu decoder: layer ", l, " has ", t.size(), " norms and ",
                         lin.size(), " linears, expected 4 and 4");
       for (const auto& x : t)
         if (x.has_value() && x->defined()) keep_.push_back(*x);
@@ -230,17 +207,17 @@ class Stack {
       }
       auto norm = [&](int i, int64_t n, bool optional) -> const float* {
         if (!t[i].has_value() || !t[i]->defined()) {
-          TORCH_CHECK_VALUE(optional, "cpu stack: layer ", l, " norm ", i, " is missing");
+          TORCH_CHECK_VALUE(optional, "cpu decoder: layer ", l, " norm ", i, " is missing");
           return nullptr;
         }
         const at::Tensor& v = *t[i];
         TORCH_CHECK_VALUE(v.scalar_type() == at::kFloat && v.is_contiguous() && v.dim() == 1 && v.size(0) == n,
-                          "cpu stack: layer ", l, " norm ", i, " must be contiguous float32 [", n, "], got ",
+                          "cpu decoder: layer ", l, " norm ", i, " must be contiguous float32 [", n, "], got ",
                           v.scalar_type(), " ", v.sizes());
         return v.data_ptr<float>();
       };
       auto linear = [&](int i, int64_t N, int64_t K, const char* name) {
-        const std::string what = "cpu stack: layer " + std::to_string(l) + " " + name;
+        const std::string what = "cpu decoder: layer " + std::to_string(l) + " " + name;
         specedit_cpu::Packed w = to_packed(std::get<0>(lin[i]), K, std::get<1>(lin[i]), what);
         TORCH_CHECK_VALUE(w.N == N, what, ": ", w.N, " output columns, expected ", N);
         return w;
@@ -267,50 +244,50 @@ class Stack {
     const auto& d = dims_;
     const int64_t B = (int64_t)starts.size();
     TORCH_CHECK_VALUE(x_.device().is_cpu() && x_.scalar_type() == at::kFloat && x_.dim() == 2 && x_.size(1) == d.dim,
-                      "cpu stack: x must be float32 [rows, ", d.dim, "] on the CPU, got ", x_.scalar_type(), " ",
+                      "cpu decoder: x must be float32 [rows, ", d.dim, "] on the CPU, got ", x_.scalar_type(), " ",
                       x_.sizes());
     if (counts.empty()) {
-      TORCH_CHECK_VALUE(B > 0 && x_.size(0) % B == 0, "cpu stack: ", x_.size(0), " rows for ", B, " sequences");
+      TORCH_CHECK_VALUE(B > 0 && x_.size(0) % B == 0, "cpu decoder: ", x_.size(0), " rows for ", B, " sequences");
       counts.assign(B, x_.size(0) / B);
     }
-    TORCH_CHECK_VALUE((int64_t)counts.size() == B, "cpu stack: ", counts.size(), " row counts for ", B, " sequences");
+    TORCH_CHECK_VALUE((int64_t)counts.size() == B, "cpu decoder: ", counts.size(), " row counts for ", B, " sequences");
     int64_t M = 0;
     for (int64_t c : counts) {
-      TORCH_CHECK_VALUE(c >= 0, "cpu stack: row counts must be >= 0, got ", c);
+      TORCH_CHECK_VALUE(c >= 0, "cpu decoder: row counts must be >= 0, got ", c);
       M += c;
     }
-    TORCH_CHECK_VALUE(M == x_.size(0), "cpu stack: row counts add up to ", M, " but x has ", x_.size(0), " rows");
+    TORCH_CHECK_VALUE(M == x_.size(0), "cpu decoder: row counts add up to ", M, " but x has ", x_.size(0), " rows");
     TORCH_CHECK_VALUE(cache.device().is_cpu() && cache.scalar_type() == at::kFloat && cache.is_contiguous() &&
                           cache.dim() == 6 && cache.size(0) == d.n_layers && cache.size(1) == 2 &&
                           cache.size(2) == B && cache.size(3) == d.Hkv && cache.size(5) == d.D,
-                      "cpu stack: cache must be contiguous float32 [", d.n_layers, ", 2, ", B, ", ", d.Hkv,
+                      "cpu decoder: cache must be contiguous float32 [", d.n_layers, ", 2, ", B, ", ", d.Hkv,
                       ", S, ", d.D, "], got ", cache.scalar_type(), " ", cache.sizes());
     const int64_t S = cache.size(4);
     for (int64_t b = 0; b < B; ++b)
       TORCH_CHECK_VALUE(starts[b] >= 0 && starts[b] + counts[b] <= S && starts[b] + counts[b] <= max_pos_,
-                        "cpu stack: start ", starts[b], " + ", counts[b], " rows exceeds the cache (", S,
+                        "cpu decoder: start ", starts[b], " + ", counts[b], " rows exceeds the cache (", S,
                         ") or the rope table (", max_pos_, ")");
-    isa = resolve_isa(isa, "cpu stack");
+    isa = runnable_isa(isa, "cpu decoder");
     const int64_t nqkv = (d.H + 2 * d.Hkv) * d.D;
     at::Tensor x = x_.clone(at::MemoryFormat::Contiguous);
     at::Tensor work = at::empty({M * (2 * d.dim + nqkv + d.H * d.D + 3 * d.I)}, x.options());
     float* w = work.data_ptr<float>();
-    specedit_cpu::StackScratch s{};
+    specedit_cpu::DecoderScratch s{};
     s.h = w, w += M * d.dim;
     s.qkv = w, w += M * nqkv;
     s.o = w, w += M * d.H * d.D;
     s.gu = w, w += M * 2 * d.I;
     s.a = w, w += M * d.I;
     s.y = w;
-    specedit_cpu::stack_forward(d, layers_.data(), x.data_ptr<float>(), B, counts.data(), starts.data(),
-                                cache.data_ptr<float>(), S, s, isa);
+    specedit_cpu::decoder_forward(d, layers_.data(), x.data_ptr<float>(), B, counts.data(), starts.data(),
+                                  cache.data_ptr<float>(), S, s, isa);
     return x;
   }
 
  private:
   std::vector<at::Tensor> keep_;
   std::vector<specedit_cpu::Layer> layers_;
-  specedit_cpu::StackDims dims_;
+  specedit_cpu::DecoderDims dims_;
   int64_t max_pos_ = 0;
 };
 
@@ -339,8 +316,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("best_isa", &best_isa, "instruction set chosen by isa=0 on this CPU");
   m.def("attention", &attention,
         "row-invariant attention of q [B, T, H, D] over k/v [B, Hkv, S, D] (see specedit.kernels.cpu.attention)");
-  pybind11::class_<Stack>(m, "Stack")
+  pybind11::class_<Decoder>(m, "Decoder")
       .def(pybind11::init<const std::vector<LayerSpec>&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
                           int64_t, int64_t, int64_t, double, double, int64_t>())
-      .def("forward", &Stack::forward, "hidden states [B*T, dim] through every layer (see specedit.kernels.cpu.stack)");
+      .def("forward", &Decoder::forward, "hidden states [B*T, dim] through every layer (see specedit.kernels.cpu.decoder)");
 }

@@ -1,4 +1,4 @@
-// The decoder stack of a Llama-family model in one call, for CPU decoding and verify passes.
+// Every decoder layer of a Llama-family model in one call, for CPU decoding and verify passes.
 //
 // Per layer, on M = B * T rows:  h = rms_norm(x) -> qkv = h W_qkv^T (+b) -> [q/k head norms] -> RoPE on q, k
 // -> K/V rows into the cache -> attention -> x += o W_o^T (+b) -> h = rms_norm(x) -> gu = h W_gu^T
@@ -12,27 +12,21 @@
 // an order fixed by the feature index, and the matmul and attention kernels are row-invariant themselves, so
 // row i of a T-row call equals the 1-row call at that position bit for bit. Compiled with
 // -ffp-contract=off: each multiply and add rounds as written.
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "decoder.h"
+#include "dispatch.h"
 #include "pool.h"
+#include "simd.h"
 
 namespace specedit_cpu {
-namespace avx2 {
-void linear_cols(const float*, const QRows*, int64_t, int64_t, const void*, int, float*, int64_t, int64_t, int64_t);
-}
-namespace avx512 {
-void linear_cols(const float*, const QRows*, int64_t, int64_t, const void*, int, float*, int64_t, int64_t, int64_t);
-}
 
 void linear_run(const float* x, int64_t M, const Packed& w, float* y, int64_t isa) {
   if (M == 0 || w.N == 0) return;
-  auto fn = isa == ISA_AVX512 ? avx512::linear_cols : avx2::linear_cols;
+  LinearCols::Fn* const fn = kernel<LinearCols>(isa);
   const int64_t N = w.N, K = w.K;
   // Threads split the columns in groups of 32 (numbered across the parts); each streams its own contiguous
   // slice of the weights. A chunk should carry at least ~64K weights, so small layers are not split into slivers.
@@ -107,46 +101,32 @@ void rope(float* x, const float* cos, const float* sin, int64_t D) {
   for (int64_t d = 0; d < D; ++d) x[d] = x[d] * cos[d] + r[d] * sin[d];
 }
 
-// e^x for 8 lanes, Cephes expf polynomial (~1 ulp), input clamped to [-87.3, 88.3] (results stay normal).
-// AVX2 intrinsics (this file is built with -mavx2 -mfma): the compiler does not vectorize the scalar form.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-  const __m256 n = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                                 _mm256_set1_ps(0.5f)));
-  __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
-  r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(c));
-  const __m256 y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(p, _mm256_mul_ps(r, r)), r), _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
-// a[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + e^-g). A tail of < 8 goes through a padded copy, so
-// every element takes the same vector path.
+// a[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + e^-g), in vectors (simd.h; this unit's Isa is the baseline
+// AVX2 on every CPU). A tail of fewer than Isa::W goes through a padded copy, so every element takes the same
+// vector path.
 void silu_mul(const float* gate, const float* up, int64_t n, float* a) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  auto eight = [&](const float* g, const float* u, float* out) {
-    const __m256 gv = _mm256_loadu_ps(g);
-    const __m256 sig = _mm256_div_ps(gv, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
-    _mm256_storeu_ps(out, _mm256_mul_ps(sig, _mm256_loadu_ps(u)));
+  constexpr int W = Isa::W;
+  const Isa::V one = Isa::set1(1.0f);
+  auto vec = [&](const float* g, const float* u, float* out) {
+    const Isa::V gv = Isa::load(g);
+    const Isa::V sig = Isa::div(gv, Isa::add(one, exp(Isa::sub(Isa::zero(), gv))));
+    Isa::store(out, Isa::mul(sig, Isa::load(u)));
   };
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) eight(gate + i, up + i, a + i);
+  for (; i + W <= n; i += W) vec(gate + i, up + i, a + i);
   if (i < n) {
-    float g[8] = {0}, u[8] = {0}, out[8];
+    float g[W] = {0}, u[W] = {0}, out[W];
     std::memcpy(g, gate + i, (n - i) * sizeof(float));
     std::memcpy(u, up + i, (n - i) * sizeof(float));
-    eight(g, u, out);
+    vec(g, u, out);
     std::memcpy(a + i, out, (n - i) * sizeof(float));
   }
 }
 
 }  // namespace
 
-void stack_forward(const StackDims& d, const Layer* layers, float* x, int64_t B, const int64_t* counts,
-                   const int64_t* starts, float* cache, int64_t S, const StackScratch& s, int64_t isa) {
+void decoder_forward(const DecoderDims& d, const Layer* layers, float* x, int64_t B, const int64_t* counts,
+                     const int64_t* starts, float* cache, int64_t S, const DecoderScratch& s, int64_t isa) {
   const int64_t dim = d.dim, H = d.H, Hkv = d.Hkv, D = d.D, I = d.I;
   const int64_t nqkv = (H + 2 * Hkv) * D;
   const int64_t kv_plane = B * Hkv * S * D;  // one of K or V of one layer

@@ -1,4 +1,4 @@
-// What the bindings (bindings.cpp) and the decoder stack (decoder.cpp) share: plain structs and the entry
+// What the bindings (bindings.cpp) and the decoder (decoder.cpp) share: plain structs and the entry
 // points. No inline functions (see attention.h).
 #pragma once
 #include <stdint.h>
@@ -38,7 +38,7 @@ struct Layer {
   Packed down;             // [dim, I]
 };
 
-struct StackDims {
+struct DecoderDims {
   int64_t n_layers, dim, H, Hkv, D, I;
   float eps;       // RMSNorm epsilon
   double scale;    // softmax scale
@@ -49,7 +49,7 @@ struct StackDims {
 
 // Scratch for one forward of M rows: h [M, dim], qkv [M, (H + 2 Hkv) D], o [M, H D], gu [M, 2 I],
 // a [M, I], y [M, dim] floats.
-struct StackScratch {
+struct DecoderScratch {
   float *h, *qkv, *o, *gu, *a, *y;
 };
 
@@ -70,7 +70,7 @@ void quantize_rows(const float* x, int64_t K, const QRows& o, int64_t r0, int64_
 // sequence may send one row while another sends a whole draft; M = sum of counts). cache: [L, 2, B, Hkv, S, D]
 // float32, contiguous; starts[b]: positions sequence b holds before this call (its t-th new K/V row goes to
 // starts[b] + t).
-void stack_forward(const StackDims& dims, const Layer* layers, float* x, int64_t B, const int64_t* counts,
-                   const int64_t* starts, float* cache, int64_t S, const StackScratch& s, int64_t isa);
+void decoder_forward(const DecoderDims& dims, const Layer* layers, float* x, int64_t B, const int64_t* counts,
+                     const int64_t* starts, float* cache, int64_t S, const DecoderScratch& s, int64_t isa);
 
 }  // namespace specedit_cpu

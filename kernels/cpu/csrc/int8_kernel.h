@@ -1,6 +1,6 @@
 // compute="int8": integer dot products over the int8 layout of GGUF blocks (quant.h) and activation rows
 // quantized on their own (QRows, quantize_rows in quant.cpp). Included by linear_kernel.h inside its per-ISA
-// anonymous namespace, after Isa, GROUP, PREFETCH and quant_kernel.h (qcol, qscales).
+// anonymous namespace, after Tiles, GROUP, PREFETCH and quant_kernel.h (qcol, qscales).
 //
 // The arithmetic, the same for every row, row count, thread split and ISA (linear.py's linear_int8_ref is the
 // same in numpy): for output (row m, column n), acc = +0, then for each sub-block of SUB k (32; Q6_K: 16) in
@@ -54,7 +54,7 @@ inline void itile(const QRows& xa, int64_t m0, const uint8_t* g, int half, float
     for (int c = 0; c < 2; ++c) qsuper<DT>(blk, c, half, d[c], m[c]);
     for (int j = 0; j < NSUB; ++j) {
 #pragma GCC unroll 4
-      for (int l = 0; l < CHUNK; ++l) _mm_prefetch((const char*)blk + PREFETCH + 64 * (j * CHUNK + l), _MM_HINT_T0);
+      for (int l = 0; l < CHUNK; ++l) prefetch((const char*)blk + PREFETCH + 64 * (j * CHUNK + l));
       const int64_t k0 = sb * F::QK + j * F::SUB, b32 = k0 / 32;
       Isa::VI ia[R][2];
 #pragma GCC unroll 16
@@ -114,16 +114,16 @@ template <int DT>
 void run_i8(const QRows& xa, int64_t M, const uint8_t* w, int64_t ldy, float* y, int64_t col0, int64_t col1) {
   using F = QFmt<DT>;
   const int64_t gbytes = xa.K / F::QK * F::BYTES;  // one group of 32 columns
-  for (int64_t b = 0; b < PREFETCH; b += 64) _mm_prefetch((const char*)(w + col0 / GROUP * gbytes) + b, _MM_HINT_T0);
+  for (int64_t b = 0; b < PREFETCH; b += 64) prefetch((const char*)(w + col0 / GROUP * gbytes) + b);
   constexpr int COLS = 2 * Isa::W;  // columns per pass
   for (int64_t n0 = col0; n0 < col1; n0 += GROUP) {
     const uint8_t* g = w + n0 / GROUP * gbytes;
     for (int half = 0; half * COLS < GROUP && n0 + half * COLS < col1; ++half) {
       const int64_t c0 = n0 + half * COLS;
       const int ncols = (int)(col1 - c0 < COLS ? col1 - c0 : COLS);
-      for (int64_t m0 = 0; m0 < M; m0 += Isa::IRMAX) {
-        const int r = (int)(M - m0 < Isa::IRMAX ? M - m0 : Isa::IRMAX);
-        itile_rows<DT, Isa::IRMAX>(r, xa, m0, g, half, y + m0 * ldy + c0, ldy, ncols);
+      for (int64_t m0 = 0; m0 < M; m0 += Tiles::IRMAX) {
+        const int r = (int)(M - m0 < Tiles::IRMAX ? M - m0 : Tiles::IRMAX);
+        itile_rows<DT, Tiles::IRMAX>(r, xa, m0, g, half, y + m0 * ldy + c0, ldy, ncols);
       }
     }
   }

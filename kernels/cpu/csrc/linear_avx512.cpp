@@ -1,7 +1,5 @@
-// AVX-512 instance of the kernel (F, BW, VL and VNNI: the int8 kernel's byte ops and vpdpbusd), used only when
-// the CPU reports all four at run time (bindings.cpp, has_avx512). The pragma must
-// come before any include (see linear_kernel.h for why nothing else is included).
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
-#define SPECEDIT_ISA_NS avx512
+// AVX-512 copy of the matmul kernels (F, BW, VL and VNNI: the int8 kernel's byte ops and vpdpbusd), run only on a
+// CPU that reports all four (dispatch.h). SPECEDIT_AVX512 must come before any include (simd.h).
 #define SPECEDIT_AVX512 1
+#define SPECEDIT_ISA_NS avx512
 #include "linear_kernel.h"

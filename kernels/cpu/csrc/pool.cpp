@@ -9,11 +9,12 @@
 #include <ATen/Parallel.h>
 #include <sys/syscall.h>
 #include <unistd.h>
-#include <xmmintrin.h>
 
 #include <atomic>
 #include <chrono>
 #include <thread>
+
+#include "simd.h"
 
 namespace specedit_cpu {
 namespace {
@@ -49,7 +50,7 @@ struct Pool {
       uint32_t g;
       for (int64_t i = 1; (g = gen.load(std::memory_order_acquire)) == seen; ++i) {
         if (i % 256 != 0 || std::chrono::steady_clock::now() - t0 < SPIN)
-          _mm_pause();
+          spin_pause();
         else
           gen.wait(seen, std::memory_order_acquire);
       }
@@ -57,10 +58,8 @@ struct Pool {
       users.fetch_add(1);
       Job* j = job.load();
       if (j != nullptr && j->slots.fetch_sub(1) > 0) {
-        const unsigned int saved = _mm_getcsr();
-        _mm_setcsr(j->csr);
+        MxcsrScope env(j->csr);
         work(j);
-        _mm_setcsr(saved);
       }
       users.fetch_sub(1);
     }
@@ -101,15 +100,15 @@ void run_tasks(int64_t n, int64_t threads, const std::function<void(int64_t)>& t
   for (; p.workers < threads - 1; ++p.workers)
     std::thread([&p, g = p.gen.load()] { p.loop(g); }).detach();
   Job j;
-  j.task = &task, j.n = n, j.csr = _mm_getcsr();
+  j.task = &task, j.n = n, j.csr = mxcsr();
   j.slots.store(std::min(threads, n) - 1);
   p.job.store(&j);
   p.gen.fetch_add(1, std::memory_order_release);
   p.gen.notify_all();
   work(&j);
-  while (j.done.load(std::memory_order_acquire) < n) _mm_pause();
+  while (j.done.load(std::memory_order_acquire) < n) spin_pause();
   p.job.store(nullptr);
-  while (p.users.load() != 0) _mm_pause();
+  while (p.users.load() != 0) spin_pause();
   p.busy.store(false, std::memory_order_release);
 }
 

@@ -1,7 +1,5 @@
 // Repacking GGUF blocks into the kernel's layout (quant.h), and dequantizing columns of it (token embeddings,
 // tests). Scalar code: it runs once per weight at load, or on a few rows per step.
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -9,6 +7,7 @@
 
 #include "decoder.h"
 #include "quant.h"
+#include "simd.h"
 
 namespace specedit_cpu {
 namespace {
@@ -153,7 +152,7 @@ void repack_groups(const uint8_t* raw, int64_t N, int64_t K, uint8_t* out, int64
   }
 }
 
-inline float f16(const uint8_t* p) { return _cvtsh_ss(u16(p)); }
+inline float f16(const uint8_t* p) { return f16_to_f32(u16(p)); }
 
 // Column n of a repacked weight (exact or int8 layout) -> out[K] float32, the way gguf dequantizes it.
 template <int DT, bool I8>

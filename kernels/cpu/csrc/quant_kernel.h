@@ -1,13 +1,14 @@
 // The matmul over GGUF block-quantized weights repacked by repack() (layout: quant.h). Included by
-// linear_kernel.h inside its per-ISA anonymous namespace, after Isa, GROUP and PREFETCH.
+// linear_kernel.h inside its per-ISA anonymous namespace, after Tiles, GROUP and PREFETCH.
 //
 // Exactness: for each k the 32 columns' quants are widened to int32 lanes and turned into float32 weights with
 // the operations gguf's numpy dequantizer writes, in its order (QFmt::FORM), where a product followed by a sum
-// is one FMA only because the product is exact (see qtile), then fed to the same fma(x[m, k], w[n, k], acc) chain over k = 0..K-1 from +0 as the float
-// formats. So every output equals the float32 kernel's on the dequantized weight bit for bit, whatever M, the
-// thread split or the ISA (AVX2 and AVX-512 compute each lane identically).
+// is one FMA only because the product is exact (see qweight), then fed to the same fma(x[m, k], w[n, k], acc)
+// chain over k = 0..K-1 from +0 as the float formats. So every output equals the float32 kernel's on the
+// dequantized weight bit for bit, whatever M, the thread split or the ISA (AVX2 and AVX-512 compute each lane
+// identically).
 //
-// Speed: a tile decodes each k's weights once and uses them for all its rows (up to QRMAX), so a verify
+// Speed: a tile decodes each k's weights once and uses them for all its rows (up to Tiles::QRMAX), so a verify
 // forward of 65 rows dequantizes each weight ceil(65 / QRMAX) times, not 65; the bytes streamed are the
 // quantized ones (Q4_1: 5 bits per weight instead of 32).
 
@@ -44,9 +45,6 @@ inline Isa::VI qdecode(const uint8_t* rec, int c, int half, Isa::VI lanes) {
   return q;
 }
 
-// R rows x the pass's 16 (AVX2) or 32 (AVX-512) columns of G groups (g, g + gstride, ...; their K / QK
-// super-blocks each). G = 2 for one or two rows on AVX-512: a column's FMA chain waits 4 cycles per k, so one
-// group's 2 chains would leave the core idle; two groups' 4 chains keep it busy decoding.
 // The float32 weights of one k (vector c of pass `half`) from its quants and the sub-block's scale and offset.
 // s * qf is exact in float32 (s has at most 11 + 7 significant bits, q at most 6), so the one rounding of an FMA
 // equals gguf's rounded product then rounded sum: fma(s, q, o) == (s * q) + o bit for bit.
@@ -113,6 +111,9 @@ inline void qdequant_group(const uint8_t* g, int64_t K, float* buf) {
   }
 }
 
+// R rows x the pass's 16 (AVX2) or 32 (AVX-512) columns of G groups (g, g + gstride, ...; their K / QK
+// super-blocks each). G = 2 for one or two rows on AVX-512: a column's FMA chain waits 4 cycles per k, so one
+// group's 2 chains would leave the core idle; two groups' 4 chains keep it busy decoding.
 template <int DT, int R, int G>
 inline void qtile(const float* x, int64_t K, const uint8_t* g, int64_t gstride, int half, float* y, int64_t ldy,
                   int ncols) {
@@ -142,7 +143,7 @@ inline void qtile(const float* x, int64_t K, const uint8_t* g, int64_t gstride, 
       for (int gi = 0; gi < G; ++gi) {
 #pragma GCC unroll 4
         for (int l = 0; l < CHUNK; ++l)
-          _mm_prefetch((const char*)blk[gi] + PREFETCH + 64 * (j * CHUNK + l), _MM_HINT_T0);
+          prefetch((const char*)blk[gi] + PREFETCH + 64 * (j * CHUNK + l));
 #pragma GCC unroll 2
         for (int c = 0; c < 2; ++c) qscales<DT>(blk[gi], j, c, half, d[gi][c], m[gi][c], s[gi][c], o[gi][c]);
         rec[gi] = blk[gi] + F::HDR + (int64_t)j * F::SUB * F::REC;
@@ -206,18 +207,18 @@ void run_q(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t ldy, 
            int64_t col1) {
   using F = QFmt<DT>;
   const int64_t gbytes = K / F::QK * F::BYTES;  // one group of 32 columns
-  for (int64_t b = 0; b < PREFETCH; b += 64) _mm_prefetch((const char*)(w + col0 / GROUP * gbytes) + b, _MM_HINT_T0);
+  for (int64_t b = 0; b < PREFETCH; b += 64) prefetch((const char*)(w + col0 / GROUP * gbytes) + b);
   constexpr int COLS = 2 * Isa::W;  // columns per pass
   int64_t n0 = col0;
-  if (M > 2 * Isa::QRMAX) {
+  if (M > 2 * Tiles::QRMAX) {
     // Many rows (a verify or prefill forward): dequantize each group once into a [K][32] float32 buffer (L2)
     // and run the float32 tiles over it, rather than once per row tile. Same FMA chains, so the same bits.
-    float* buf = (float*)_mm_malloc(K * GROUP * sizeof(float), 64);
+    float* buf = (float*)alloc_aligned(K * GROUP * sizeof(float));
     for (; n0 < col1; n0 += GROUP) {
       qdequant_group<DT>(w + n0 / GROUP * gbytes, K, buf);
       run(x, M, K, buf, ldy, y + n0, 0, col1 - n0 < GROUP ? col1 - n0 : GROUP);
     }
-    _mm_free(buf);
+    free_aligned(buf);
     return;
   }
   if constexpr (Isa::W == 16) {  // one or two rows: two groups at a time
@@ -235,9 +236,9 @@ void run_q(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t ldy, 
     for (int half = 0; half * COLS < GROUP && n0 + half * COLS < col1; ++half) {
       const int64_t c0 = n0 + half * COLS;
       const int ncols = (int)(col1 - c0 < COLS ? col1 - c0 : COLS);
-      for (int64_t m0 = 0; m0 < M; m0 += Isa::QRMAX) {
-        const int r = (int)(M - m0 < Isa::QRMAX ? M - m0 : Isa::QRMAX);
-        qtile_rows<DT, Isa::QRMAX>(r, x + m0 * K, K, g, half, y + m0 * ldy + c0, ldy, ncols);
+      for (int64_t m0 = 0; m0 < M; m0 += Tiles::QRMAX) {
+        const int r = (int)(M - m0 < Tiles::QRMAX ? M - m0 : Tiles::QRMAX);
+        qtile_rows<DT, Tiles::QRMAX>(r, x + m0 * K, K, g, half, y + m0 * ldy + c0, ldy, ncols);
       }
     }
   }

@@ -1,8 +1,8 @@
-"""specedit.kernels.cpu.stack: every decoder layer in one C++ call, against the same layers run from Python.
+"""specedit.kernels.cpu.decoder: every decoder layer in one C++ call, against the same layers run from Python.
 
 Both paths use the same packed matmul and attention kernels; they differ in how the norms, RoPE, SiLU and
 residuals are computed (C++ loops vs torch ops), so floats agree to ~1e-6 relative and greedy tokens exactly.
-Against transformers, test_runtime covers every architecture (load() fuses by default).
+Against transformers, test_runtime covers every architecture (load() sets the decoder by default).
 """
 
 import os
@@ -36,18 +36,18 @@ def path(request, tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp(request.param), arch, **kw)
 
 
-def test_load_fuses_the_layers(path):
-    assert specedit.load(path).model.fused_layers is not None
-    assert specedit.load(path, cpu_kernels=False).model.fused_layers is None
+def test_load_sets_the_decoder(path):
+    assert specedit.load(path).model.decoder is not None
+    assert specedit.load(path, cpu_kernels=False).model.decoder is None
 
 
-def test_fused_equals_python_layers(path):
+def test_decoder_equals_python_layers(path):
     eng = specedit.load(path, cpu_kernels=True)
-    fused_logits = eng.logits(IDS)
-    fused, eng.model.fused_layers = eng.model.fused_layers, None  # the same packed layers, run one torch op at a time
+    decoder_logits = eng.logits(IDS)
+    decoder, eng.model.decoder = eng.model.decoder, None  # the same packed layers, run one torch op at a time
     layered = eng.logits(IDS)
-    eng.model.fused_layers = fused
-    assert (fused_logits - layered).abs().max().item() < 1e-5 * layered.abs().max().item()
+    eng.model.decoder = decoder
+    assert (decoder_logits - layered).abs().max().item() < 1e-5 * layered.abs().max().item()
 
 
 @pytest.mark.parametrize("dtype,compute", [("float16", "auto"), ("int8", "exact"), ("int8", "int8")])
@@ -57,7 +57,7 @@ def test_verify_rows_equal_single_rows_with_compact_weights(tmp_path, dtype, com
     assert torch.equal(batched, single)
 
 
-def test_fused_matches_transformers_past_the_sliding_window(tmp_path):
+def test_decoder_matches_transformers_past_the_sliding_window(tmp_path):
     path = make_checkpoint(tmp_path, "mistral", sliding_window=16)
     ours = specedit.load(path).logits(IDS)
     with torch.no_grad():
@@ -74,7 +74,7 @@ def test_isas_agree_bit_for_bit(path):
     outs = []
     for isa in ("avx2", "avx512"):
         c = eng._cache(len(IDS))
-        outs.append((m.fused_layers(x, c, [0], isa=isa), c.buf.clone()))
+        outs.append((m.decoder(x, c.buf, [0], isa=isa), c.buf.clone()))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
@@ -86,14 +86,14 @@ def test_ragged_rows_write_their_own_cache_slots(path):
     starts = [9, 4]
     for b, s in enumerate(starts):
         one = KVCache(eng.cfg, 1, 64, torch.float32, "cpu")
-        m.fused_layers(m.embed(torch.tensor([IDS[:s]])), one, [0])
+        m.decoder(m.embed(torch.tensor([IDS[:s]])), one.buf, [0])
         both.buf[:, :, b] = one.buf[:, :, 0]
     x = m.embed(torch.tensor([IDS[20:25], IDS[30:35]]))
-    out = m.fused_layers(x, both, starts)
+    out = m.decoder(x, both.buf, starts)
     for b, s in enumerate(starts):
         one = KVCache(eng.cfg, 1, 64, torch.float32, "cpu")
-        m.fused_layers(m.embed(torch.tensor([IDS[:s]])), one, [0])
-        alone = m.fused_layers(x[b : b + 1], one, [s])
+        m.decoder(m.embed(torch.tensor([IDS[:s]])), one.buf, [0])
+        alone = m.decoder(x[b : b + 1], one.buf, [s])
         assert torch.equal(out[b], alone[0])
         assert torch.equal(both.buf[:, :, b, :, : s + 5], one.buf[:, :, 0, :, : s + 5])
 
@@ -132,7 +132,7 @@ def test_bad_input_names_the_problem(tmp_path, case, match):
     elif case == "starts_tuple":
         starts = (0,)
     with pytest.raises(ValueError, match=match):
-        m.fused_layers(x, c, starts)
+        m.decoder(x, c.buf, starts)
 
 
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
@@ -148,17 +148,17 @@ def test_ragged_rows_equal_each_sequence_alone(path, isa):
     both = KVCache(eng.cfg, len(starts), 512, torch.float32, "cpu")
     for b, s in enumerate(starts):
         one = KVCache(eng.cfg, 1, 512, torch.float32, "cpu")
-        m.fused_layers(m.embed(torch.tensor([ids[:s]])), one, [0], isa=isa)
+        m.decoder(m.embed(torch.tensor([ids[:s]])), one.buf, [0], isa=isa)
         both.buf[:, :, b] = one.buf[:, :, 0]
     rows = [ids[s : s + c] for s, c in zip(starts, counts)]
     x = m.embed(torch.tensor([t for r in rows for t in r]))
     before = both.buf.clone()
-    out = m.fused_layers(x, both, starts, counts, isa=isa)
+    out = m.decoder(x, both.buf, starts, counts, isa=isa)
     at = 0
     for b, (s, c) in enumerate(zip(starts, counts)):
         one = KVCache(eng.cfg, 1, 512, torch.float32, "cpu")
-        m.fused_layers(m.embed(torch.tensor([ids[:s]])), one, [0], isa=isa)
-        alone = m.fused_layers(m.embed(torch.tensor([rows[b]], dtype=torch.long)), one, [s], isa=isa)[0]
+        m.decoder(m.embed(torch.tensor([ids[:s]])), one.buf, [0], isa=isa)
+        alone = m.decoder(m.embed(torch.tensor([rows[b]], dtype=torch.long)), one.buf, [s], isa=isa)[0]
         assert torch.equal(out[at : at + c], alone)
         assert torch.equal(both.buf[:, :, b, :, : s + c], one.buf[:, :, 0, :, : s + c])
         at += c
@@ -166,29 +166,29 @@ def test_ragged_rows_equal_each_sequence_alone(path, isa):
     again = KVCache(eng.cfg, len(starts), 512, torch.float32, "cpu")
     again.buf.copy_(before)
     res = []
-    t = threading.Thread(target=lambda: res.append(m.fused_layers(x, again, starts, counts, isa=isa)))
+    t = threading.Thread(target=lambda: res.append(m.decoder(x, again.buf, starts, counts, isa=isa)))
     t.start()
     t.join()
     assert torch.equal(res[0], out) and torch.equal(again.buf, both.buf)
     with pytest.raises(ValueError, match="row counts add up to 28 but x has 27 rows"):
-        m.fused_layers(torch.zeros(27, eng.cfg.dim), both, starts, counts)
+        m.decoder(torch.zeros(27, eng.cfg.dim), both.buf, starts, counts)
 
 
-def test_forward_rows_pads_where_the_layers_are_not_fused(path):
+def test_forward_rows_pads_without_the_decoder(path):
     """The per-layer path pads ragged rows and rolls the padding back: same logits as each row alone."""
     eng = specedit.load(path)
     m = eng.model
     rows = [IDS[:3], IDS[10:17], IDS[20:21]]
-    fused = m.forward_rows(rows, eng._cache(32, rows=3))
-    m.fused_layers, saved = None, m.fused_layers
+    ragged = m.forward_rows(rows, eng._cache(32, rows=3))
+    m.decoder, saved = None, m.decoder
     try:
         cache = eng._cache(32, rows=3)
         layered = m.forward_rows(rows, cache)
         assert cache.lengths == (3, 7, 1)
     finally:
-        m.fused_layers = saved
-    assert fused.shape == layered.shape == (11, eng.cfg.vocab_size)
-    assert (fused - layered).abs().max().item() < 1e-5 * layered.abs().max().item()
+        m.decoder = saved
+    assert ragged.shape == layered.shape == (11, eng.cfg.vocab_size)
+    assert (ragged - layered).abs().max().item() < 1e-5 * layered.abs().max().item()
 
 
 ENGINE_RUN = """
