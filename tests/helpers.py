@@ -1,10 +1,14 @@
-"""Tiny random checkpoints written by transformers itself, so transformers is the reference."""
+"""What several test files share: tiny random checkpoints written by transformers itself (so transformers is the
+reference), a server starter, and the CPU kernels' skip mark and instruction sets."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
+
+from specedit.kernels.cpu import build
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -108,3 +112,13 @@ def start_server(app):
             break
         time.sleep(0.01)
     return server, server.servers[0].sockets[0].getsockname()[1]
+
+
+NEEDS_CPU_KERNELS = pytest.mark.skipif(
+    not build.available(), reason="the CPU kernels need x86-64 Linux with avx2/fma/f16c, a C++ compiler and ninja"
+)
+
+
+def isas() -> list[str]:
+    """The instruction sets the CPU kernels can run here: ["avx2"], and "avx512" where the CPU has it."""
+    return ["avx2", "avx512"] if build.best_isa() == "avx512" else ["avx2"]

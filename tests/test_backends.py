@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import specedit
-from helpers import make_checkpoint
+from helpers import NEEDS_CPU_KERNELS, make_checkpoint
 from specedit.backends import select
 from specedit.cache import KVCache
 from specedit.config import ModelConfig
 from specedit.kernels.cpu import build
 
-needs_kernels = pytest.mark.skipif(not build.available(), reason="needs the CPU kernels")
+needs_kernels = NEEDS_CPU_KERNELS
 
 
 @pytest.fixture(scope="module")

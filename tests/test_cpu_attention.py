@@ -13,12 +13,10 @@ import threading
 import pytest
 import torch
 
-from specedit.kernels.cpu import build
+from helpers import NEEDS_CPU_KERNELS, isas
 from specedit.kernels.cpu.attention import attention, attention_ref
 
-pytestmark = pytest.mark.skipif(
-    not build.available(), reason="the CPU kernels need x86-64 Linux with avx2/fma/f16c, c++ and ninja"
-)
+pytestmark = NEEDS_CPU_KERNELS
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -30,9 +28,6 @@ def threads():
     yield
     torch.set_num_threads(old)
 
-
-def isas():
-    return ["avx2", "avx512"] if build.best_isa() == "avx512" else ["avx2"]
 
 
 def cache(B, H_kv, S_max, D, lengths, seed=0, layers=3, layer=1, fill=float("nan")):

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import specedit
-from helpers import hf_model, make_checkpoint, verify_and_steps
+from helpers import NEEDS_CPU_KERNELS, hf_model, make_checkpoint, verify_and_steps
 from specedit.kernels.cpu import build
 from specedit.cache import KVCache
 
-pytestmark = pytest.mark.skipif(not build.available(), reason="needs the CPU kernels")
+pytestmark = NEEDS_CPU_KERNELS
 
 VARIANTS = {
     "llama": ("llama", {}),

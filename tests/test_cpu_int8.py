@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from specedit.kernels.cpu import build
+from helpers import NEEDS_CPU_KERNELS, isas
 from specedit.kernels.cpu.linear import (GGUF_FORMATS, GGUFEmbedding, PackedLinear, gguf_unpack, linear_int8_ref,
                                          quantize_rows_ref)
 
-from test_cpu_quant import dequantized, gguf_blocks, isas
+from test_cpu_quant import dequantized, gguf_blocks
 
-pytestmark = pytest.mark.skipif(not build.available(), reason="needs the CPU kernels")
+pytestmark = NEEDS_CPU_KERNELS
 
 SHAPES = {32: [(45, 96), (1, 32), (33, 64)], 256: [(45, 256), (7, 512)]}  # (N, K) per block size
 

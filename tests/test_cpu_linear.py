@@ -14,12 +14,11 @@ import threading
 import pytest
 import torch
 
+from helpers import NEEDS_CPU_KERNELS, isas
 from specedit.kernels.cpu import build
 from specedit.kernels.cpu.linear import PackedLinear, linear_ref, pack_weight, stored_weight
 
-pytestmark = pytest.mark.skipif(
-    not build.available(), reason="the CPU kernels need x86-64 Linux with avx2/fma/f16c, c++ and ninja"
-)
+pytestmark = NEEDS_CPU_KERNELS
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 STORAGE_EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}  # relative per weight
@@ -39,9 +38,6 @@ def threads():
     yield
     torch.set_num_threads(old)
 
-
-def isas():
-    return ["avx2", "avx512"] if build.best_isa() == "avx512" else ["avx2"]
 
 
 def data(n, k, m, seed=0):

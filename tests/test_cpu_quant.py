@@ -13,18 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from specedit.kernels.cpu import build
+from helpers import NEEDS_CPU_KERNELS, isas
 from specedit.kernels.cpu.linear import GGUF_FORMATS, GGUFEmbedding, PackedLinear
 
-pytestmark = pytest.mark.skipif(not build.available(), reason="needs the CPU kernels")
+pytestmark = NEEDS_CPU_KERNELS
 
 Q = gguf.GGMLQuantizationType
 F16_AT = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2), "q4_k": (0, 2),
           "q5_k": (0, 2), "q6_k": (208,)}  # byte offsets of the float16 scales / mins in a block
 
-
-def isas():
-    return ["avx2", "avx512"] if build.best_isa() == "avx512" else ["avx2"]
 
 
 def gguf_blocks(fmt: str, n: int, k: int, seed: int = 0, scale_exp: int = -12) -> np.ndarray:

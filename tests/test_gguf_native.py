@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import specedit
-from helpers import verify_and_steps
+from helpers import NEEDS_CPU_KERNELS, verify_and_steps
 from specedit.kernels.cpu import build
 from test_cpu_quant import gguf_blocks
 from test_gguf import tiny_model, tiny_tokens, write_gguf
 
-pytestmark = pytest.mark.skipif(not build.available(), reason="needs the CPU kernels")
+pytestmark = NEEDS_CPU_KERNELS
 Q = gguf.GGMLQuantizationType
 IDS = [1, 40, 75, 80, 259, 5, 100, 200, 262, 3, 7, 9, 11, 13]
 K_QUANTS = ("q4_k", "q5_k", "q6_k")

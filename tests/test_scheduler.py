@@ -17,11 +17,10 @@ import weakref
 import pytest
 
 import specedit
-from helpers import make_checkpoint, make_text_checkpoint
+from helpers import NEEDS_CPU_KERNELS, make_checkpoint, make_text_checkpoint
 from specedit.checks import GenParams
-from specedit.kernels.cpu import build
 
-pytestmark = pytest.mark.skipif(not build.available(), reason="batch exactness rests on the CPU kernels")
+pytestmark = NEEDS_CPU_KERNELS
 
 
 @pytest.fixture(scope="module", params=["float32", "float16"])
