@@ -1,7 +1,7 @@
 """Two commits of specedit, interleaved process by process: real edits and forwards, outputs compared.
 
 Each revision's `engine/` and `kernels/` are exported (git archive) into benchmarks/out/ab/<rev>/specedit and
-run by this script's worker in a fresh process with that copy first on sys.path (each builds its own C++
+run by this script's worker in a fresh process with that copy first on PYTHONPATH (each builds its own C++
 extension). Rounds alternate which revision goes first. Every worker uses one cost model, measured once by the
 first revision and handed to the others, so the draft lengths differ only if the code chose them differently.
 Per round and mode (compute exact and int8, the default model as stored): mean tokens/s of speculative and plain
@@ -47,7 +47,7 @@ def export(rev: str) -> Path:
 
 
 def worker(model: str, cases: int, cost_file: Path) -> dict:
-    """One process's measurements (this process imports whichever specedit is first on sys.path)."""
+    """One process's measurements (it imports whichever specedit comes first on PYTHONPATH)."""
     import torch
 
     import specedit
