@@ -447,9 +447,11 @@ def main(argv: list[str] | None = None) -> int:
 def console() -> None:
     """The `specedit` command: main(), then exit. After an interrupt the process ends at once (os._exit):
     a second Ctrl-C while the interpreter tears torch down would print a trace. Nothing is left to clean up:
-    an interrupted write removed its temp file on the way out."""
+    an interrupted write removed its temp file on the way out. Once main() has returned, its exit code stands:
+    a Ctrl-C during the teardown is ignored (Python's finalization would otherwise let it kill the process)."""
     try:
         code = main()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     except KeyboardInterrupt:  # between main's handlers and here
         print("specedit: interrupted", file=sys.stderr)
         code = 130

