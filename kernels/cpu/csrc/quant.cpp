@@ -225,27 +225,30 @@ void dequant_cols(const uint8_t* w, int64_t K, int dtype, const int64_t* cols, i
 }
 
 // Rows [r0, r1) of x [M, K] (K a multiple of 32) quantized as quant.h's QRows says, into the buffers of `o`
-// (row r at the offsets QRows describes). Scalar, in one fixed order, compiled once for every ISA.
+// (row r at the offsets QRows describes). In vectors of this unit's baseline Isa (simd.h), every step the
+// lane-wise IEEE operation of linear.py's quantize_rows_ref: max|x| (exact in any order; a NaN is skipped, as
+// std::max skips it), one float division for the scale, x * (1 / d) rounded half to even, clamped to +-127.
 void quantize_rows(const float* x, int64_t K, const QRows& o, int64_t r0, int64_t r1) {
+  constexpr int W = Isa::W;  // 8 or 16: 32 / W vectors per block
   int8_t* q = const_cast<int8_t*>(o.q);
   float* d = const_cast<float*>(o.d);
   float* sx = const_cast<float*>(o.sx);
   int32_t* s32 = const_cast<int32_t*>(o.s32);
   int32_t* s16 = const_cast<int32_t*>(o.s16);
+  const Isa::V lo = Isa::set1(-127.0f), hi = Isa::set1(127.0f);
   for (int64_t r = r0; r < r1; ++r) {
     for (int64_t b = 0; b < K / 32; ++b) {
       const float* xb = x + r * K + 32 * b;
-      float amax = 0.0f;
-      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
-      const float db = amax / 127.0f;
-      const float inv = db != 0.0f ? 1.0f / db : 0.0f;
-      int32_t sum[2] = {0, 0};
-      for (int i = 0; i < 32; ++i) {
-        const float v = std::nearbyint(xb[i] * inv);  // round half to even (the default rounding mode)
-        const int qi = (int)std::min(127.0f, std::max(-127.0f, v));
-        q[r * K + 32 * b + i] = (int8_t)qi;
-        sum[i / 16] += qi;
-      }
+      Isa::V m = Isa::zero();
+      for (int i = 0; i < 32; i += W) m = Isa::max(Isa::abs(Isa::load(xb + i)), m);
+      const float db = Isa::hmax(m) / 127.0f;
+      const Isa::V inv = Isa::set1(db != 0.0f ? 1.0f / db : 0.0f);
+      Isa::VI qi[32 / W];
+      for (int i = 0; i < 32 / W; ++i)  // max(v, lo) keeps lo for a NaN v, as std::max(-127.0f, v) does
+        qi[i] = Isa::cvti(Isa::min(Isa::max(Isa::round(Isa::mul(Isa::load(xb + W * i), inv)), lo), hi));
+      Isa::store_i8x32(q + r * K + 32 * b, qi);
+      int32_t sum[2] = {0, 0};  // per 16 k: integer sums, exact in any order
+      for (int i = 0; i < 32 / W; ++i) sum[i * W / 16] += Isa::hsumi(qi[i]);
       const int64_t at = r * (K / 32) + b;
       d[at] = db;
       s32[at] = sum[0] + sum[1];

@@ -57,6 +57,7 @@ struct Isa {
   static inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static inline V div(V a, V b) { return _mm512_div_ps(a, b); }
   static inline V max(V a, V b) { return _mm512_max_ps(a, b); }  // a NaN a gives b
+  static inline V abs(V a) { return _mm512_abs_ps(a); }
   static inline V min(V a, V b) { return _mm512_min_ps(a, b); }  // a NaN a gives b
   static inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }   // a * b + c, one rounding
   static inline V fms(V a, V b, V c) { return _mm512_fmsub_ps(a, b, c); }   // a * b - c, one rounding
@@ -119,6 +120,14 @@ struct Isa {
   static inline VI slli4(VI a) { return _mm512_slli_epi32(a, 4); }
   static inline VI srlv(VI a, VI n) { return _mm512_srlv_epi32(a, n); }
   static inline V cvt(VI a) { return _mm512_cvtepi32_ps(a); }
+  static inline VI cvti(V a) { return _mm512_cvtps_epi32(a); }  // exact for integral values
+  static inline void storei(int32_t* p, VI v) { _mm512_storeu_si512(p, v); }
+  static inline int32_t hsumi(VI a) { return _mm512_reduce_add_epi32(a); }  // exact in any order
+  // 32 int32 lanes (v[0], v[1]) of values in int8's range -> 32 bytes at p, in order
+  static inline void store_i8x32(int8_t* p, const VI* v) {
+    _mm_storeu_si128((__m128i*)p, _mm512_cvtsepi32_epi8(v[0]));
+    _mm_storeu_si128((__m128i*)(p + 16), _mm512_cvtsepi32_epi8(v[1]));
+  }
 
   // int8 dot products (int8_kernel.h; BW + VNNI): a VI holds 64 bytes, 16 columns x 4 k
   static constexpr int Q8_OFF = 128;  // Q8_0 quants enter vpdpbusd as q + 128 (unsigned); 128 * sum(x) is taken back
@@ -159,6 +168,7 @@ struct Isa {
   static inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static inline V div(V a, V b) { return _mm256_div_ps(a, b); }
   static inline V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static inline V abs(V a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
   static inline V min(V a, V b) { return _mm256_min_ps(a, b); }
   static inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static inline V fms(V a, V b, V c) { return _mm256_fmsub_ps(a, b, c); }
@@ -210,6 +220,18 @@ struct Isa {
   static inline VI slli4(VI a) { return _mm256_slli_epi32(a, 4); }
   static inline VI srlv(VI a, VI n) { return _mm256_srlv_epi32(a, n); }
   static inline V cvt(VI a) { return _mm256_cvtepi32_ps(a); }
+  static inline VI cvti(V a) { return _mm256_cvtps_epi32(a); }  // exact for integral values
+  static inline void storei(int32_t* p, VI v) { _mm256_storeu_si256((__m256i*)p, v); }
+  static inline int32_t hsumi(VI a) {  // exact in any order
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
+  }
+  // 32 int32 lanes (v[0..3]) of values in int8's range -> 32 bytes at p, in order
+  static inline void store_i8x32(int8_t* p, const VI* v) {
+    const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+    _mm256_storeu_si256((__m256i*)p, _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  }
 
   // int8 dot products: a VI holds 32 bytes, 8 columns x 4 k
   static constexpr int Q8_OFF = 0;  // Q8_0 quants stay signed (dot4_q8)
