@@ -9,6 +9,8 @@ from numbers import Integral, Real
 
 import torch
 
+from .prompts import check_encodable as encodable
+
 
 def _kind(value) -> str:
     return type(value).__name__
@@ -21,16 +23,6 @@ def is_ids(value) -> bool:
     if isinstance(value, (str, bytes, bytearray)) or not isinstance(value, Sequence):
         return False
     return all(isinstance(t, Integral) and not isinstance(t, bool) for t in value)
-
-
-def encodable(name: str, value: str) -> None:
-    """ValueError naming `name` when `value` cannot be written as UTF-8 (a lone surrogate such as the valid
-    JSON escape "\\ud800"): no tokenizer can take it."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"{name} is not valid text: {value[e.start]!r} at character {e.start} is a lone UTF-16 "
-                         f"surrogate, which has no UTF-8 encoding") from None
 
 
 def text_or_ids(name: str, value, optional: bool = False) -> None:

@@ -16,12 +16,13 @@ FENCE = "```"
 
 # ---- user text never becomes control tokens ------------------------------------------------------------------
 def check_encodable(name: str, text: str) -> None:
-    """ValueError naming `name` when `text` cannot be encoded as UTF-8 (a lone surrogate such as "\ud800")."""
+    """ValueError naming `name` when `text` cannot be written as UTF-8 (a lone surrogate such as the valid JSON
+    escape "\\ud800"): no tokenizer can take it. The one such check (checks.py's argument checks call it)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"{name}: not valid Unicode text (a lone surrogate {text[e.start]!r} at character "
-                         f"{e.start}); it cannot be encoded") from None
+        raise ValueError(f"{name} is not valid text: {text[e.start]!r} at character {e.start} is a lone UTF-16 "
+                         f"surrogate, which has no UTF-8 encoding") from None
 
 
 def special_strings(tokenizer) -> list[str]:
