@@ -164,12 +164,16 @@ class Scheduler:
         if job in self.joining:
             self.joining.remove(job)
         if job in self.slots:
-            b = self.slots.index(job)
-            self.slots[b] = None
-            self.cache.rollback(b, 0)
-            if all(j is None for j in self.slots):
-                self.cache = None
+            self._free(job)
         end(job, error)
+
+    def _free(self, job: Job) -> None:
+        """Free `job`'s cache row; the batched cache goes when no row is left."""
+        b = self.slots.index(job)
+        self.slots[b] = None
+        self.cache.rollback(b, 0)
+        if all(j is None for j in self.slots):
+            self.cache = None
 
     def _behind(self, jobs: list[Job]) -> list[Job]:
         """The jobs at least FAIR as far behind their alone pace (time since submitted / alone cost) as the
@@ -284,11 +288,7 @@ class Scheduler:
     def _leave(self, jobs: list[Job]) -> None:
         """Free the rows of `jobs` (finished or cancelled) and tell their callers."""
         for job in jobs:
-            b = self.slots.index(job)
-            self.slots[b] = None
-            self.cache.rollback(b, 0)
-        if all(j is None for j in self.slots):
-            self.cache = None
+            self._free(job)
         for job in jobs:  # after the rows are free, so a caller woken by finish() sees them free
             end(job)
 
